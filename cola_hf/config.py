@@ -1,0 +1,142 @@
+"""Every option of a CoLA run, as `HfArgumentParser` dataclasses.
+
+The defaults of these dataclasses ARE the tutorial's recipe: this file is its one source of truth.
+`experiments/recipes/tutorial.yaml` spells the same values out for readers, and a test checks that
+the two never drift apart.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from cola_hf.errors import UsageError
+
+COLA_URL = "https://nyu-mll.github.io/CoLA/cola_public_1.1.zip"
+DEFAULT_MODEL = "bert-base-uncased"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default=DEFAULT_MODEL,
+        metadata={"help": "Hub id or local directory of the checkpoint to fine-tune (or to evaluate)."},
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded checkpoints are cached."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modelling code shipped with the checkpoint. Off unless you trust it."}
+    )
+
+
+@dataclass
+class DataArguments:
+    cola_source: str = field(
+        default=COLA_URL,
+        metadata={"help": "The CoLA 1.1 zip (URL or local path) or a directory holding its raw TSV files."},
+    )
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "Share of in_domain_train held out for validation (the tutorial's 90/10)."}
+    )
+    max_seq_length: int = field(default=64, metadata={"help": "Truncate tokenized sentences to this many tokens."})
+    pad_to_max_length: bool = field(
+        default=False,
+        metadata={"help": "Pad every sentence to max_seq_length like the tutorial, instead of per batch."},
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N training sentences (quick trials)."}
+    )
+
+
+@dataclass
+class ColaTrainingArguments(TrainingArguments):
+    """`TrainingArguments` whose defaults are the tutorial's optimiser, schedule and loop."""
+
+    output_dir: str | None = field(default="outputs/cola", metadata={"help": "Where every output is written."})
+    do_train: bool = field(default=True, metadata={"help": "Fine-tune; with False, only evaluate the test sets."})
+    # The tutorial: torch AdamW(lr=2e-5, eps=1e-8), no weight decay, linear decay to 0 with no warmup,
+    # gradient norm clipped at 1.0, batch 32, 4 epochs, seed 42, validation after every epoch.
+    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (the tutorial: torch AdamW)."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate for AdamW."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "Epsilon for AdamW."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "Beta1 for AdamW."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "Beta2 for AdamW."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay (the tutorial uses none)."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "Learning-rate schedule."})
+    warmup_steps: float = field(default=0, metadata={"help": "Warmup steps (the tutorial uses none)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clipping."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Training batch size per device."})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Evaluation batch size per device."})
+    num_train_epochs: float = field(default=4.0, metadata={"help": "Training epochs."})
+    seed: int = field(default=42, metadata={"help": "Seed for the split, model head, dropout and batch order."})
+    eval_strategy: str = field(default="epoch", metadata={"help": "Validate after every epoch."})
+    save_strategy: str = field(default="epoch", metadata={"help": "Checkpoint after every epoch (resumable)."})
+    save_total_limit: int | None = field(default=1, metadata={"help": "Checkpoints kept in output_dir."})
+    logging_strategy: str = field(default="steps", metadata={"help": "Log the training loss every logging_steps."})
+    logging_steps: float = field(default=10, metadata={"help": "Steps between training-loss logs."})
+    # Stop on a NaN loss (see trainer.py) instead of hiding it from the logs.
+    logging_nan_inf_filter: bool = field(default=False, metadata={"help": "Hide NaN/inf losses from logs."})
+    # Speed levers that keep the recipe's math (see README, Performance).
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={"help": "Training sampler: 'group_by_length' (fast), or 'random' like the tutorial."},
+    )
+    report_to: None | str | list[str] = field(
+        default="none", metadata={"help": "Where to report metrics: 'wandb' or 'none'."}
+    )
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, ColaTrainingArguments)
+
+
+def build_parser() -> HfArgumentParser:
+    return HfArgumentParser(ARGUMENT_CLASSES)
+
+
+def recipe_to_argv(recipe_path: str | Path, parser: HfArgumentParser) -> list[str]:
+    """Turn a YAML recipe into command-line tokens, so argparse type-checks it like any flag.
+
+    Recipe values come first in argv, so flags given on the command line override them.
+    """
+    path = Path(recipe_path)
+    try:
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read recipe ({err.strerror})") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UsageError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from err
+    if not isinstance(recipe, dict):
+        raise UsageError(f"{path}: a recipe is a mapping of option: value, found {type(recipe).__name__}")
+    known = {action.dest for action in parser._actions}
+    argv: list[str] = []
+    for key, value in recipe.items():
+        if key not in known:
+            raise UsageError(f"{path}: unknown option '{key}' (see --help for the options)")
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        argv += [f"--{key}", *(_yaml_scalar_to_token(path, key, v) for v in values)]
+    return argv
+
+
+def _yaml_scalar_to_token(path: Path, key: str, value: object) -> str:
+    if isinstance(value, dict | list):
+        raise UsageError(f"{path}: option '{key}' takes a single value or a list of values, found a mapping")
+    return str(value)
+
+
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, ColaTrainingArguments]:
+    """Parse `[RECIPE.yaml] [--flags]`; flags override the recipe, the recipe overrides the defaults."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        argv = recipe_to_argv(argv[0], parser) + argv[1:]
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, training_args
