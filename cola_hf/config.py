@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -57,6 +58,10 @@ class ColaTrainingArguments(TrainingArguments):
 
     output_dir: str | None = field(default="outputs/cola", metadata={"help": "Where every output is written."})
     do_train: bool = field(default=True, metadata={"help": "Fine-tune; with False, only evaluate the test sets."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Write over an output_dir that already holds a finished run."}
+    )
+    resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in output_dir."})
     # The tutorial: torch AdamW(lr=2e-5, eps=1e-8), no weight decay, linear decay to 0 with no warmup,
     # gradient norm clipped at 1.0, batch 32, 4 epochs, seed 42, validation after every epoch.
     optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (the tutorial: torch AdamW)."})
@@ -87,6 +92,11 @@ class ColaTrainingArguments(TrainingArguments):
     report_to: None | str | list[str] = field(
         default="none", metadata={"help": "Where to report metrics: 'wandb' or 'none'."}
     )
+
+    def __post_init__(self) -> None:
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning only helps copies to a GPU
+        super().__post_init__()
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, ColaTrainingArguments)

@@ -9,3 +9,9 @@ class UsageError(Exception):
 
 class ColaDataError(UsageError):
     """A CoLA source that cannot be read; the message names the file and, where there is one, the line."""
+
+
+class RunFailed(Exception):
+    """A run that cannot go on (diverged training, say). One line says why; exit status 1."""
+
+    exit_code = 1

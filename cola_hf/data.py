@@ -1,0 +1,176 @@
+"""CoLA from its zip, a local copy or a directory of raw TSVs, to tokenized `datasets` splits.
+
+Knows nothing of training, W&B or the Hub: sources in, `DatasetDict` out, or a `ColaDataError` whose one-line
+message names the file and the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import zipfile
+from pathlib import Path
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from cola_hf.errors import ColaDataError
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = ("sentence_source", "label", "label_notes", "sentence")
+FEATURES = datasets.Features(
+    {
+        "sentence_source": datasets.Value("string"),
+        "label": datasets.ClassLabel(names=["unacceptable", "acceptable"]),
+        "label_notes": datasets.Value("string"),
+        "sentence": datasets.Value("string"),
+    }
+)
+RAW_FILES = {
+    "in_domain_train": "in_domain_train.tsv",
+    "in_domain_dev": "in_domain_dev.tsv",
+    "out_of_domain_dev": "out_of_domain_dev.tsv",
+}
+# The tutorial's test set first; glue_dev is the GLUE validation set that public results quote.
+TEST_SPLITS = ("out_of_domain_dev", "in_domain_dev", "glue_dev")
+
+
+def _is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def find_raw_dir(source: str, cache_dir: str | None = None) -> Path:
+    """Return the directory holding the three raw TSVs, downloading and extracting the zip when needed."""
+    if _is_url(source):
+        download_config = datasets.DownloadConfig(cache_dir=cache_dir)
+        try:
+            root = Path(datasets.DownloadManager(download_config=download_config).download_and_extract(source))
+        except (OSError, ConnectionError) as err:
+            raise ColaDataError(
+                f"{source}: download failed ({type(err).__name__}); without internet pass a local copy: "
+                "--cola_source path/to/cola_public_1.1.zip"
+            ) from err
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise ColaDataError(f"{path}: no such file or directory (--cola_source)")
+        if path.is_file():
+            if not zipfile.is_zipfile(path):
+                raise ColaDataError(f"{path}: not a zip file; expected the CoLA 1.1 zip or a directory of TSVs")
+            root = Path(datasets.DownloadManager().extract(str(path)))
+        else:
+            root = path
+    candidates = [root, root / "cola_public" / "raw", root / "raw"]
+    for candidate in candidates:
+        if all((candidate / name).is_file() for name in RAW_FILES.values()):
+            return candidate
+    missing = ", ".join(RAW_FILES.values())
+    raise ColaDataError(f"{source}: expected {missing} (directly or under cola_public/raw/), found none or some")
+
+
+def validate_tsv(path: Path) -> int:
+    """Check a raw CoLA TSV line by line; return its number of rows or raise naming file and line.
+
+    Accepts what real files contain: CRLF line endings, a UTF-8 byte-order mark, quotes and apostrophes
+    inside sentences, blank trailing lines.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ColaDataError(f"{path}: cannot read ({err.strerror})") from err
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ColaDataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x})") from err
+    rows = 0
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(COLUMNS):
+            raise ColaDataError(
+                f"{path}:{number}: expected 4 tab-separated columns (source, label, notes, sentence), "
+                f"found {len(fields)}"
+            )
+        if fields[1] not in ("0", "1"):
+            raise ColaDataError(f"{path}:{number}: label must be 0 or 1, found {fields[1]!r}")
+        if not fields[3].strip():
+            raise ColaDataError(f"{path}:{number}: empty sentence")
+        rows += 1
+    if rows == 0:
+        raise ColaDataError(f"{path}: no sentences")
+    return rows
+
+
+def read_cola_tsv(path: str | Path) -> datasets.Dataset:
+    """Load one raw CoLA TSV (4 columns, no header, no quoting) after validating it."""
+    path = Path(path)
+    rows = validate_tsv(path)
+    dataset = datasets.load_dataset(
+        "csv",
+        data_files=str(path),
+        split="train",
+        delimiter="\t",
+        quoting=csv.QUOTE_NONE,  # sentences contain quote characters that are not CSV quoting
+        column_names=list(COLUMNS),
+        keep_default_na=False,  # an empty notes column is "", and a sentence "NA" stays text
+        encoding="utf-8-sig",
+        features=FEATURES,
+    )
+    assert len(dataset) == rows, f"{path}: read {len(dataset)} rows, validated {rows}"
+    return dataset
+
+
+def load_cola(
+    source: str, validation_fraction: float = 0.1, seed: int = 42, cache_dir: str | None = None
+) -> datasets.DatasetDict:
+    """Splits: train/validation (in_domain_train split with the seed), and the test sets of TEST_SPLITS."""
+    if not 0 < validation_fraction < 1:
+        raise ColaDataError(f"--validation_fraction must be between 0 and 1, found {validation_fraction}")
+    raw_dir = find_raw_dir(source, cache_dir)
+    raw = {split: read_cola_tsv(raw_dir / name) for split, name in RAW_FILES.items()}
+    held_out = raw["in_domain_train"].train_test_split(test_size=validation_fraction, seed=seed)
+    return datasets.DatasetDict(
+        train=held_out["train"],
+        validation=held_out["test"],
+        out_of_domain_dev=raw["out_of_domain_dev"],
+        in_domain_dev=raw["in_domain_dev"],
+        glue_dev=datasets.concatenate_datasets([raw["in_domain_dev"], raw["out_of_domain_dev"]]),
+    )
+
+
+def tokenize_cola(
+    raw: datasets.DatasetDict,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_length: int = 64,
+    pad_to_max_length: bool = False,
+) -> datasets.DatasetDict:
+    """Add input_ids, attention_mask (and token_type_ids) with the fast tokenizer, in batches, cached by datasets.
+
+    The raw columns stay (reporting writes them next to predictions); the Trainer drops what the model
+    does not take. `length` lets the length-grouped sampler skip re-measuring every example.
+    """
+
+    def encode(batch: dict) -> dict:
+        encoded = tokenizer(
+            batch["sentence"],
+            truncation=True,
+            max_length=max_seq_length,
+            padding="max_length" if pad_to_max_length else False,
+        )
+        encoded["length"] = [sum(mask) for mask in encoded["attention_mask"]]
+        return encoded
+
+    tokenized = raw.map(encode, batched=True, desc="Tokenizing")
+    # glue_dev repeats the two dev sets, so it is left out of the count.
+    lengths = [length for name, split in tokenized.items() if name != "glue_dev" for length in split["length"]]
+    logger.info(
+        "Longest tokenized sentence: %d tokens with [CLS]/[SEP] (limit %d; %d sentences reach it)",
+        max(lengths),
+        max_seq_length,
+        sum(length >= max_seq_length for length in lengths),
+    )
+    return tokenized

@@ -1,0 +1,127 @@
+"""Fine-tune a transformer on CoLA: the BERT tutorial's experiment on the Hugging Face stack.
+
+    python experiments/cola.py [experiments/recipes/tutorial.yaml] [--flags]
+    accelerate launch experiments/cola.py experiments/recipes/tutorial.yaml
+
+Glue only: parse the recipe, build data, model and trainer, train, evaluate the test sets, report.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import datasets
+import transformers
+from transformers import DataCollatorWithPadding, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from cola_hf import data, reporting
+from cola_hf.config import ColaTrainingArguments, DataArguments, ModelArguments, parse_args
+from cola_hf.errors import RunFailed, UsageError
+from cola_hf.metrics import compute_metrics
+from cola_hf.trainer import TutorialTrainer, load_model_and_tokenizer, predict_split
+
+logger = logging.getLogger("cola")
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, training_args: ColaTrainingArguments) -> dict:
+    output_dir = Path(training_args.output_dir)
+    checkpoint = prepare_output_dir(output_dir, training_args)
+    set_seed(training_args.seed)
+
+    raw = data.load_cola(data_args.cola_source, data_args.validation_fraction, training_args.seed)
+    if data_args.max_train_samples is not None:
+        raw["train"] = raw["train"].select(range(min(data_args.max_train_samples, len(raw["train"]))))
+    logger.info("CoLA splits: %s", {split: len(rows) for split, rows in raw.items()})
+    model, tokenizer = load_model_and_tokenizer(
+        model_args.model_name_or_path, model_args.cache_dir, model_args.trust_remote_code
+    )
+    with training_args.main_process_first(desc="tokenizing"):
+        tokenized = data.tokenize_cola(raw, tokenizer, data_args.max_seq_length, data_args.pad_to_max_length)
+
+    trainer = TutorialTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=tokenized["train"] if training_args.do_train else None,
+        eval_dataset=tokenized["validation"],
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_metrics,
+    )
+    if training_args.do_train:
+        trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        trainer.save_state()
+
+    test = {split: predict_split(trainer, tokenized[split]) for split in data.TEST_SPLITS}
+    if not trainer.is_world_process_zero():
+        return {}
+    epochs = reporting.epoch_table(trainer.state.log_history)
+    if epochs:
+        reporting.write_epoch_outputs(output_dir, epochs)
+    results = {
+        "epochs": epochs,
+        "test": {
+            split: reporting.report_test_split(output_dir, split, tokenized[split], labels, probabilities)
+            for split, (labels, probabilities) in test.items()
+        },
+        "config": {**asdict(model_args), **asdict(data_args), **training_args.to_dict()},
+    }
+    logger.info("Test sets:\n%s", reporting.format_test_summary(results["test"]))
+    reporting.write_json(output_dir / "results.json", results)  # last: its presence means "finished"
+    return results
+
+
+def prepare_output_dir(output_dir: Path, training_args: ColaTrainingArguments) -> str | None:
+    """Refuse to clobber a finished run; return the checkpoint to resume from, if asked to."""
+    finished = (output_dir / "results.json").exists()
+    checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if training_args.resume:
+        if checkpoint is None:
+            raise UsageError(f"{output_dir}: --resume given, but it holds no checkpoint-* directory")
+    elif finished and not training_args.overwrite_output_dir:
+        raise UsageError(f"{output_dir}: holds a finished run; pass --overwrite_output_dir or another --output_dir")
+    elif checkpoint is not None and training_args.do_train and not training_args.overwrite_output_dir:
+        raise UsageError(
+            f"{output_dir}: holds checkpoints of an unfinished run; pass --resume or --overwrite_output_dir"
+        )
+    if training_args.should_save:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("results.json", reporting.FAILED_MARKER):
+            (output_dir / stale).unlink(missing_ok=True)
+    return checkpoint if training_args.resume else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = "--debug" in (argv if argv is not None else sys.argv)
+    argv = [arg for arg in (argv if argv is not None else sys.argv[1:]) if arg != "--debug"]
+    training_args = None
+    try:
+        model_args, data_args, training_args = parse_args(argv)
+        configure_logging(training_args)
+        run(model_args, data_args, training_args)
+        return 0
+    except (UsageError, RunFailed) as err:
+        if debug:
+            raise
+        if training_args is not None and training_args.should_save and Path(training_args.output_dir).is_dir():
+            reporting.mark_failed(training_args.output_dir, str(err))
+        print(f"cola: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+def configure_logging(training_args: ColaTrainingArguments) -> None:
+    # Our own progress lines on the main process; the libraries at the level TrainingArguments asks for.
+    ours = logging.INFO if training_args.should_log else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=ours, force=True)
+    level = training_args.get_process_log_level()
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_default_handler()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Shared fixtures: a tiny random-initialised BERT with its own WordPiece vocabulary, and synthetic CoLA files.
+
+Nothing here touches the network: the tokenizer is trained on the fly with `tokenizers`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiments" / "cola.py"
+COLA_ZIP = os.environ.get("COLA_ZIP")
+
+SUBJECTS = ["the cat", "a dog", "john", "mary", "the students", "every linguist", "she", "they"]
+VERBS = ["saw", "liked", "read", "wrote about", "praised"]
+OBJECTS = ["the book", "a paper", "the homework problem", "it", "the analysis", "them"]
+
+
+def synthetic_rows(count: int, seed: int) -> list[tuple[str, int, str, str]]:
+    """Sentences with a learnable rule: word order subject-verb-object is acceptable, a shuffle is not."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        words = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}".split()
+        label = rng.random() < 0.7
+        if not label:
+            rng.shuffle(words)
+        notes = "" if label else "*"
+        rows.append((f"src{rng.randrange(4)}", int(label), notes, " ".join(words) + "."))
+    return rows
+
+
+def write_tsv(path: Path, rows: list[tuple]) -> Path:
+    path.write_text("".join("\t".join(str(field) for field in row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def write_cola_dir(root: Path, train: int = 200, in_domain: int = 40, out_of_domain: int = 36) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    write_tsv(root / "in_domain_train.tsv", synthetic_rows(train, seed=1))
+    write_tsv(root / "in_domain_dev.tsv", synthetic_rows(in_domain, seed=2))
+    write_tsv(root / "out_of_domain_dev.tsv", synthetic_rows(out_of_domain, seed=3))
+    return root
+
+
+@pytest.fixture(scope="session")
+def cola_dir(tmp_path_factory) -> Path:
+    """A directory of small synthetic raw CoLA TSVs (train 200, in-domain dev 40, out-of-domain dev 36)."""
+    return write_cola_dir(tmp_path_factory.mktemp("cola") / "raw")
+
+
+@pytest.fixture(scope="session")
+def cola_zip() -> Path:
+    if not COLA_ZIP or not Path(COLA_ZIP).is_file():
+        pytest.skip("COLA_ZIP is not set to the CoLA 1.1 zip (../shared/data/cola_public_1.1.zip)")
+    return Path(COLA_ZIP)
+
+
+def build_tiny_model(directory: Path) -> Path:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    corpus = [row[3] for row in synthetic_rows(500, seed=0)] + ["Our friends won't buy this analysis."]
+    backend.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
+    cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=128,
+    )
+    config = BertConfig(
+        vocab_size=backend.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+        id2label={0: "unacceptable", 1: "acceptable"},
+        label2id={"unacceptable": 0, "acceptable": 1},
+    )
+    BertForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random BERT classifier and its WordPiece tokenizer, saved with save_pretrained."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def run_cola(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """experiments/cola.py in a subprocess, offline, as a user would run it."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env or {})}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=full_env, cwd=REPO
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"cola.py exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
