@@ -1,0 +1,132 @@
+"""`cola-compare DIR...`: runs side by side from their results.json, without W&B.
+
+Writes, into --output: comparison.md and comparison.csv (one row per run: its hyperparameters, validation
+MCC, every test set's MCC) and comparison.png (validation MCC and loss per epoch, one line per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from cola_hf.errors import UsageError  # noqa: E402
+from cola_hf.reporting import atomic_path, write_text  # noqa: E402
+
+RESULTS = "results.json"
+
+
+def load_results(run_dir: Path) -> dict:
+    path = run_dir / RESULTS
+    if not path.is_file():
+        raise UsageError(f"{run_dir}: no {RESULTS} (not a run directory, or the run did not finish)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path}: cannot read ({err})") from err
+
+
+def run_labels(run_dirs: list[Path]) -> list[str]:
+    """Each run's folder name; with parents added while two runs would share a label (seed-42 of two studies)."""
+    parts = [run_dir.resolve().parts for run_dir in run_dirs]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(run_dir) for run_dir in run_dirs]
+
+
+def summary_row(label: str, results: dict) -> dict:
+    config = results.get("config", {})
+    epochs = results.get("epochs") or []
+    valid = [row["valid_mcc"] for row in epochs if row.get("valid_mcc") is not None]
+    row = {
+        "run": label,
+        "model": Path(str(config.get("model_name_or_path", "?")).rstrip("/")).name,
+        "learning_rate": config.get("learning_rate"),
+        "batch_size": config.get("per_device_train_batch_size"),
+        "epochs": config.get("num_train_epochs"),
+        "seed": config.get("seed"),
+        "valid_mcc": valid[-1] if valid else None,
+        "best_valid_mcc": max(valid) if valid else None,
+    }
+    for split, metrics in results.get("test", {}).items():
+        row[f"{split}_mcc"] = metrics.get("matthews_correlation")
+    row["training_time_s"] = sum(r.get("training_time_s") or 0 for r in epochs) if epochs else None
+    return row
+
+
+def comparison_table(run_dirs: list[Path]) -> tuple[pd.DataFrame, list[dict]]:
+    all_results = [load_results(run_dir) for run_dir in run_dirs]
+    rows = [summary_row(label, results) for label, results in zip(run_labels(run_dirs), all_results, strict=True)]
+    return pd.DataFrame(rows), all_results
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    def cell(value: object) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in frame.astype(object).values]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(labels: list[str], all_results: list[dict], path: Path) -> None:
+    """Validation MCC per epoch (left), training (solid) and validation (dashed) loss per epoch (right)."""
+    figure, (mcc_axes, loss_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for index, (label, results) in enumerate(zip(labels, all_results, strict=True)):
+        color = f"C{index % 10}"
+        epochs = results.get("epochs") or []
+        x = [row["epoch"] for row in epochs]
+        mcc_axes.plot(x, [row.get("valid_mcc") for row in epochs], "-o", color=color, label=label)
+        loss_axes.plot(x, [row.get("training_loss") for row in epochs], "-o", color=color, label=f"{label} train")
+        loss_axes.plot(x, [row.get("valid_loss") for row in epochs], "--s", color=color, label=f"{label} valid")
+    mcc_axes.set(title="Validation MCC", xlabel="Epoch", ylabel="MCC")
+    loss_axes.set(title="Loss (solid: training, dashed: validation)", xlabel="Epoch", ylabel="Loss")
+    for axes in (mcc_axes, loss_axes):
+        axes.grid(alpha=0.3)
+        axes.xaxis.get_major_locator().set_params(integer=True)
+    mcc_axes.legend(fontsize="small")
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
+    plt.close(figure)
+
+
+def compare(run_dirs: list[Path], output_dir: Path) -> pd.DataFrame:
+    """Write comparison.md, comparison.csv and comparison.png into output_dir; return the table."""
+    frame, all_results = comparison_table(run_dirs)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_text(output_dir / "comparison.md", to_markdown(frame))
+    with atomic_path(output_dir / "comparison.csv") as temporary:
+        frame.to_csv(temporary, index=False)
+    plot_curves(list(frame["run"]), all_results, output_dir / "comparison.png")
+    return frame
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cola-compare", description="Compare finished CoLA runs from their results.json files."
+    )
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="DIR", help="output directories of runs")
+    parser.add_argument("--output", type=Path, default=Path("comparison"), help="where the table and plot go")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    frame = compare(args.run_dirs, args.output)
+    print(to_markdown(frame), end="")
+    print(f"Wrote {args.output / 'comparison.md'}, comparison.csv and comparison.png")
+    return 0

@@ -1,0 +1,423 @@
+"""Weights & Biases tracking: the Trainer's own `WandbCallback`, plus what it leaves out.
+
+The callback already logs the training loss and learning rate every `logging_steps` (`train/loss`,
+`train/learning_rate`) and the validation metrics every epoch (`eval/loss`, `eval/accuracy`,
+`eval/matthews_correlation`), all against `train/global_step`. This module adds, around it:
+
+- the decision online / offline / off, made before anything can hang: no API key or no reachable server
+  means W&B's own offline mode, announced in one line with the `wandb sync` command for later;
+- a run opened by us before training, so the callback logs into a run with a readable name, a group,
+  tags, a job type and the full provenance (arguments, data hashes, git commit, library versions);
+- after the run's local outputs exist: test metrics in the summary, tables and charts, optionally the model;
+- a guard so that W&B failing mid-run stops the uploads, never the training or the local outputs.
+
+The glue calls `start_run(trainer, ...)` after building the Trainer and `log_run_outputs(...)` after
+reporting wrote results.json. Both do nothing unless `--report_to` includes wandb, and only the main
+process talks to W&B.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transformers.integrations import WandbCallback
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+    from cola_hf.config import DataArguments, ModelArguments
+
+PROJECT = "cola-hf"
+TRACKED_PACKAGES = ("torch", "transformers", "datasets", "evaluate", "accelerate", "wandb", "cola-hf")
+TEST_METRICS = ("matthews_correlation", "accuracy", "positive_ratio", "n")
+# What save_pretrained writes for a model and its tokenizer (plus the model card): the --log_model artifact.
+MODEL_FILE_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab.*",
+    "merges.txt",
+    "added_tokens.json",
+    "README.md",
+)
+SERVER_TIMEOUT_S = 3.0
+# wandb waits 90 s by default for a server it cannot reach; after our reachability probe passed, a
+# shorter wait still covers a slow server without stalling a run that lost its network.
+INIT_TIMEOUT_S = 30.0
+
+
+@dataclass
+class TrackingArguments:
+    experiment_name: str | None = field(
+        default=None,
+        metadata={"help": "W&B group: the runs of one experiment (seeds, a grid) side by side."},
+    )
+    wandb_project: str | None = field(
+        default=None, metadata={"help": f"W&B project (default: $WANDB_PROJECT, else '{PROJECT}')."}
+    )
+    log_model: bool = field(default=False, metadata={"help": "Upload the final model to W&B as an artifact."})
+    recipe_name: str | None = field(
+        default=None,
+        metadata={"help": "Recipe name in W&B run names and tags (default: the recipe file's name, else 'cola')."},
+    )
+    seeds: list[int] | None = field(
+        default=None,
+        metadata={"help": "Run the recipe once per seed (e.g. --seeds 42 43 44) and aggregate the test MCCs."},
+    )
+
+
+# --- online, offline or off ------------------------------------------------------------------------------------
+def wandb_requested(report_to: str | list[str] | None) -> bool:
+    """Whether `--report_to` asks for W&B ('all' means every installed integration, wandb included)."""
+    targets = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    return "wandb" in targets or "all" in targets
+
+
+def server_reachable(url: str, timeout: float = SERVER_TIMEOUT_S) -> bool:
+    """Any HTTP answer, even an error status, means the server is there; no answer in `timeout` means not."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):  # URLError, timeouts and refused connections are all OSErrors
+        return False
+    return True
+
+
+def resolve_wandb_mode() -> tuple[str, str | None]:
+    """Return (mode, reason): mode is 'online', 'offline' or 'disabled'; reason says why we went offline.
+
+    An explicit WANDB_MODE wins. Otherwise online needs credentials (WANDB_API_KEY, `wandb login`'s
+    netrc, an identity token) and a server that answers within a few seconds; anything else is offline.
+    """
+    import wandb
+
+    explicit = os.environ.get("WANDB_MODE", "").lower()
+    if explicit in ("offline", "dryrun"):
+        return "offline", None
+    if explicit == "disabled" or os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
+        return "disabled", None
+    base_url = wandb.Settings().base_url
+    # prompt=False: never wait for a key to be typed in; verify=False: no network needed to look.
+    if not wandb.login(prompt=False, verify=False):
+        return "offline", "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
+    if not server_reachable(base_url):
+        return "offline", f"W&B server {base_url} not reachable"
+    return "online", None
+
+
+# One decision per process: the runs of a seed study or a grid share it, and print the notice once.
+_decided: tuple[str, str | None] | None = None
+
+
+def _announce_offline(reason: str, run: Any) -> None:
+    print(f"W&B: {reason}, so this run is logged offline; upload it later with: wandb sync {run.settings.sync_dir}")
+
+
+# --- the run -------------------------------------------------------------------------------------------------
+def recipe_from_argv(argv: list[str]) -> str:
+    """The recipe a run came from: the stem of a leading RECIPE.yaml argument, else 'cola' (flags only)."""
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        return Path(argv[0]).stem
+    return "cola"
+
+
+def model_short_name(model_name_or_path: str) -> str:
+    """'bert-base-uncased', 'prajjwal1/bert-tiny' -> 'bert-tiny', '/models/all-MiniLM-L6-v2' -> its folder."""
+    return Path(model_name_or_path.rstrip("/")).name or model_name_or_path
+
+
+def run_name(recipe: str, training_args: Any, data_args: DataArguments | None = None) -> str:
+    """`tutorial-lr2e-05-bs32-ep4-seed42`: the recipe plus the hyperparameters a grid or a seed study varies.
+
+    The batch size is the effective one (per device x devices x accumulation), so runs on different
+    hardware with the same optimisation get the same name.
+    """
+    batch = (
+        training_args.per_device_train_batch_size
+        * max(1, training_args.world_size)
+        * training_args.gradient_accumulation_steps
+    )
+    name = (
+        f"{recipe}-lr{training_args.learning_rate:g}-bs{batch}"
+        f"-ep{training_args.num_train_epochs:g}-seed{training_args.seed}"
+    )
+    if data_args is not None and data_args.max_train_samples is not None:
+        name += f"-n{data_args.max_train_samples}"
+    return name
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_file_hashes(source: str) -> dict[str, str]:
+    """sha256 of every data file a run read: the zip (when local) and each raw TSV inside or beside it."""
+    from cola_hf import data
+
+    hashes: dict[str, str] = {}
+    path = Path(source).expanduser()
+    if path.is_file() and zipfile.is_zipfile(path):
+        hashes[path.name] = sha256_file(path)
+    # The same resolution as data.load_cola: for a URL, datasets' download cache; for a zip, its extraction.
+    raw_dir = data.find_raw_dir(source)
+    for name in sorted(data.RAW_FILES.values()):
+        hashes[name] = sha256_file(raw_dir / name)
+    return hashes
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def git_commit(directory: Path = PACKAGE_DIR) -> dict[str, Any]:
+    """The commit of the cola_hf package (not of the current directory), and whether it has local edits."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        status = subprocess.run(
+            ["git", "-C", str(directory), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if commit.returncode != 0:  # installed from a wheel: no repository to ask
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for package in TRACKED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def run_config(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: Any,
+    tracking_args: TrackingArguments,
+    model: Any,
+    recipe: str,
+) -> dict[str, Any]:
+    """Every argument, plus what makes a run reproducible: model size, data hashes, code commit, versions."""
+    code = git_commit()
+    return {
+        **asdict(model_args),
+        **asdict(data_args),
+        **training_args.to_dict(),  # hub tokens come out redacted
+        **asdict(tracking_args),
+        "recipe": recipe,
+        "model/name": model_args.model_name_or_path,
+        "model/num_parameters": model.num_parameters(),
+        "data/source": data_args.cola_source,
+        "data/sha256": data_file_hashes(data_args.cola_source),
+        "code/git_commit": code["commit"],
+        "code/git_dirty": code["dirty"],
+        "versions": package_versions(),
+    }
+
+
+def start_run(
+    trainer: Trainer,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    tracking_args: TrackingArguments,
+) -> Any | None:
+    """Open the W&B run for this Trainer before it trains or evaluates; None when tracking is off.
+
+    The Trainer's WandbCallback reuses an open run (it only calls wandb.init when `wandb.run` is None), so
+    its per-step and per-epoch logs land in this run, under our name, group, tags and config.
+    """
+    args = trainer.args
+    if not wandb_requested(args.report_to) or not trainer.is_world_process_zero():
+        return None
+    global _decided
+    first = _decided is None
+    mode, reason = _decided = _decided or resolve_wandb_mode()
+    if mode == "disabled":
+        return None
+    import wandb
+
+    guard_wandb_callback(trainer)
+    recipe = tracking_args.recipe_name or "cola"
+    init = {
+        "project": tracking_args.wandb_project or os.environ.get("WANDB_PROJECT") or PROJECT,
+        # An explicit --run_name wins over ours.
+        "name": args.run_name or run_name(recipe, args, data_args),
+        "group": tracking_args.experiment_name,
+        # W&B caps a tag at 64 characters.
+        "tags": [tag[:64] for tag in (f"model:{model_short_name(model_args.model_name_or_path)}", f"recipe:{recipe}")],
+        "job_type": "train" if args.do_train else "eval",
+        "config": run_config(model_args, data_args, args, tracking_args, trainer.model, recipe),
+        # Next to the run's other outputs, unless the user chose a place with WANDB_DIR.
+        "dir": os.environ.get("WANDB_DIR") or args.output_dir,
+    }
+    Path(init["dir"]).mkdir(parents=True, exist_ok=True)
+    try:
+        run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S), **init)
+    except Exception as err:  # wandb raises its own CommError, UsageError, AuthenticationError...
+        if mode != "online":
+            _warn(f"W&B could not start ({err}); this run is not tracked. Local outputs are unaffected.")
+            return None
+        # The server passed the probe and still failed: offline still keeps everything for a later sync.
+        mode, reason = _decided = ("offline", f"W&B server failed ({type(err).__name__})")
+        first = True
+        run = wandb.init(mode=mode, **init)
+    if reason is not None and first:
+        _announce_offline(reason, run)
+    return run
+
+
+# --- after the run -------------------------------------------------------------------------------------------
+def log_run_outputs(output_dir: str | Path, results: dict, log_model: bool = False) -> None:
+    """Upload what reporting wrote, then finish the run: summary, tables, charts and (optionally) the model.
+
+    Each upload is tried on its own: whatever fails is named in one message, the rest still goes up, and the
+    local outputs (already complete when this is called) are never touched.
+    """
+    import wandb
+
+    run = wandb.run
+    if run is None:
+        return
+    output_dir = Path(output_dir)
+    failed: list[str] = []
+
+    def attempt(what: str, upload: Any) -> None:
+        try:
+            upload()
+        except Exception as err:  # W&B failing must cost the uploads only
+            failed.append(f"{what} ({type(err).__name__}: {err})")
+
+    for split, metrics in results.get("test", {}).items():
+        attempt(
+            f"test metrics of {split}",
+            functools.partial(
+                run.summary.update,
+                {f"test/{split}/{name}": metrics[name] for name in TEST_METRICS if name in metrics},
+            ),
+        )
+    media: dict[str, Any] = {}
+    attempt("training_stats table", lambda: media.update(_epoch_table(results)))
+    for png in sorted(output_dir.glob("*.png")):
+        attempt(png.name, lambda png=png: media.__setitem__(f"charts/{png.stem}", wandb.Image(str(png))))
+    for predictions in sorted(output_dir.glob("predictions_*.tsv")):
+        split = predictions.stem.removeprefix("predictions_")
+        attempt(
+            f"misclassified sentences of {split}",
+            lambda split=split, tsv=predictions: media.__setitem__(f"misclassified/{split}", _misclassified_table(tsv)),
+        )
+    if media:
+        attempt("tables and charts", functools.partial(run.log, media))
+    if log_model:
+        attempt("model artifact", functools.partial(_log_model_artifact, run, output_dir, results))
+    attempt("the end of the run", run.finish)
+    if failed:
+        _warn(f"W&B: not uploaded: {'; '.join(failed)}. Local outputs in {output_dir} are complete.")
+
+
+def _epoch_table(results: dict) -> dict[str, Any]:
+    import wandb
+
+    rows = results.get("epochs") or []
+    if not rows:  # evaluation-only runs have no epochs
+        return {}
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return {"training_stats": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])}
+
+
+def _misclassified_table(predictions_tsv: Path) -> Any:
+    import pandas as pd
+    import wandb
+
+    # No quoting, like the CoLA files: sentences hold quote characters.
+    frame = pd.read_csv(predictions_tsv, sep="\t", quoting=3, keep_default_na=False)
+    wrong = frame[frame["label"] != frame["prediction"]]
+    return wandb.Table(dataframe=wrong[["sentence_source", "sentence", "label", "prob_acceptable"]])
+
+
+def _log_model_artifact(run: Any, output_dir: Path, results: dict) -> None:
+    import wandb
+
+    files = sorted({path for pattern in MODEL_FILE_PATTERNS for path in output_dir.glob(pattern) if path.is_file()})
+    if not any(path.suffix == ".safetensors" for path in files):
+        raise FileNotFoundError(f"no saved model (*.safetensors) in {output_dir}")
+    metadata = {
+        f"test/{split}/matthews_correlation": metrics.get("matthews_correlation")
+        for split, metrics in results.get("test", {}).items()
+    }
+    artifact = wandb.Artifact(name=re.sub(r"[^\w.-]", "_", f"model-{run.name}"), type="model", metadata=metadata)
+    for path in files:
+        artifact.add_file(str(path))
+    run.log_artifact(artifact, aliases=["final_model"])
+
+
+# --- W&B failing mid-run -------------------------------------------------------------------------------------
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _guarded(hook: Any) -> Any:
+    @functools.wraps(hook)
+    def guarded(self: GuardedWandbCallback, *args: Any, **kwargs: Any) -> Any:
+        if self._wandb is None:
+            return None
+        try:
+            return hook(self, *args, **kwargs)
+        except Exception as err:
+            # `_wandb = None` is the callback's own off switch: every hook returns early from now on.
+            self._wandb = None
+            _warn(
+                f"W&B failed during training ({type(err).__name__}: {err}); training goes on without uploads, "
+                "and every local output is still written."
+            )
+            return None
+
+    return guarded
+
+
+class GuardedWandbCallback(WandbCallback):
+    """The Trainer's WandbCallback, except that a W&B error stops the uploads instead of the training."""
+
+    setup = _guarded(WandbCallback.setup)
+    on_train_begin = _guarded(WandbCallback.on_train_begin)
+    on_train_end = _guarded(WandbCallback.on_train_end)
+    on_log = _guarded(WandbCallback.on_log)
+    on_save = _guarded(WandbCallback.on_save)
+
+    def on_predict(self, args: Any, state: Any, control: Any, metrics: Any, **kwargs: Any) -> None:
+        # The parent logs every predict() as `test/<metric>`: three test sets would overwrite each other
+        # there. log_run_outputs puts each one under its own name, `test/<split>/<metric>`, instead.
+        return None
+
+
+def guard_wandb_callback(trainer: Trainer) -> None:
+    """Swap the WandbCallback that `report_to` installed for the guarded one (same logging, same settings)."""
+    if trainer.pop_callback(WandbCallback) is not None:
+        trainer.add_callback(GuardedWandbCallback())
