@@ -2,12 +2,96 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
+
+from cola_hf.errors import UsageError
+
 
 # --- cola-predict (Hub/sharing) -------------------------------------------------------------------------------
 def predict_main(argv: list[str] | None = None) -> int:
-    raise NotImplementedError
+    """cola-predict: label sentences acceptable or unacceptable with a fine-tuned model. Exit 2 on bad input."""
+    parser = argparse.ArgumentParser(
+        prog="cola-predict",
+        description="Label English sentences as acceptable or unacceptable with a model fine-tuned on CoLA.",
+        epilog="Output columns: sentence, label, probability (of that label). With a CoLA-format TSV as --input, "
+        "its labels are scored and the MCC goes to stderr.",
+    )
+    parser.add_argument("sentences", nargs="*", help="sentences to classify (or use --input)")
+    parser.add_argument("--model", required=True, help="a run's output directory or a Hub model id")
+    parser.add_argument(
+        "--input", help="file with one sentence per line, or a CoLA-format TSV (source, label, notes, sentence)"
+    )
+    parser.add_argument("--output", help="write here instead of stdout")
+    parser.add_argument("--format", choices=["tsv", "jsonl"], default="tsv", help="output format (default: tsv)")
+    parser.add_argument("--batch_size", type=int, default=32, help="sentences per forward pass (default: 32)")
+    parser.add_argument(
+        "--max_length", type=int, help="truncate sentences to this many tokens (default: the model's limit)"
+    )
+    args = parser.parse_args(argv)
+    # Imported here: transformers takes seconds to import, and the other console scripts do not need it.
+    import datasets
+    import numpy as np
+    import transformers
+
+    from cola_hf import predict
+    from cola_hf.metrics import score
+    from cola_hf.reporting import atomic_path
+
+    # Our own stderr lines say what matters; the libraries' loading bars and notices would bury them.
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        if args.input and args.sentences:
+            raise UsageError("give sentences as arguments or --input FILE, not both")
+        if not args.input and not args.sentences:
+            raise UsageError("nothing to classify: give sentences as arguments or --input FILE")
+        if args.batch_size < 1 or (args.max_length is not None and args.max_length < 2):
+            raise UsageError("--batch_size must be at least 1 and --max_length at least 2")
+        sentences = predict.read_input(args.input) if args.input else predict.from_arguments(args.sentences)
+        if sentences.skipped:
+            where = "line" if args.input else "argument"
+            shown = ", ".join(map(str, sentences.skipped[:10])) + (", ..." if len(sentences.skipped) > 10 else "")
+            print(f"cola-predict: skipped {len(sentences.skipped)} empty {where}(s): {shown}", file=sys.stderr)
+        if not sentences.texts:
+            raise UsageError("nothing to classify: every sentence is empty")
+        classifier = predict.load_classifier(args.model)
+        max_length = args.max_length or predict.model_max_length(classifier)
+        too_long = predict.count_too_long(classifier, sentences.texts, max_length)
+        if too_long:
+            print(f"cola-predict: truncated {too_long} sentence(s) longer than {max_length} tokens", file=sys.stderr)
+        predictions = predict.classify(
+            classifier, sentences.texts, args.batch_size, max_length, progress=args.input is not None
+        )
+        if args.output:
+            try:
+                with atomic_path(args.output) as temporary, open(temporary, "w", encoding="utf-8") as stream:
+                    predict.write_predictions(predictions, stream, args.format)
+            except OSError as err:
+                raise UsageError(f"--output {args.output}: cannot write ({err.strerror})") from err
+        else:
+            predict.write_predictions(predictions, sys.stdout, args.format)
+        if sentences.labels is not None:
+            result = score(np.array(sentences.labels), predict.label_ids(classifier, predictions))
+            print(
+                f"cola-predict: {len(predictions)} labelled sentences: "
+                f"matthews_correlation {result['matthews_correlation']:.6f}, accuracy {result['accuracy']:.6f}",
+                file=sys.stderr,
+            )
+    except UsageError as err:
+        print(f"cola-predict: error: {err}", file=sys.stderr)
+        return err.exit_code
+    return 0
 
 
 # --- cola-compare (tracking) ----------------------------------------------------------------------------------
 def compare_main(argv: list[str] | None = None) -> int:
-    raise NotImplementedError
+    """cola-compare: a table (markdown, CSV) and a plot of finished runs' results.json. Exit 2 on bad input."""
+    from cola_hf import compare
+
+    try:
+        return compare.main(argv)
+    except UsageError as err:
+        print(f"cola-compare: error: {err}", file=sys.stderr)
+        return err.exit_code

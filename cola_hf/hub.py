@@ -1,0 +1,368 @@
+"""Sharing a run: the model card that makes an output directory a complete Hub model repository, and the push.
+
+The Hub is optional at run time: nothing here is needed for a run to finish locally, and every failure to
+reach the Hub becomes one line saying what was not uploaded.
+
+How a run with `--push_to_hub` reaches the Hub, and why this way:
+- The Trainer's own integration creates the repository (`--hub_model_id`, `--hub_private_repo`) and pushes
+  checkpoints during training as `--hub_strategy` asks.
+- The final commit is ours (`push_trainer_output`): `Trainer.push_to_hub` always regenerates README.md
+  with its generic card (`Trainer.create_model_card`), which would replace the card written here. So we
+  upload the output directory ourselves, to the repository the Trainer created, with the Trainer's own
+  token, revision and exclusions, after the card is in place.
+- The token comes from `HF_TOKEN` or the saved login (`hf auth login`), read by huggingface_hub itself;
+  `--hub_token` is refused (see `prepare_push`), so the token is never in argv, logs or files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import huggingface_hub
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from transformers import Trainer, TrainingArguments
+
+from cola_hf import __version__
+from cola_hf.errors import UsageError
+from cola_hf.reporting import EPOCH_COLUMNS, write_text
+
+logger = logging.getLogger(__name__)
+
+CARD_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
+DEFAULT_LICENSE = "apache-2.0"
+DATASET_ID = "nyu-mll/glue"
+DATASET_CONFIG = "cola"
+# Our test sets -> (split named in the model-index, title). glue_dev is exactly the `validation` split of
+# nyu-mll/glue's cola config; the two CoLA dev sets have no split of their own there, so they keep our names.
+TEST_SETS = {
+    "out_of_domain_dev": ("out_of_domain_dev", "CoLA out-of-domain dev"),
+    "in_domain_dev": ("in_domain_dev", "CoLA in-domain dev"),
+    "glue_dev": ("validation", "GLUE CoLA validation"),
+}
+# The card's hyperparameter table: the settings that define the recipe, in reading order (present ones only).
+HYPERPARAMETERS = (
+    "model_name_or_path",
+    "learning_rate",
+    "optim",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "weight_decay",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "max_grad_norm",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "seed",
+    "max_seq_length",
+    "pad_to_max_length",
+    "validation_fraction",
+    "train_sampling_strategy",
+    "fp16",
+    "bf16",
+)
+EPOCH_TITLES = {
+    "epoch": "Epoch",
+    "training_loss": "Training loss",
+    "valid_loss": "Validation loss",
+    "valid_accuracy": "Validation accuracy",
+    "valid_mcc": "Validation MCC",
+    "training_time_s": "Training time (s)",
+    "validation_time_s": "Validation time (s)",
+}
+# What the final upload leaves out: the Trainer's own exclusions (checkpoints go through --hub_strategy),
+# hidden temporary files of atomic writes, and the predictions TSVs, which hold the CoLA dev sentences
+# themselves: republishing the corpus is its authors' call, and nyu-mll/glue already hosts it.
+PUSH_IGNORE_PATTERNS = ("_*", "checkpoint-*", ".*", "predictions_*.tsv")
+
+# Redaction is a second line of defence: no token is ever passed to this module on purpose.
+_TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
+_TOKEN_FLAG = re.compile(r"(--hub_token(?:=|\s+))\S+")
+
+
+class HubPushError(Exception):
+    """The Hub could not be reached or refused the upload. One line says what was not uploaded."""
+
+    exit_code = 1
+
+
+# --- the model card --------------------------------------------------------------------------------------------
+def build_model_card(
+    output_dir: str | Path,
+    results: Mapping[str, Any],
+    model_name_or_path: str,
+    command: str,
+    hub_model_id: str | None = None,
+    *,
+    base_model: str | None = None,
+    license: str | None = None,
+) -> ModelCard:
+    """The card of a finished run: YAML metadata with a model-index of the three test sets, then the body.
+
+    `results` is the run's results.json. `base_model` defaults to `model_name_or_path` when that is a Hub id
+    (or a snapshot in the Hub cache); a local directory has no Hub id, so pass it when you know it.
+    `license` defaults to the base model's, where its card is on disk, else apache-2.0.
+    """
+    output_dir = Path(output_dir)
+    base_model = base_model or _hub_id_of(model_name_or_path)
+    license = license or _license_of(model_name_or_path) or DEFAULT_LICENSE
+    model_name = hub_model_id.split("/")[-1] if hub_model_id else output_dir.resolve().name
+    eval_results = [
+        EvalResult(
+            task_type="text-classification",
+            task_name="Text Classification",
+            dataset_type=DATASET_ID,
+            dataset_name=title,
+            dataset_config=DATASET_CONFIG,
+            dataset_split=hub_split,
+            metric_type=metric,
+            metric_name=metric_name,
+            metric_value=results["test"][split][metric],
+        )
+        for split, (hub_split, title) in TEST_SETS.items()
+        for metric, metric_name in (("matthews_correlation", "MCC"), ("accuracy", "Accuracy"))
+    ]
+    card_data = ModelCardData(
+        base_model=base_model,
+        datasets=[DATASET_ID],
+        eval_results=eval_results,
+        language="en",
+        library_name="transformers",
+        license=license,
+        metrics=["matthews_correlation", "accuracy"],
+        model_name=model_name,
+        pipeline_tag="text-classification",
+        tags=["text-classification", "grammaticality", "cola", "glue", "generated_from_trainer"],
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(CARD_TEMPLATE),
+        model_name=model_name,
+        model_name_or_path=model_name_or_path,
+        model_ref=hub_model_id or str(output_dir),
+        test_rows=_test_rows(results["test"]),
+        hyperparameters=_hyperparameters(results.get("config", {})),
+        epoch_header=[EPOCH_TITLES[column] for column in EPOCH_COLUMNS],
+        epoch_rows=[
+            [_format(column, row.get(column)) for column in EPOCH_COLUMNS] for row in results.get("epochs", [])
+        ],
+        plots=_plots(output_dir),
+        command=_redact_command(command),
+        versions=_versions(),
+    )
+    return ModelCard(redact_secrets(str(card)))
+
+
+def write_model_card(
+    output_dir: str | Path,
+    results: Mapping[str, Any],
+    model_name_or_path: str,
+    command: str,
+    hub_model_id: str | None = None,
+    **card_options: Any,
+) -> Path:
+    """Build the card (see `build_model_card`) and write it as output_dir/README.md, atomically."""
+    path = Path(output_dir) / "README.md"
+    card = build_model_card(output_dir, results, model_name_or_path, command, hub_model_id, **card_options)
+    write_text(path, str(card))
+    return path
+
+
+def redact_secrets(text: str) -> str:
+    """Replace anything that is, or looks like, a Hub token with a placeholder."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        secret = os.environ.get(name, "").strip()
+        if len(secret) >= 8:  # a short value would mangle ordinary words
+            text = text.replace(secret, f"<{name}>")
+    return _TOKEN_LIKE.sub("<HF_TOKEN>", text)
+
+
+def _redact_command(command: str) -> str:
+    return redact_secrets(_TOKEN_FLAG.sub(r"\1<HUB_TOKEN>", command))
+
+
+def _hub_id_of(model_name_or_path: str) -> str | None:
+    """The Hub id of a checkpoint given as an id or as a snapshot directory of the Hub cache, else None."""
+    match = re.search(r"models--([^/\\]+)--([^/\\]+)[/\\]snapshots[/\\]", model_name_or_path)
+    if match:
+        return f"{match[1]}/{match[2]}"
+    if Path(model_name_or_path).expanduser().exists():
+        return None
+    try:
+        validate_repo_id(model_name_or_path)
+    except HFValidationError:
+        return None
+    return model_name_or_path
+
+
+def _license_of(model_name_or_path: str) -> str | None:
+    """The license in the base model's own card, if that card is on disk (a local checkpoint or the Hub cache)."""
+    readme = Path(model_name_or_path).expanduser() / "README.md"
+    if not readme.is_file():
+        hub_id = _hub_id_of(model_name_or_path)
+        # A cache lookup only: building a card never touches the network.
+        cached = huggingface_hub.try_to_load_from_cache(hub_id, "README.md") if hub_id else None
+        if not isinstance(cached, str):
+            return None
+        readme = Path(cached)
+    try:
+        license = ModelCard.load(readme, ignore_metadata_errors=True).data.license
+    except (OSError, ValueError):
+        return None
+    return license if isinstance(license, str) else None
+
+
+def _format(column: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if column.endswith("_s"):
+        return f"{value:.1f}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _test_rows(test: Mapping[str, Mapping[str, Any]]) -> list[dict[str, str]]:
+    return [
+        {
+            "title": f"{title} (`{split}`)",
+            "n": str(test[split]["n"]),
+            "mcc": f"{test[split]['matthews_correlation']:.3f}",
+            "accuracy": f"{test[split]['accuracy']:.3f}",
+            "positive_ratio": f"{test[split]['positive_ratio']:.3f}",
+        }
+        for split, (_, title) in TEST_SETS.items()
+    ]
+
+
+def _hyperparameters(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [(f"`{name}`", f"`{config[name]}`") for name in HYPERPARAMETERS if name in config]
+
+
+def _plots(output_dir: Path) -> list[tuple[str, str]]:
+    """(title, relative file) of the plots the run wrote; relative links render on the Hub and locally."""
+    candidates = [("Learning curve: training and validation loss per epoch", "learning_curve.png")] + [
+        (f"MCC per batch of 32: {split}", f"mcc_per_batch_{split}.png") for split in TEST_SETS
+    ]
+    return [(title, file) for title, file in candidates if (output_dir / file).is_file()]
+
+
+def _versions() -> list[tuple[str, str]]:
+    import datasets
+    import torch
+    import transformers
+
+    return [
+        ("cola-hf", __version__),
+        ("transformers", transformers.__version__),
+        ("torch", torch.__version__),
+        ("datasets", datasets.__version__),
+        ("huggingface_hub", huggingface_hub.__version__),
+    ]
+
+
+# --- the push --------------------------------------------------------------------------------------------------
+def prepare_push(training_args: TrainingArguments) -> str | None:
+    """Before any work: check the push flags, then create the repository, so a run that cannot push fails now.
+
+    Returns the repository id (with the namespace the Hub resolved), or None without --push_to_hub and on
+    processes other than the main one. The Trainer's own `init_hf_repo` then finds the repository in place.
+    """
+    if not training_args.push_to_hub or training_args.process_index != 0:
+        return None
+    if training_args.hub_token:
+        raise UsageError(
+            "--hub_token: pass the Hub token through the HF_TOKEN environment variable or `hf auth login`, "
+            "not on the command line (it would end up in shell history and training_args.bin)"
+        )
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise UsageError("--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set; unset it or drop --push_to_hub")
+    # Without --hub_model_id the Trainer names the repository after the output directory; so do we.
+    repo_id = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise UsageError(f"--hub_model_id {repo_id!r}: not a valid repository id (user/name)") from err
+    if huggingface_hub.get_token() is None:
+        raise UsageError("--push_to_hub: no Hub token found; set HF_TOKEN or run `hf auth login`")
+    try:
+        return _api().create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True).repo_id
+    except Exception as err:  # the network boundary: whatever failed, nothing was created
+        raise HubPushError(f"cannot create the Hub repository {repo_id} ({_describe(err)})") from err
+
+
+def push_trainer_output(trainer: Trainer, commit_message: str = "End of training") -> str | None:
+    """Upload the output directory, model card included, to the repository the Trainer created.
+
+    Main process only (others return None). Call it last, once README.md and every other output is written.
+    Returns the commit URL; raises `HubPushError` if the upload failed (the local outputs stay as they are).
+    """
+    if not trainer.is_world_process_zero():
+        return None
+    args = trainer.args
+    if trainer.hub_model_id is None:
+        raise ValueError("push_trainer_output: the Trainer was built without --push_to_hub")
+    return push_output_dir(
+        args.output_dir,
+        trainer.hub_model_id,
+        private=args.hub_private_repo,
+        revision=args.hub_revision,
+        commit_message=commit_message,
+    )
+
+
+def push_output_dir(
+    output_dir: str | Path,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "End of training",
+    ignore_patterns: Sequence[str] = PUSH_IGNORE_PATTERNS,
+) -> str:
+    """Create the repository if needed and upload `output_dir` to it in one commit; return the commit URL.
+
+    The token is whatever huggingface_hub finds (HF_TOKEN, then the saved login).
+    """
+    output_dir = Path(output_dir)
+    if not (output_dir / "README.md").is_file():
+        raise ValueError(f"{output_dir}: no README.md; write the model card (write_model_card) before pushing")
+    api = _api()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=output_dir,
+            commit_message=commit_message,
+            revision=revision,
+            ignore_patterns=list(ignore_patterns),
+        )
+    except Exception as err:  # the network boundary: any failure means the upload did not (fully) happen
+        retry = shlex.join(["hf", "upload", repo_id, str(output_dir), *_exclude_flags(ignore_patterns)])
+        raise HubPushError(
+            f"{output_dir} was not uploaded to the Hub repository {repo_id} ({_describe(err)}); "
+            f"the local outputs are complete, retry with: {retry}"
+        ) from err
+    logger.info("Pushed %s to %s", output_dir, commit.commit_url)
+    return commit.commit_url
+
+
+def _api() -> HfApi:
+    return HfApi(library_name="cola-hf", library_version=__version__)
+
+
+def _describe(err: Exception) -> str:
+    text = str(err).strip()
+    first_line = text.splitlines()[0] if text else ""
+    return redact_secrets(f"{type(err).__name__}: {first_line}" if first_line else type(err).__name__)
+
+
+def _exclude_flags(patterns: Sequence[str]) -> list[str]:
+    return [flag for pattern in patterns for flag in ("--exclude", pattern)]

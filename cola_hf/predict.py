@@ -1,0 +1,148 @@
+"""Label sentences as acceptable or unacceptable with a fine-tuned model: the engine of `cola-predict`.
+
+A model is a run's output directory or its Hub id, loaded by `transformers.pipeline("text-classification")`.
+Input problems (a missing file, a malformed CoLA TSV, a model that cannot be loaded) raise `UsageError`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+from tqdm.auto import tqdm
+from transformers import Pipeline, pipeline
+
+from cola_hf.errors import UsageError
+
+OUTPUT_FORMATS = ("tsv", "jsonl")
+
+
+@dataclass
+class Sentences:
+    """What to classify, and what was left out of it."""
+
+    texts: list[str]
+    # Gold labels (0/1), when the input was a CoLA-format TSV.
+    labels: list[int] | None = None
+    # Where the empty entries were: line numbers of a file, or positions of command-line arguments.
+    skipped: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Prediction:
+    sentence: str
+    label: str
+    # Probability of every label; they sum to 1.
+    scores: dict[str, float]
+
+    @property
+    def probability(self) -> float:
+        """Probability of the predicted label."""
+        return self.scores[self.label]
+
+
+def from_arguments(sentences: Sequence[str]) -> Sentences:
+    kept = [text for text in sentences if text.strip()]
+    skipped = [position for position, text in enumerate(sentences, start=1) if not text.strip()]
+    return Sentences(kept, skipped=skipped)
+
+
+def read_input(path: str | Path) -> Sentences:
+    """One sentence per line (blank lines skipped), or a CoLA-format TSV (4 columns, label 0/1) with its labels."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read ({err.strerror})") from err
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: not UTF-8 text") from err
+    lines = [line.rstrip("\r") for line in text.split("\n")]
+    if text.endswith("\n"):
+        lines.pop()  # the final newline ends the last line; it does not start an empty one
+    first = next((line for line in lines if line.strip()), None)
+    if first is not None and _is_cola_row(first):
+        # Imported here: the datasets-based reader is only needed for labelled files.
+        from cola_hf.data import read_cola_tsv
+
+        dataset = read_cola_tsv(path)  # validates every line, naming file and line on error
+        return Sentences(list(dataset["sentence"]), labels=list(dataset["label"]))
+    return Sentences(
+        [line for line in lines if line.strip()],
+        skipped=[number for number, line in enumerate(lines, start=1) if not line.strip()],
+    )
+
+
+def _is_cola_row(line: str) -> bool:
+    fields = line.split("\t")
+    return len(fields) == 4 and fields[1] in ("0", "1")
+
+
+def load_classifier(model: str) -> Pipeline:
+    """The text-classification pipeline of a local directory or a Hub id (on the GPU when there is one)."""
+    # A Hub id is `name` or `namespace/name`; anything else that does not exist is a mistyped directory.
+    if not Path(model).expanduser().exists() and (model.startswith(("/", ".", "~")) or model.count("/") > 1):
+        raise UsageError(f"--model {model}: no such directory")
+    try:
+        return pipeline("text-classification", model=model)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"--model {model}: cannot load a text-classification model ({first_line})") from err
+
+
+def model_max_length(classifier: Pipeline) -> int:
+    """The longest input the model takes: the tokenizer's limit, capped by the position embeddings."""
+    limits = [classifier.tokenizer.model_max_length, getattr(classifier.model.config, "max_position_embeddings", None)]
+    # A tokenizer saved without a limit reports a huge sentinel (int(1e30)); the config then decides.
+    usable = [limit for limit in limits if isinstance(limit, int) and 0 < limit < 1_000_000]
+    return min(usable) if usable else 512
+
+
+def count_too_long(classifier: Pipeline, texts: Sequence[str], max_length: int) -> int:
+    """How many sentences have more than `max_length` tokens (with [CLS]/[SEP]), so truncation will cut them.
+
+    Tokenizing with a limit one above `max_length` tells without the tokenizer's too-long warning.
+    """
+    lengths = classifier.tokenizer(list(texts), truncation=True, max_length=max_length + 1, return_length=True)
+    return sum(length > max_length for length in lengths["length"])
+
+
+def classify(
+    classifier: Pipeline, texts: Sequence[str], batch_size: int = 32, max_length: int | None = None, progress=False
+) -> list[Prediction]:
+    """Every label's probability for each sentence, in order; sentences over `max_length` tokens are truncated."""
+    max_length = max_length or model_max_length(classifier)
+    outputs: Iterator = classifier(
+        (text for text in texts),  # a generator makes the pipeline stream batches, so the bar can follow
+        batch_size=batch_size,
+        top_k=None,
+        truncation=True,
+        max_length=max_length,
+    )
+    bar = tqdm(outputs, total=len(texts), unit="sentence", disable=None if progress else True, file=sys.stderr)
+    return [
+        Prediction(text, max(scores, key=lambda s: s["score"])["label"], {s["label"]: s["score"] for s in scores})
+        for text, scores in zip(texts, bar, strict=True)
+    ]
+
+
+def label_ids(classifier: Pipeline, predictions: Sequence[Prediction]) -> np.ndarray:
+    label2id = classifier.model.config.label2id
+    return np.array([label2id[prediction.label] for prediction in predictions])
+
+
+def write_predictions(predictions: Sequence[Prediction], stream: TextIO, output_format: str = "tsv") -> None:
+    """TSV (header sentence, label, probability) or JSON lines (the same, plus every label's probability)."""
+    if output_format == "jsonl":
+        for p in predictions:
+            record = {"sentence": p.sentence, "label": p.label, "probability": p.probability, "scores": p.scores}
+            stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return
+    stream.write("sentence\tlabel\tprobability\n")
+    for p in predictions:
+        # No quoting, like the CoLA files: sentences hold quotes. A tab would split the row, so it becomes a space.
+        stream.write(f"{p.sentence.replace(chr(9), ' ')}\t{p.label}\t{p.probability:.6f}\n")
