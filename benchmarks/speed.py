@@ -1,0 +1,467 @@
+"""Side by side: the tutorial's hand-written training loop vs this package's training path.
+
+Both paths fine-tune the same checkpoint on the same CoLA data for the same number of optimizer steps on the
+same machine, then evaluate their validation split:
+
+(a) ``tutorial``: a faithful copy of the tutorial's code cells. pandas reads in_domain_train.tsv; a Python
+    loop measures the longest sentence (``tokenizer.encode``), a second one tokenizes sentence by sentence,
+    padded to 64 (transformers 5 has no ``encode_plus``: ``tokenizer(sent, padding="max_length", ...)`` is its
+    replacement); TensorDataset, ``random_split`` 90/10, RandomSampler, DataLoader(batch 32), and the manual
+    loop: ``model.zero_grad()``, forward, ``loss.item()`` every step, backward, clip 1.0, torch AdamW(lr 2e-5,
+    eps 1e-8), ``get_linear_schedule_with_warmup(0, total)``. ``BertTokenizer`` and
+    ``BertForSequenceClassification`` are what the tutorial's names resolve to in the installed transformers
+    (a Rust-backed tokenizer, SDPA attention), so the baseline is today's tutorial, not a 2019 one.
+(b) ``package``: ``cola_hf.data.load_cola`` + ``tokenize_cola`` + ``cola_hf.trainer.TutorialTrainer`` with the
+    defaults of ``cola_hf.config`` (dynamic padding, length-grouped batches, batched fast tokenization).
+
+Deviations from the tutorial, all needed for a fair, repeatable measurement: every path seeds torch once at
+process start (the tutorial seeds only before its loop, so its split and classifier head differed run to run);
+the schedule's total is ``--max_steps`` (the tutorial's ``len(dataloader) * epochs`` when it is whole epochs);
+validation MCC is computed with sklearn's ``matthews_corrcoef`` on the validation split (the tutorial reports
+only accuracy there). Neither path saves checkpoints or validates during training: only training is timed.
+
+Process model: peak RSS (``ru_maxrss``) only ever grows, so two paths in one process would share one number.
+The parent process therefore runs each path in a fresh child (``python speed.py --path tutorial|package
+--result_file F ...``, with the same arguments), reads each child's JSON result, and prints one table with
+the ratio (b)/(a). One command still gives the whole comparison, on the same machine in the same run.
+
+Columns: tokenization_s (tokenizing in_domain_train, i.e. the train + validation sentences, once, from a cold
+datasets cache), train_samples_per_s, epoch_time_s (training time of one epoch, extrapolated from the steps
+run when ``--max_steps`` is less than an epoch), peak_memory_mb (peak RSS of the child on CPU; CUDA max
+allocated on GPU), valid_mcc, and epoch_cpu_s (process CPU seconds per epoch: on a machine shared with other
+busy processes, wall times are inflated while CPU seconds barely move, so a gap between the two ratios flags a
+contaminated run; the JSON also records the 1-minute load average around each path).
+
+Usage (flags the script does not know go to the package path, so levers are measured with the same script)::
+
+    MODEL=$(bash ../shared/tools/minilm.sh)
+    export COLA_ZIP=../shared/data/cola_public_1.1.zip
+    python benchmarks/speed.py --model_name_or_path "$MODEL" --output speed.json   # defaults vs tutorial
+    python benchmarks/speed.py ... --pad_to_max_length        # lever off: no dynamic padding
+    python benchmarks/speed.py ... --train_sampling_strategy random   # lever off: no length grouping
+    python benchmarks/speed.py ... --reuse_tutorial speed.json         # reuse a measured tutorial run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Run from a checkout without installing the package.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+PATHS = ("tutorial", "package")
+# (key in the JSON, row label, number format)
+COLUMNS = (
+    ("tokenization_s", "tokenization time (s)", "{:.2f}"),
+    ("train_samples_per_s", "training samples/s", "{:.1f}"),
+    ("epoch_time_s", "time per epoch (s)", "{:.1f}"),
+    ("peak_memory_mb", "peak memory (MB)", "{:.0f}"),
+    ("valid_mcc", "validation MCC", "{:.3f}"),
+    # Not asked for, but robust to other processes on a shared machine: CPU seconds, not wall seconds.
+    ("epoch_cpu_s", "CPU time per epoch (s)", "{:.1f}"),
+)
+BATCH_SIZE = 32  # the tutorial's; the package's default is the same (cola_hf.config)
+MAX_LEN = 64
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Unknown flags are passed to the package path (cola_hf.config), e.g. --pad_to_max_length.",
+    )
+    parser.add_argument("--model_name_or_path", required=True, help="BERT checkpoint directory or Hub id.")
+    parser.add_argument(
+        "--cola_source",
+        default=os.environ.get("COLA_ZIP"),
+        help="CoLA zip, URL or directory of raw TSVs (default: $COLA_ZIP).",
+    )
+    parser.add_argument("--max_steps", type=int, default=None, help="Optimizer steps (default: 1 epoch).")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--output", default=None, help="Write the table as JSON here.")
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS), help="Paths to run.")
+    parser.add_argument(
+        "--reuse_tutorial",
+        default=None,
+        help="A previous --output JSON: reuse its tutorial result instead of running the tutorial again.",
+    )
+    parser.add_argument(
+        "--tutorial_tokenizer",
+        choices=("BertTokenizer", "BertTokenizerLegacy"),
+        default="BertTokenizer",
+        help="BertTokenizerLegacy is the pure-Python tokenizer the tutorial used in its day.",
+    )
+    # Internal: set by the parent for each child process.
+    parser.add_argument("--path", choices=PATHS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result_file", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+# --- measurements shared by both paths ----------------------------------------------------------------------
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def summarize(
+    *,
+    tokenization_s: float,
+    train_time_s: float,
+    train_cpu_s: float,
+    steps: int,
+    samples: int,
+    tokens: int,
+    steps_per_epoch: int,
+    valid_mcc: float,
+    valid_accuracy: float,
+    memory_before_train_mb: float,
+) -> dict[str, Any]:
+    return {
+        "tokenization_s": tokenization_s,
+        "train_samples_per_s": samples / train_time_s,
+        "epoch_time_s": train_time_s / steps * steps_per_epoch,
+        "peak_memory_mb": peak_memory_mb(),
+        "valid_mcc": valid_mcc,
+        "epoch_cpu_s": train_cpu_s / steps * steps_per_epoch,
+        # Context for reading the columns above.
+        "valid_accuracy": valid_accuracy,
+        "train_time_s": train_time_s,
+        "steps": steps,
+        "steps_per_epoch": steps_per_epoch,
+        "train_samples": samples,
+        "train_tokens_incl_padding": tokens,
+        "memory_before_train_mb": memory_before_train_mb,
+    }
+
+
+# --- (a) the tutorial's loop --------------------------------------------------------------------------------
+def run_tutorial(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import pandas as pd
+    import torch
+    import transformers
+    from sklearn.metrics import matthews_corrcoef
+    from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, TensorDataset, random_split
+    from transformers import BertForSequenceClassification, get_linear_schedule_with_warmup
+
+    from cola_hf.data import find_raw_dir
+
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    raw_dir = find_raw_dir(args.cola_source)
+    df = pd.read_csv(
+        raw_dir / "in_domain_train.tsv",
+        delimiter="\t",
+        header=None,
+        names=["sentence_source", "label", "label_notes", "sentence"],
+    )
+    sentences = df.sentence.values
+    labels = df.label.values
+    tokenizer = getattr(transformers, args.tutorial_tokenizer).from_pretrained(
+        args.model_name_or_path, do_lower_case=True
+    )
+
+    start = time.perf_counter()
+    max_len = 0
+    for sent in sentences:
+        input_ids = tokenizer.encode(sent, add_special_tokens=True)
+        max_len = max(max_len, len(input_ids))
+    input_ids = []
+    attention_masks = []
+    for sent in sentences:
+        encoded_dict = tokenizer(
+            sent,
+            add_special_tokens=True,
+            max_length=MAX_LEN,
+            padding="max_length",
+            truncation=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        input_ids.append(encoded_dict["input_ids"])
+        attention_masks.append(encoded_dict["attention_mask"])
+    input_ids = torch.cat(input_ids, dim=0)
+    attention_masks = torch.cat(attention_masks, dim=0)
+    labels = torch.tensor(labels)
+    tokenization_s = time.perf_counter() - start
+
+    dataset = TensorDataset(input_ids, attention_masks, labels)
+    train_size = int(0.9 * len(dataset))
+    val_size = len(dataset) - train_size
+    train_dataset, val_dataset = random_split(dataset, [train_size, val_size])
+    train_dataloader = DataLoader(train_dataset, sampler=RandomSampler(train_dataset), batch_size=BATCH_SIZE)
+    validation_dataloader = DataLoader(val_dataset, sampler=SequentialSampler(val_dataset), batch_size=BATCH_SIZE)
+
+    model = BertForSequenceClassification.from_pretrained(
+        args.model_name_or_path, num_labels=2, output_attentions=False, output_hidden_states=False
+    )
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, eps=1e-8)
+    total_steps = args.max_steps or len(train_dataloader)
+    epochs = math.ceil(total_steps / len(train_dataloader))
+    scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=total_steps)
+
+    torch.manual_seed(args.seed)  # where the tutorial seeds: right before its loop
+    memory_before_train_mb = peak_memory_mb()
+    steps = samples = tokens = 0
+    total_train_loss = 0.0
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for _epoch_i in range(epochs):
+        model.train()
+        for batch in train_dataloader:
+            if steps == total_steps:
+                break
+            b_input_ids = batch[0].to(device)
+            b_input_mask = batch[1].to(device)
+            b_labels = batch[2].to(device)
+            model.zero_grad()
+            output = model(b_input_ids, token_type_ids=None, attention_mask=b_input_mask, labels=b_labels)
+            total_train_loss += output.loss.item()
+            output.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            steps += 1
+            samples += b_input_ids.shape[0]
+            tokens += b_input_ids.numel()
+    train_time_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+
+    model.eval()
+    predictions, true_labels = [], []
+    for batch in validation_dataloader:
+        b_input_ids, b_input_mask, b_labels = (t.to(device) for t in batch)
+        with torch.no_grad():
+            output = model(b_input_ids, token_type_ids=None, attention_mask=b_input_mask, labels=b_labels)
+        predictions.append(output.logits.detach().cpu().numpy())
+        true_labels.append(b_labels.to("cpu").numpy())
+    flat_predictions = np.argmax(np.concatenate(predictions), axis=1)
+    flat_true_labels = np.concatenate(true_labels)
+
+    return summarize(
+        tokenization_s=tokenization_s,
+        train_time_s=train_time_s,
+        train_cpu_s=train_cpu_s,
+        steps=steps,
+        samples=samples,
+        tokens=tokens,
+        steps_per_epoch=len(train_dataloader),
+        valid_mcc=float(matthews_corrcoef(flat_true_labels, flat_predictions)),
+        valid_accuracy=float((flat_predictions == flat_true_labels).mean()),
+        memory_before_train_mb=memory_before_train_mb,
+    ) | {"longest_sentence_tokens": max_len, "train_loss": total_train_loss / steps}
+
+
+# --- (b) this package's training path -----------------------------------------------------------------------
+def run_package(args: argparse.Namespace, package_flags: list[str]) -> dict[str, Any]:
+    import datasets
+    from transformers import DataCollatorWithPadding, set_seed
+
+    from cola_hf.config import parse_args
+    from cola_hf.data import load_cola, tokenize_cola
+    from cola_hf.metrics import compute_metrics
+    from cola_hf.trainer import TutorialTrainer, load_model_and_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="cola-speed-") as output_dir:
+        model_args, data_args, training_args = parse_args(
+            [
+                "--model_name_or_path", args.model_name_or_path,
+                "--cola_source", args.cola_source,
+                "--seed", str(args.seed),
+                *package_flags,
+                # Benchmark plumbing, not levers: time training alone, write nothing.
+                "--output_dir", output_dir,
+                "--max_steps", str(args.max_steps or -1),
+                "--eval_strategy", "no",
+                "--save_strategy", "no",
+                "--report_to", "none",
+                "--disable_tqdm", "True",
+            ]
+        )  # fmt: skip
+        # As experiments/cola.py wires it.
+        set_seed(training_args.seed)
+        raw = load_cola(data_args.cola_source, data_args.validation_fraction, training_args.seed)
+        model, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path)
+
+        # The tutorial tokenizes in_domain_train; tokenize the same sentences, cold: a cached result from an
+        # earlier run would time a file read, not tokenization.
+        caching = datasets.is_caching_enabled()
+        datasets.disable_caching()
+        try:
+            start = time.perf_counter()
+            tokenized = tokenize_cola(
+                datasets.DatasetDict(train=raw["train"], validation=raw["validation"]),
+                tokenizer,
+                data_args.max_seq_length,
+                data_args.pad_to_max_length,
+            )
+            tokenization_s = time.perf_counter() - start
+        finally:
+            if caching:
+                datasets.enable_caching()
+
+        trainer = _counting(TutorialTrainer)(
+            model=model,
+            args=training_args,
+            train_dataset=tokenized["train"],
+            eval_dataset=tokenized["validation"],
+            processing_class=tokenizer,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=compute_metrics,
+        )
+        memory_before_train_mb = peak_memory_mb()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        trainer.train()
+        train_time_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+        metrics = trainer.evaluate()
+        steps = trainer.state.global_step
+        steps_per_epoch = math.ceil(len(tokenized["train"]) / training_args.train_batch_size)
+
+    return summarize(
+        tokenization_s=tokenization_s,
+        train_time_s=train_time_s,
+        train_cpu_s=train_cpu_s,
+        steps=steps,
+        samples=trainer.samples_seen,
+        tokens=trainer.tokens_seen,
+        steps_per_epoch=steps_per_epoch,
+        valid_mcc=metrics["eval_matthews_correlation"],
+        valid_accuracy=metrics["eval_accuracy"],
+        memory_before_train_mb=memory_before_train_mb,
+    ) | {"package_flags": package_flags}
+
+
+def _counting(trainer_class: type) -> type:
+    """`trainer_class` that also counts the samples and tokens (padding included) each training step sees.
+
+    Counted from tensor shapes, so it adds no host sync, and in the training process, so dataloader workers
+    do not hide it.
+    """
+
+    class CountingTrainer(trainer_class):
+        samples_seen = 0
+        tokens_seen = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self.samples_seen += inputs["input_ids"].shape[0]
+            self.tokens_seen += inputs["input_ids"].numel()
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return CountingTrainer
+
+
+# --- the parent: one child process per path, one table ------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def run_child(path: str, argv: list[str]) -> dict[str, Any]:
+    """Run one path in a fresh interpreter (so it has its own peak RSS); return its result and the load."""
+    with tempfile.TemporaryDirectory(prefix="cola-speed-") as tmp:
+        result_file = Path(tmp) / "result.json"
+        load_before = os.getloadavg()
+        script = str(Path(__file__).resolve())
+        command = [sys.executable, script, *argv, "--path", path, "--result_file", str(result_file)]
+        print(f"[speed] running the {path} path ...", file=sys.stderr, flush=True)
+        subprocess.run(command, check=True)
+        result = json.loads(result_file.read_text())
+    # The 1-minute load average before and after: another busy process on the machine shows up here.
+    result["load_average_1min_before_after"] = [load_before[0], os.getloadavg()[0]]
+    return result
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    if not all(path in results for path in PATHS):
+        return {}
+    tutorial, package = results["tutorial"], results["package"]
+    return {key: package[key] / tutorial[key] if tutorial[key] else None for key, _label, _fmt in COLUMNS}
+
+
+def format_table(results: dict[str, dict[str, Any]], ratio: dict[str, float | None]) -> str:
+    header = f"| {'':<24} | {'(a) tutorial loop':>17} | {'(b) cola_hf':>12} | {'(b)/(a)':>8} |"
+    lines = [header, "|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|"]
+    for key, label, fmt in COLUMNS:
+        cells = [fmt.format(results[path][key]) if path in results else "-" for path in PATHS]
+        ratio_cell = f"{ratio[key]:.2f}" if ratio.get(key) is not None else "-"
+        lines.append(f"| {label:<24} | {cells[0]:>17} | {cells[1]:>12} | {ratio_cell:>8} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, package_flags = build_parser().parse_known_args(argv)
+    if not args.cola_source:
+        build_parser().error("--cola_source is required (or set COLA_ZIP)")
+
+    if args.path is not None:  # a child: run one path, write its result
+        result = run_tutorial(args) if args.path == "tutorial" else run_package(args, package_flags)
+        Path(args.result_file).write_text(json.dumps(result, indent=2))
+        return 0
+    if package_flags and args.paths == ["tutorial"]:
+        build_parser().error(f"unrecognized arguments: {' '.join(package_flags)}")
+
+    results: dict[str, dict[str, Any]] = {}
+    if args.reuse_tutorial:
+        results["tutorial"] = json.loads(Path(args.reuse_tutorial).read_text())["results"]["tutorial"]
+    for path in args.paths:
+        if path == "tutorial" and args.reuse_tutorial:
+            continue
+        results[path] = run_child(path, argv)
+    ratio = ratios(results)
+    table = format_table(results, ratio)
+    print(table)
+    if ratio:
+        difference = results["package"]["valid_mcc"] - results["tutorial"]["valid_mcc"]
+        print(f"validation MCC difference (b)-(a): {difference:+.3f}")
+    if args.output:
+        report = {
+            "columns": {key: label for key, label, _fmt in COLUMNS},
+            "results": results,
+            "ratio_package_over_tutorial": ratio,
+            "machine": machine_info(),
+            "command": [Path(sys.argv[0]).name, *argv],
+            "table_markdown": table,
+        }
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
