@@ -29,14 +29,12 @@ def predict_main(argv: list[str] | None = None) -> int:
         "--max_length", type=int, help="truncate sentences to this many tokens (default: the model's limit)"
     )
     args = parser.parse_args(argv)
-    # Imported here: transformers takes seconds to import, and the other console scripts do not need it.
+    # Imported here, and the heavy libraries inside `predict` only once needed: bad input fails in a blink.
     import datasets
     import numpy as np
     import transformers
 
     from cola_hf import predict
-    from cola_hf.metrics import score
-    from cola_hf.reporting import atomic_path
 
     # Our own stderr lines say what matters; the libraries' loading bars and notices would bury them.
     transformers.utils.logging.set_verbosity_error()
@@ -50,12 +48,12 @@ def predict_main(argv: list[str] | None = None) -> int:
         if args.batch_size < 1 or (args.max_length is not None and args.max_length < 2):
             raise UsageError("--batch_size must be at least 1 and --max_length at least 2")
         sentences = predict.read_input(args.input) if args.input else predict.from_arguments(args.sentences)
+        if not sentences.texts:
+            raise UsageError("nothing to classify: every sentence is empty")
         if sentences.skipped:
             where = "line" if args.input else "argument"
             shown = ", ".join(map(str, sentences.skipped[:10])) + (", ..." if len(sentences.skipped) > 10 else "")
             print(f"cola-predict: skipped {len(sentences.skipped)} empty {where}(s): {shown}", file=sys.stderr)
-        if not sentences.texts:
-            raise UsageError("nothing to classify: every sentence is empty")
         classifier = predict.load_classifier(args.model)
         max_length = args.max_length or predict.model_max_length(classifier)
         too_long = predict.count_too_long(classifier, sentences.texts, max_length)
@@ -65,6 +63,8 @@ def predict_main(argv: list[str] | None = None) -> int:
             classifier, sentences.texts, args.batch_size, max_length, progress=args.input is not None
         )
         if args.output:
+            from cola_hf.reporting import atomic_path
+
             try:
                 with atomic_path(args.output) as temporary, open(temporary, "w", encoding="utf-8") as stream:
                     predict.write_predictions(predictions, stream, args.format)
@@ -73,6 +73,8 @@ def predict_main(argv: list[str] | None = None) -> int:
         else:
             predict.write_predictions(predictions, sys.stdout, args.format)
         if sentences.labels is not None:
+            from cola_hf.metrics import score
+
             result = score(np.array(sentences.labels), predict.label_ids(classifier, predictions))
             print(
                 f"cola-predict: {len(predictions)} labelled sentences: "

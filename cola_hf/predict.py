@@ -11,13 +11,15 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 from tqdm.auto import tqdm
-from transformers import Pipeline, pipeline
 
 from cola_hf.errors import UsageError
+
+if TYPE_CHECKING:
+    from transformers import Pipeline
 
 OUTPUT_FORMATS = ("tsv", "jsonl")
 
@@ -87,6 +89,9 @@ def load_classifier(model: str) -> Pipeline:
     # A Hub id is `name` or `namespace/name`; anything else that does not exist is a mistyped directory.
     if not Path(model).expanduser().exists() and (model.startswith(("/", ".", "~")) or model.count("/") > 1):
         raise UsageError(f"--model {model}: no such directory")
+    # Imported here: torch and transformers take seconds to load, and reading the input should fail first.
+    from transformers import pipeline
+
     try:
         return pipeline("text-classification", model=model)
     except (OSError, ValueError) as err:
