@@ -21,8 +21,6 @@ from cola_hf.errors import UsageError
 if TYPE_CHECKING:
     from transformers import Pipeline
 
-OUTPUT_FORMATS = ("tsv", "jsonl")
-
 
 @dataclass
 class Sentences:
@@ -117,7 +115,11 @@ def count_too_long(classifier: Pipeline, texts: Sequence[str], max_length: int) 
 
 
 def classify(
-    classifier: Pipeline, texts: Sequence[str], batch_size: int = 32, max_length: int | None = None, progress=False
+    classifier: Pipeline,
+    texts: Sequence[str],
+    batch_size: int = 32,
+    max_length: int | None = None,
+    progress: bool = False,
 ) -> list[Prediction]:
     """Every label's probability for each sentence, in order; sentences over `max_length` tokens are truncated."""
     max_length = max_length or model_max_length(classifier)
