@@ -79,6 +79,17 @@ class TrackingArguments:
         default=None,
         metadata={"help": "Run the recipe once per seed (e.g. --seeds 42 43 44) and aggregate the test MCCs."},
     )
+    grid: str | None = field(
+        default=None,
+        metadata={
+            "help": "Run every combination of a W&B sweep file's grid locally, sequentially and resumably "
+            "(e.g. experiments/sweeps/bert_paper_grid.yaml)."
+        },
+    )
+    per_run_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Write into OUTPUT_DIR/<run name>, one folder per run (W&B sweeps use it)."},
+    )
 
 
 # --- online, offline or off ------------------------------------------------------------------------------------
@@ -104,15 +115,23 @@ def resolve_wandb_mode() -> tuple[str, str | None]:
 
     An explicit WANDB_MODE wins. Otherwise online needs credentials (WANDB_API_KEY, `wandb login`'s
     netrc, an identity token) and a server that answers within a few seconds; anything else is offline.
+    The probe runs once per process: the runs of a seed study or a grid share it, and one notice.
     """
-    import wandb
-
+    global _probed
     explicit = os.environ.get("WANDB_MODE", "").lower()
     if explicit in ("offline", "dryrun"):
         return "offline", None
     if explicit == "disabled" or os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
         return "disabled", None
-    base_url = wandb.Settings().base_url
+    if _probed is None:
+        _probed = _probe_wandb()
+    return _probed
+
+
+def _probe_wandb() -> tuple[str, str | None]:
+    import wandb
+
+    base_url = wandb.setup().settings.base_url  # the settings wandb.init will use: WANDB_BASE_URL, files
     # prompt=False: never wait for a key to be typed in; verify=False: no network needed to look.
     if not wandb.login(prompt=False, verify=False):
         return "offline", "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
@@ -121,11 +140,15 @@ def resolve_wandb_mode() -> tuple[str, str | None]:
     return "online", None
 
 
-# One decision per process: the runs of a seed study or a grid share it, and print the notice once.
-_decided: tuple[str, str | None] | None = None
+_probed: tuple[str, str | None] | None = None
+_announced = False
 
 
 def _announce_offline(reason: str, run: Any) -> None:
+    global _announced
+    if _announced:  # one line per process; wandb itself prints each offline run's sync command at its end
+        return
+    _announced = True
     print(f"W&B: {reason}, so this run is logged offline; upload it later with: wandb sync {run.settings.sync_dir}")
 
 
@@ -247,7 +270,7 @@ def start_run(
     trainer: Trainer,
     model_args: ModelArguments,
     data_args: DataArguments,
-    tracking_args: TrackingArguments,
+    tracking_args: TrackingArguments | None = None,
 ) -> Any | None:
     """Open the W&B run for this Trainer before it trains or evaluates; None when tracking is off.
 
@@ -257,13 +280,12 @@ def start_run(
     args = trainer.args
     if not wandb_requested(args.report_to) or not trainer.is_world_process_zero():
         return None
-    global _decided
-    first = _decided is None
-    mode, reason = _decided = _decided or resolve_wandb_mode()
+    mode, reason = resolve_wandb_mode()
     if mode == "disabled":
         return None
     import wandb
 
+    tracking_args = tracking_args or TrackingArguments()
     guard_wandb_callback(trainer)
     recipe = tracking_args.recipe_name or "cola"
     init = {
@@ -282,14 +304,20 @@ def start_run(
     try:
         run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S), **init)
     except Exception as err:  # wandb raises its own CommError, UsageError, AuthenticationError...
-        if mode != "online":
-            _warn(f"W&B could not start ({err}); this run is not tracked. Local outputs are unaffected.")
+        run = None
+        if mode == "online":
+            # The server passed the probe and still failed (a rejected key, say): offline keeps it all for later.
+            global _probed
+            mode, reason = _probed = ("offline", f"W&B server failed ({type(err).__name__}: {_one_line(err)})")
+            try:
+                run = wandb.init(mode=mode, **init)
+            except Exception as offline_err:
+                err = offline_err
+        if run is None:
+            trainer.pop_callback(GuardedWandbCallback)  # nothing to log into: the Trainer must not try either
+            _warn(f"W&B could not start ({type(err).__name__}: {_one_line(err)}); this run is not tracked.")
             return None
-        # The server passed the probe and still failed: offline still keeps everything for a later sync.
-        mode, reason = _decided = ("offline", f"W&B server failed ({type(err).__name__})")
-        first = True
-        run = wandb.init(mode=mode, **init)
-    if reason is not None and first:
+    if reason is not None:
         _announce_offline(reason, run)
     return run
 
@@ -313,7 +341,7 @@ def log_run_outputs(output_dir: str | Path, results: dict, log_model: bool = Fal
         try:
             upload()
         except Exception as err:  # W&B failing must cost the uploads only
-            failed.append(f"{what} ({type(err).__name__}: {err})")
+            failed.append(f"{what} ({type(err).__name__}: {_one_line(err)})")
 
     for split, metrics in results.get("test", {}).items():
         attempt(
@@ -348,7 +376,10 @@ def _epoch_table(results: dict) -> dict[str, Any]:
     rows = results.get("epochs") or []
     if not rows:  # evaluation-only runs have no epochs
         return {}
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+    from cola_hf.reporting import EPOCH_COLUMNS
+
+    # The tutorial's columns in its order (as in training_stats.csv), then whatever else a row holds.
+    columns = list(dict.fromkeys([*EPOCH_COLUMNS, *(key for row in rows for key in row)]))
     return {"training_stats": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])}
 
 
@@ -378,6 +409,12 @@ def _log_model_artifact(run: Any, output_dir: Path, results: dict) -> None:
     run.log_artifact(artifact, aliases=["final_model"])
 
 
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    """An error as one short line: servers answer with whole HTML pages."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 # --- W&B failing mid-run -------------------------------------------------------------------------------------
 def _warn(message: str) -> None:
     print(message, file=sys.stderr)
@@ -394,8 +431,8 @@ def _guarded(hook: Any) -> Any:
             # `_wandb = None` is the callback's own off switch: every hook returns early from now on.
             self._wandb = None
             _warn(
-                f"W&B failed during training ({type(err).__name__}: {err}); training goes on without uploads, "
-                "and every local output is still written."
+                f"W&B failed during training ({type(err).__name__}: {_one_line(err)}); training goes on "
+                "without uploads, and every local output is still written."
             )
             return None
 
