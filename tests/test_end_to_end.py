@@ -1,0 +1,136 @@
+"""experiments/cola.py as a user runs it: every promised output, consistent with itself."""
+
+import csv
+import json
+import re
+
+import pandas as pd
+import pytest
+from conftest import run_cola
+from matplotlib.image import imread
+from sklearn.metrics import accuracy_score, matthews_corrcoef
+
+from cola_hf.data import TEST_SPLITS
+
+EPOCH_KEYS = {
+    "epoch",
+    "training_loss",
+    "valid_loss",
+    "valid_accuracy",
+    "valid_mcc",
+    "training_time_s",
+    "validation_time_s",
+}
+FAST = ["--report_to", "none", "--learning_rate", "1e-3", "--disable_tqdm", "true"]
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory, cola_zip, tiny_model_dir):
+    output_dir = tmp_path_factory.mktemp("real") / "run"
+    result = run_cola(
+        "experiments/recipes/tutorial.yaml",
+        "--model_name_or_path", tiny_model_dir, "--cola_source", cola_zip, "--output_dir", output_dir,
+        "--num_train_epochs", "1", *FAST,
+    )  # fmt: skip
+    return output_dir, result
+
+
+def read_predictions(path):
+    return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False)
+
+
+def test_real_cola_run_writes_every_output(real_run):
+    output_dir, result = real_run
+    results = json.loads((output_dir / "results.json").read_text())
+    assert [EPOCH_KEYS <= set(row) for row in results["epochs"]] == [True]
+    assert {split: results["test"][split]["n"] for split in TEST_SPLITS} == {
+        "out_of_domain_dev": 516,
+        "in_domain_dev": 527,
+        "glue_dev": 1043,
+    }
+    assert results["test"]["out_of_domain_dev"]["positive_ratio"] == pytest.approx(354 / 516)
+    assert results["config"]["learning_rate"] == 1e-3 and results["config"]["num_train_epochs"] == 1
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 241  # ceil(7695 / 32) batches, one epoch
+    stats = pd.read_csv(output_dir / "training_stats.csv")
+    assert EPOCH_KEYS <= set(stats.columns) and len(stats) == 1
+    for name in ["learning_curve.png", *(f"mcc_per_batch_{split}.png" for split in TEST_SPLITS)]:
+        assert imread(output_dir / name).shape[2] in (3, 4), name
+    assert "Longest tokenized sentence" in result.stderr
+    assert re.search(r"out_of_domain_dev +516 ", result.stderr)  # the printed test summary
+
+
+@pytest.mark.parametrize("split", TEST_SPLITS)
+def test_results_mcc_equals_sklearn_on_the_predictions_file(real_run, split):
+    output_dir, _ = real_run
+    summary = json.loads((output_dir / "results.json").read_text())["test"][split]
+    predictions = read_predictions(output_dir / f"predictions_{split}.tsv")
+    assert list(predictions.columns) == ["sentence_source", "label", "sentence", "prediction", "prob_acceptable"]
+    assert len(predictions) == summary["n"]
+    assert summary["matthews_correlation"] == pytest.approx(
+        matthews_corrcoef(predictions["label"], predictions["prediction"]), abs=1e-12
+    )
+    assert summary["accuracy"] == pytest.approx(accuracy_score(predictions["label"], predictions["prediction"]))
+    assert ((predictions["prob_acceptable"] > 0.5) == (predictions["prediction"] == 1)).all()
+
+
+def test_saved_model_works_with_pipeline_and_evaluation_only_mode(real_run, tmp_path):
+    from transformers import pipeline
+
+    output_dir, _ = real_run
+    classify = pipeline("text-classification", model=str(output_dir), device="cpu")
+    assert classify("The cat sat on the mat.")[0]["label"] in {"acceptable", "unacceptable"}
+
+    evaluated = tmp_path / "eval"
+    zip_path = json.loads((output_dir / "results.json").read_text())["config"]["cola_source"]
+    run_cola("--do_train", "False", "--model_name_or_path", output_dir, "--cola_source", zip_path,
+             "--output_dir", evaluated, "--overwrite_output_dir", "true", *FAST)  # fmt: skip
+    trained = json.loads((output_dir / "results.json").read_text())
+    again = json.loads((evaluated / "results.json").read_text())
+    assert again["epochs"] == []
+    for split in TEST_SPLITS:
+        assert again["test"][split]["matthews_correlation"] == pytest.approx(
+            trained["test"][split]["matthews_correlation"], abs=1e-9
+        )
+        assert (evaluated / f"predictions_{split}.tsv").is_file()
+
+
+def test_synthetic_run_with_tutorial_padding(tmp_path, cola_dir, tiny_model_dir):
+    output_dir = tmp_path / "run"
+    run_cola(
+        "--model_name_or_path", tiny_model_dir, "--cola_source", cola_dir, "--output_dir", output_dir,
+        "--num_train_epochs", "2", "--pad_to_max_length", "true", "--train_sampling_strategy", "random", *FAST,
+    )  # fmt: skip
+    results = json.loads((output_dir / "results.json").read_text())
+    assert [row["epoch"] for row in results["epochs"]] == [1, 2]
+    assert all(row["training_loss"] > 0 and row["validation_time_s"] > 0 for row in results["epochs"])
+    assert results["test"]["glue_dev"]["n"] == 76
+    assert results["config"]["pad_to_max_length"] is True
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file or directory"),
+        ("gj04\t1\tHe left.\n", "in_domain_train.tsv:1: expected 4 tab-separated columns"),
+        ("gj04\t7\t\tHe left.\n", "in_domain_train.tsv:1: label must be 0 or 1, found '7'"),
+        ("gj04\t1\t\t\n", "in_domain_train.tsv:1: empty sentence"),
+    ],
+    ids=["missing-file", "column-count", "bad-label", "empty-sentence"],
+)
+def test_bad_input_is_one_line_not_a_traceback(tmp_path, cola_dir, tiny_model_dir, content, message):
+    source = tmp_path / "raw"
+    if content is not None:
+        source.mkdir()
+        for name in ("in_domain_dev.tsv", "out_of_domain_dev.tsv"):
+            (source / name).write_bytes((cola_dir / name).read_bytes())
+        (source / "in_domain_train.tsv").write_text(content)
+    output_dir = tmp_path / "out"
+    result = run_cola(
+        "--model_name_or_path", tiny_model_dir, "--cola_source", source, "--output_dir", output_dir, *FAST, check=False
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("cola: error:")]
+    assert message in line
+    assert not (output_dir / "results.json").exists()
