@@ -92,7 +92,11 @@ def test_saved_model_works_with_pipeline_and_evaluation_only_mode(real_run, tmp_
         assert again["test"][split]["matthews_correlation"] == pytest.approx(
             trained["test"][split]["matthews_correlation"], abs=1e-9
         )
-        assert (evaluated / f"predictions_{split}.tsv").is_file()
+        # Same weights, same sentences: the same probabilities, sentence by sentence.
+        before = read_predictions(output_dir / f"predictions_{split}.tsv")
+        after = read_predictions(evaluated / f"predictions_{split}.tsv")
+        assert list(after["sentence"]) == list(before["sentence"])
+        assert after["prob_acceptable"].to_numpy() == pytest.approx(before["prob_acceptable"].to_numpy(), abs=2e-6)
 
 
 def test_synthetic_run_with_tutorial_padding(tmp_path, cola_dir, tiny_model_dir):
