@@ -18,10 +18,12 @@ import pytest
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 from huggingface_hub.utils import _http as hub_http
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
 
 from cola_hf import hub
+from cola_hf.config import ColaTrainingArguments
 from cola_hf.errors import UsageError
+from cola_hf.trainer import TutorialTrainer
 
 FAKE_TOKEN = "hf_PlantedFakeToken0123456789abcdefXYZ"
 REPO_ID = "someone/cola-tiny"
@@ -204,19 +206,19 @@ def stand_in(monkeypatch):
     hub_http.set_client_factory(hub_http.default_client_factory)
 
 
-def finished_run(output_dir: Path, model_dir: Path, push: bool = True) -> Trainer:
-    """A Trainer as experiments/cola.py builds it with --push_to_hub, and the files a finished run leaves."""
-    args = TrainingArguments(
+def finished_run(output_dir: Path, model_dir: Path) -> TutorialTrainer:
+    """The trainer as experiments/cola.py builds it with --push_to_hub, and the files a finished run leaves."""
+    args = ColaTrainingArguments(
         output_dir=str(output_dir),
-        push_to_hub=push,
+        push_to_hub=True,
         hub_model_id=REPO_ID,
         hub_private_repo=True,
-        report_to="none",
+        eval_strategy="no",  # no training here, so no validation set either
         use_cpu=True,
     )
     hub.prepare_push(args)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    trainer = Trainer(model=model, args=args, processing_class=AutoTokenizer.from_pretrained(model_dir))
+    trainer = TutorialTrainer(model=model, args=args, processing_class=AutoTokenizer.from_pretrained(model_dir))
     trainer.save_model()  # with --push_to_hub the Trainer uploads here too, with its own card
     (output_dir / "results.json").write_text(json.dumps(results_json()), encoding="utf-8")
     (output_dir / "learning_curve.png").write_bytes(b"png")
