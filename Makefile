@@ -1,0 +1,33 @@
+# Every target installs what it needs into $(VENV) first, so each works on a fresh clone.
+# torch is installed before the package: the package only asks for a range, so a CUDA build you already
+# have is kept, and here `torch==2.13.0` is the local CPU build (a bare `torch` would fetch a CUDA build).
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+COLA_SOURCE ?= https://nyu-mll.github.io/CoLA/cola_public_1.1.zip
+MODEL ?= bert-base-uncased
+
+.PHONY: install test tutorial style quality
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet "$(TORCH)"
+	$(PYTHON) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Two pytest workers, one thread each: on 2 cores this beats one worker with two threads.
+test: install
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -n 2 --dist loadfile
+
+tutorial: install
+	$(VENV)/bin/accelerate launch --config_file accelerate_config.yaml experiments/cola.py \
+		experiments/recipes/tutorial.yaml --cola_source $(COLA_SOURCE) --model_name_or_path $(MODEL)
+
+style: install
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+quality: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
