@@ -126,6 +126,9 @@ def test_base_model_and_license_come_from_the_checkpoint(tmp_path):
     explicit = hub.build_model_card(tmp_path, results, str(local), "cmd", base_model="org/base", license="cc-by-4.0")
     assert (explicit.data.base_model, explicit.data.license) == ("org/base", "cc-by-4.0")
 
+    evaluation_only = hub.build_model_card(tmp_path, {**results, "epochs": []}, "org/fine-tuned", "cmd")
+    assert "No training in this run" in evaluation_only.text and "| Epoch |" not in evaluation_only.text
+
 
 def test_model_card_never_holds_a_token(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
