@@ -18,7 +18,15 @@ import pytest
 from conftest import REPO, write_cola_dir
 
 SPEED = REPO / "benchmarks" / "speed.py"
-COLUMNS = ("tokenization_s", "train_samples_per_s", "epoch_time_s", "peak_memory_mb", "valid_mcc", "epoch_cpu_s")
+COLUMNS = (
+    "tokenization_s",
+    "tokenization_cached_s",
+    "train_samples_per_s",
+    "epoch_time_s",
+    "peak_memory_mb",
+    "valid_mcc",
+    "epoch_cpu_s",
+)
 STEPS = 2
 BATCH = 32
 
