@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from scipy.special import softmax
+from torch.utils.data import SequentialSampler
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -31,6 +32,8 @@ from transformers import (
     Trainer,
     TrainerCallback,
 )
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import has_length
 
 from cola_hf.errors import RunFailed, UsageError
 
@@ -44,6 +47,12 @@ class TrainingDiverged(RunFailed):
 class TutorialTrainer(Trainer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        # Scale-out (issue 4). Sequence-classification heads take **kwargs, so Trainer assumes their loss is
+        # a sum normalised by `num_items_in_batch`: it then multiplies the loss by the number of processes
+        # and skips the division by the accumulation steps. Their loss is a plain batch mean, so that
+        # doubles the loss and gradients on 2 processes or with 2 accumulation steps. A plain mean is what
+        # the tutorial optimises: say so, and DDP's gradient average gives the global batch's mean.
+        self.model_accepts_loss_kwargs = False
         self._epoch_loss_sum: torch.Tensor | None = None
         self._first_nonfinite_step: torch.Tensor | None = None
         self.add_callback(_EpochStatistics(self))
@@ -60,6 +69,29 @@ class TutorialTrainer(Trainer):
         nonfinite_first_time = ~torch.isfinite(loss) & (self._first_nonfinite_step < 0)
         self._first_nonfinite_step = torch.where(nonfinite_first_time, step, self._first_nonfinite_step)
         return loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        # Length grouping over the GLOBAL batch (stock Trainer uses the per-device one), so the sentences
+        # that make up each optimizer step don't depend on the number of processes: each process takes its
+        # consecutive per-device slice, and 2 x 16 sees exactly the batches of 1 x 32.
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        column = self.args.length_column_name
+        lengths = dataset[column] if column in getattr(dataset, "column_names", ()) else None
+        global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return LengthGroupedSampler(global_batch, dataset=dataset, lengths=lengths, model_input_name="input_ids")
+
+    def _get_eval_sampler(self, eval_dataset):
+        # Stock Trainer also length-groups (shuffles) evaluation when training groups by length; predictions
+        # must come back in the dataset's order to line up with the sentences. Under several processes
+        # accelerate shards these sequential batches and gather_for_metrics restores the order.
+        return SequentialSampler(eval_dataset) if has_length(eval_dataset) else None
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Saving never pushes: the run pushes once, last, with its own model card (cola_hf.hub.push_trainer_output);
+        # the stock save_model would push the Trainer's generic card, and fail the run if the Hub is down.
+        super().save_model(output_dir, _internal_call=True)
 
     def raise_if_diverged(self) -> None:
         if self._first_nonfinite_step is not None and (step := int(self._first_nonfinite_step)) >= 0:
@@ -130,6 +162,9 @@ def collapse_counts(eval_metrics: dict) -> dict[str, int] | None:
 def predict_split(trainer: Trainer, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
     """(labels, probability of 'acceptable') for every sentence, in the dataset's order, gathered once each."""
     output = trainer.predict(dataset, metric_key_prefix="test")
+    if not np.array_equal(output.label_ids, np.asarray(dataset["label"])):
+        # Predictions are written next to their sentences: a sampler that reorders them must never pass silently.
+        raise RuntimeError(f"predictions for {len(dataset)} sentences came back in another order or count")
     return output.label_ids, softmax(output.predictions, axis=-1)[:, 1]
 
 

@@ -9,6 +9,7 @@ Glue only: parse the recipe, build data, model and trainer, train, evaluate the 
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -18,7 +19,7 @@ import transformers
 from transformers import DataCollatorWithPadding, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from cola_hf import data, reporting
+from cola_hf import data, hub, reporting
 from cola_hf.config import ColaTrainingArguments, DataArguments, ModelArguments, parse_args
 from cola_hf.errors import RunFailed, UsageError
 from cola_hf.metrics import compute_metrics
@@ -31,6 +32,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Col
     output_dir = Path(training_args.output_dir)
     checkpoint = prepare_output_dir(output_dir, training_args)
     set_seed(training_args.seed)
+    if training_args.do_train:
+        logger.info(training_args.batch_layout())  # world size x per-device batch x accumulation = global
 
     raw = data.load_cola(data_args.cola_source, data_args.validation_fraction, training_args.seed)
     if data_args.max_train_samples is not None:
@@ -71,7 +74,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Col
         "config": {**asdict(model_args), **asdict(data_args), **training_args.to_dict()},
     }
     logger.info("Test sets:\n%s", reporting.format_test_summary(results["test"]))
+    command = shlex.join(["python", *sys.argv])
+    hub.write_model_card(output_dir, results, model_args.model_name_or_path, command, training_args.hub_model_id)
     reporting.write_json(output_dir / "results.json", results)  # last: its presence means "finished"
+    if training_args.push_to_hub:
+        hub.push_trainer_output(trainer)  # after results.json: a failed upload leaves a finished local run
     return results
 
 
@@ -90,7 +97,7 @@ def prepare_output_dir(output_dir: Path, training_args: ColaTrainingArguments) -
         )
     if training_args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("results.json", reporting.FAILED_MARKER):
+        for stale in ("results.json", "README.md", reporting.FAILED_MARKER):
             (output_dir / stale).unlink(missing_ok=True)
     return checkpoint if training_args.resume else None
 
@@ -102,8 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_args, data_args, training_args = parse_args(argv)
         configure_logging(training_args)
+        hub.prepare_push(training_args)  # fails in one line before any work: no token, offline, bad repo id
         run(model_args, data_args, training_args)
         return 0
+    except hub.HubPushError as err:  # the local run is complete: no RUN_FAILED marker
+        print(f"cola: error: {err}", file=sys.stderr)
+        return err.exit_code
     except (UsageError, RunFailed) as err:
         if debug:
             raise
