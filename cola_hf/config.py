@@ -7,6 +7,7 @@ the two never drift apart.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,20 @@ class ColaTrainingArguments(TrainingArguments):
     lr_scheduler_type: str = field(default="linear", metadata={"help": "Learning-rate schedule."})
     warmup_steps: float = field(default=0, metadata={"help": "Warmup steps (the tutorial uses none)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clipping."})
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Training batch size per device."})
+    # Scale-out: the recipe fixes the GLOBAL batch; the per-device batch and accumulation follow from the
+    # number of processes (see resolve_batch_layout below and the README's "Scaling out").
+    global_train_batch_size: int = field(
+        default=32,
+        metadata={
+            "help": "Sentences per optimizer step over all processes (the tutorial's 32). The per-device batch "
+            "and gradient accumulation are derived from it and the world size; 0 uses "
+            "per_device_train_batch_size and gradient_accumulation_steps as given."
+        },
+    )
+    per_device_train_batch_size: int = field(
+        default=32,
+        metadata={"help": "Most training sentences one device holds at once (with global_train_batch_size)."},
+    )
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Evaluation batch size per device."})
     num_train_epochs: float = field(default=4.0, metadata={"help": "Training epochs."})
     seed: int = field(default=42, metadata={"help": "Seed for the split, model head, dropout and batch order."})
@@ -97,6 +111,57 @@ class ColaTrainingArguments(TrainingArguments):
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning only helps copies to a GPU
         super().__post_init__()
+        self.resolve_batch_layout()
+
+    # ---- Global batch over processes (scale-out, issue 4) ----
+    def resolve_batch_layout(self) -> None:
+        """Derive the per-device batch and gradient accumulation from the global batch and the world size.
+
+        global = per-device x accumulation x processes. The per-device batch is the largest that evenly
+        divides each process's share without exceeding per_device_train_batch_size, so accumulation is only
+        used when the share doesn't fit. Re-running it on its own result changes nothing.
+        """
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > self.world_size:
+            # torchrun/accelerate started several processes, but each one came up alone (no GPU and no
+            # --use_cpu): they would all train the same model and all write output_dir.
+            raise UsageError(
+                f"launched as {launched} processes, but they did not form one group; on a machine without GPUs "
+                "add --use_cpu true to run them on the CPU (gloo backend)"
+            )
+        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise UsageError("--per_device_train_batch_size and --gradient_accumulation_steps must be at least 1")
+        if not self.global_train_batch_size:
+            return
+        processes = self.world_size
+        if self.global_train_batch_size < 0 or self.global_train_batch_size % processes:
+            raise UsageError(
+                f"--global_train_batch_size {self.global_train_batch_size} does not split evenly over {processes} "
+                f"processes; use a positive multiple of {processes}, or run on a number of processes that divides it"
+            )
+        if self.gradient_accumulation_steps != 1 and (
+            self.per_device_train_batch_size * self.gradient_accumulation_steps * processes
+            != self.global_train_batch_size
+        ):
+            raise UsageError(
+                "--gradient_accumulation_steps is derived from --global_train_batch_size; leave it out, or pass "
+                "--global_train_batch_size 0 to set the per-device batch and accumulation yourself"
+            )
+        share = self.global_train_batch_size // processes
+        accumulation = next(
+            steps
+            for steps in range(1, share + 1)
+            if share % steps == 0 and share // steps <= self.per_device_train_batch_size
+        )
+        self.per_device_train_batch_size, self.gradient_accumulation_steps = share // accumulation, accumulation
+
+    def batch_layout(self) -> str:
+        """One log line: how the global batch is split over processes and accumulation steps."""
+        return (
+            f"batch: world size {self.world_size} x per-device batch {self.per_device_train_batch_size} x "
+            f"gradient accumulation {self.gradient_accumulation_steps} = global batch "
+            f"{self.world_size * self.per_device_train_batch_size * self.gradient_accumulation_steps}"
+        )
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, ColaTrainingArguments)
