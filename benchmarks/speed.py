@@ -303,7 +303,7 @@ def run_package(args: argparse.Namespace, package_flags: list[str]) -> dict[str,
     from cola_hf.trainer import TutorialTrainer, load_model_and_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="cola-speed-") as output_dir:
-        model_args, data_args, training_args = parse_args(
+        model_args, data_args, training_args, _ = parse_args(
             [
                 "--model_name_or_path", args.model_name_or_path,
                 "--cola_source", args.cola_source,

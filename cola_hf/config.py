@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import sys
+from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
 
 from cola_hf.errors import UsageError
 
@@ -104,7 +106,8 @@ class ColaTrainingArguments(TrainingArguments):
         metadata={"help": "Training sampler: 'group_by_length' (fast), or 'random' like the tutorial."},
     )
     report_to: None | str | list[str] = field(
-        default="none", metadata={"help": "Where to report metrics: 'wandb' or 'none'."}
+        default="wandb",
+        metadata={"help": "Where to report: 'wandb' (offline on its own without credentials or network) or 'none'."},
     )
 
     def __post_init__(self) -> None:
@@ -164,11 +167,49 @@ class ColaTrainingArguments(TrainingArguments):
         )
 
 
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, ColaTrainingArguments)
+@dataclass
+class TrackingArguments:
+    experiment_name: str | None = field(
+        default=None,
+        metadata={"help": "W&B group: the runs of one experiment (seeds, a grid) side by side."},
+    )
+    wandb_project: str | None = field(
+        default=None, metadata={"help": "W&B project (default: $WANDB_PROJECT, else 'cola-hf')."}
+    )
+    log_model: bool = field(default=False, metadata={"help": "Upload the final model to W&B as an artifact."})
+    recipe_name: str | None = field(
+        default=None,
+        metadata={"help": "Recipe name in W&B run names and tags (default: the recipe file's name, else 'cola')."},
+    )
+    seeds: list[int] | None = field(
+        default=None,
+        metadata={"help": "Run the recipe once per seed (e.g. --seeds 42 43 44) and aggregate the test MCCs."},
+    )
+    grid: str | None = field(
+        default=None,
+        metadata={
+            "help": "Run every combination of a W&B sweep file's grid locally, sequentially and resumably "
+            "(e.g. experiments/sweeps/bert_paper_grid.yaml)."
+        },
+    )
+    per_run_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Write into OUTPUT_DIR/<run name>, one folder per run (W&B sweeps use it)."},
+    )
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, ColaTrainingArguments, TrackingArguments)
+
+
+class _OneLineErrorParser(HfArgumentParser):
+    """argparse answers a bad flag with its whole usage (100+ lines here) and exits; one line says more."""
+
+    def error(self, message: str):  # noqa: ANN201 (argparse's signature)
+        raise UsageError(f"{message} (see --help)")
 
 
 def build_parser() -> HfArgumentParser:
-    return HfArgumentParser(ARGUMENT_CLASSES)
+    return _OneLineErrorParser(ARGUMENT_CLASSES)
 
 
 def recipe_to_argv(recipe_path: str | Path, parser: HfArgumentParser) -> list[str]:
@@ -188,15 +229,41 @@ def recipe_to_argv(recipe_path: str | Path, parser: HfArgumentParser) -> list[st
     if not isinstance(recipe, dict):
         raise UsageError(f"{path}: a recipe is a mapping of option: value, found {type(recipe).__name__}")
     known = {action.dest for action in parser._actions}
+    flags = {option: action for action in parser._actions for option in action.option_strings}
     argv: list[str] = []
     for key, value in recipe.items():
         if key not in known:
             raise UsageError(f"{path}: unknown option '{key}' (see --help for the options)")
         if value is None:
             continue
+        action = flags.get(f"--{key}")
+        if isinstance(value, list) and action is not None and action.nargs not in ("+", "*"):
+            raise UsageError(f"{path}: option '{key}' takes one value, found a list")
         values = value if isinstance(value, list) else [value]
-        argv += [f"--{key}", *(_yaml_scalar_to_token(path, key, v) for v in values)]
+        tokens = [_yaml_scalar_to_token(path, key, v) for v in values]
+        for token in tokens:
+            _check_recipe_value(path, key, action, token)
+        argv += [f"--{key}", *tokens]
     return argv
+
+
+_EXPECTED = {int: "an integer", float: "a number", string_to_bool: "true or false"}
+
+
+def _check_recipe_value(path: Path, key: str, action, token: str) -> None:
+    """Convert a recipe value as argparse will, so a wrong type names the recipe and the key (argparse can't)."""
+    convert = getattr(action, "type", None) or str
+    try:
+        value = convert(token)
+    except (TypeError, ValueError, ArgumentTypeError) as err:
+        expected = _EXPECTED.get(convert)
+        raise UsageError(
+            f"{path}: option '{key}' expects {expected}, found {token!r}"
+            if expected
+            else f"{path}: option '{key}': {err}"
+        ) from err
+    if getattr(action, "choices", None) is not None and value not in action.choices:
+        raise UsageError(f"{path}: option '{key}' expects one of {list(action.choices)}, found {token!r}")
 
 
 def _yaml_scalar_to_token(path: Path, key: str, value: object) -> str:
@@ -207,11 +274,18 @@ def _yaml_scalar_to_token(path: Path, key: str, value: object) -> str:
 
 def parse_args(
     argv: list[str] | None = None,
-) -> tuple[ModelArguments, DataArguments, ColaTrainingArguments]:
+) -> tuple[ModelArguments, DataArguments, ColaTrainingArguments, TrackingArguments]:
     """Parse `[RECIPE.yaml] [--flags]`; flags override the recipe, the recipe overrides the defaults."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv and argv[0].endswith((".yaml", ".yml")):
         argv = recipe_to_argv(argv[0], parser) + argv[1:]
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    return model_args, data_args, training_args
+    try:
+        *groups, unused = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as err:
+        # TrainingArguments checks its values (an unknown --optim, mismatched strategies) with ValueError.
+        raise UsageError(" ".join(str(err).split())) from err
+    if unused:
+        raise UsageError(f"unrecognized arguments: {' '.join(unused)} (see --help)")
+    model_args, data_args, training_args, tracking_args = groups
+    return model_args, data_args, training_args, tracking_args

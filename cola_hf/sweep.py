@@ -24,10 +24,9 @@ import yaml
 from transformers.trainer_utils import get_last_checkpoint
 
 from cola_hf import compare, tracking
-from cola_hf.config import DataArguments, ModelArguments, build_parser
+from cola_hf.config import DataArguments, ModelArguments, TrackingArguments, build_parser
 from cola_hf.errors import UsageError
 from cola_hf.reporting import atomic_path, write_json, write_text
-from cola_hf.tracking import TrackingArguments
 
 logger = logging.getLogger(__name__)
 

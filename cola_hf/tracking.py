@@ -28,11 +28,13 @@ import sys
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transformers.integrations import WandbCallback
+
+from cola_hf.config import TrackingArguments
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -59,37 +61,6 @@ SERVER_TIMEOUT_S = 3.0
 # wandb waits 90 s by default for a server it cannot reach; after our reachability probe passed, a
 # shorter wait still covers a slow server without stalling a run that lost its network.
 INIT_TIMEOUT_S = 30.0
-
-
-@dataclass
-class TrackingArguments:
-    experiment_name: str | None = field(
-        default=None,
-        metadata={"help": "W&B group: the runs of one experiment (seeds, a grid) side by side."},
-    )
-    wandb_project: str | None = field(
-        default=None, metadata={"help": f"W&B project (default: $WANDB_PROJECT, else '{PROJECT}')."}
-    )
-    log_model: bool = field(default=False, metadata={"help": "Upload the final model to W&B as an artifact."})
-    recipe_name: str | None = field(
-        default=None,
-        metadata={"help": "Recipe name in W&B run names and tags (default: the recipe file's name, else 'cola')."},
-    )
-    seeds: list[int] | None = field(
-        default=None,
-        metadata={"help": "Run the recipe once per seed (e.g. --seeds 42 43 44) and aggregate the test MCCs."},
-    )
-    grid: str | None = field(
-        default=None,
-        metadata={
-            "help": "Run every combination of a W&B sweep file's grid locally, sequentially and resumably "
-            "(e.g. experiments/sweeps/bert_paper_grid.yaml)."
-        },
-    )
-    per_run_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Write into OUTPUT_DIR/<run name>, one folder per run (W&B sweeps use it)."},
-    )
 
 
 # --- online, offline or off ------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ import transformers
 from transformers import DataCollatorWithPadding, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from cola_hf import data, hub, reporting
-from cola_hf.config import ColaTrainingArguments, DataArguments, ModelArguments, parse_args
+from cola_hf import data, hub, reporting, sweep, tracking
+from cola_hf.config import ColaTrainingArguments, DataArguments, ModelArguments, TrackingArguments, parse_args
 from cola_hf.errors import RunFailed, UsageError
 from cola_hf.metrics import compute_metrics
 from cola_hf.trainer import TutorialTrainer, load_model_and_tokenizer, predict_split
@@ -28,7 +28,12 @@ from cola_hf.trainer import TutorialTrainer, load_model_and_tokenizer, predict_s
 logger = logging.getLogger("cola")
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, training_args: ColaTrainingArguments) -> dict:
+def run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: ColaTrainingArguments,
+    tracking_args: TrackingArguments | None = None,
+) -> dict:
     output_dir = Path(training_args.output_dir)
     checkpoint = prepare_output_dir(output_dir, training_args)
     set_seed(training_args.seed)
@@ -54,6 +59,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Col
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
     )
+    tracking.start_run(trainer, model_args, data_args, tracking_args)  # before training: the callback logs into it
     if training_args.do_train:
         trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
@@ -77,6 +83,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Col
     command = shlex.join(["python", *sys.argv])
     hub.write_model_card(output_dir, results, model_args.model_name_or_path, command, training_args.hub_model_id)
     reporting.write_json(output_dir / "results.json", results)  # last: its presence means "finished"
+    tracking.log_run_outputs(output_dir, results, log_model=bool(tracking_args and tracking_args.log_model))
     if training_args.push_to_hub:
         hub.push_trainer_output(trainer)  # after results.json: a failed upload leaves a finished local run
     return results
@@ -107,10 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = [arg for arg in (argv if argv is not None else sys.argv[1:]) if arg != "--debug"]
     training_args = None
     try:
-        model_args, data_args, training_args = parse_args(argv)
+        model_args, data_args, training_args, tracking_args = parse_args(argv)
+        tracking_args.recipe_name = tracking_args.recipe_name or tracking.recipe_from_argv(argv)
         configure_logging(training_args)
         hub.prepare_push(training_args)  # fails in one line before any work: no token, offline, bad repo id
-        run(model_args, data_args, training_args)
+        sweep.run_all(run, model_args, data_args, training_args, tracking_args)  # one run, --seeds or --grid
         return 0
     except hub.HubPushError as err:  # the local run is complete: no RUN_FAILED marker
         print(f"cola: error: {err}", file=sys.stderr)

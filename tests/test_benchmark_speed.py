@@ -122,7 +122,7 @@ def train_and_record_batches(tiny_model_dir, grouped_data, tmp_path, seed: int, 
 
     tokenized, tokenizer = grouped_data
     batches: list[list[tuple[int, ...]]] = []
-    _, _, training_args = parse_args(
+    _, _, training_args, _ = parse_args(
         ["--output_dir", str(tmp_path / f"run-{seed}"), "--seed", str(seed), "--num_train_epochs", str(epochs),
          "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True"]
     )  # fmt: skip

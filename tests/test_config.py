@@ -33,7 +33,7 @@ def as_plain(value):
 
 
 def test_defaults_are_the_tutorial_recipe():
-    _, data_args, training_args = parse_args([])
+    _, data_args, training_args, _ = parse_args([])
     for name, expected in TUTORIAL_HYPERPARAMETERS.items():
         assert as_plain(getattr(training_args, name)) == expected, name
     assert data_args.max_seq_length == 64 and data_args.validation_fraction == 0.1
@@ -53,7 +53,7 @@ def test_tutorial_yaml_only_restates_the_defaults():
 
 
 def test_flags_override_the_recipe():
-    _, _, training_args = parse_args([str(RECIPES / "tutorial.yaml"), "--num_train_epochs", "2"])
+    _, _, training_args, _ = parse_args([str(RECIPES / "tutorial.yaml"), "--num_train_epochs", "2"])
     assert training_args.num_train_epochs == 2
     assert training_args.learning_rate == 2e-5
 

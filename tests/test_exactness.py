@@ -36,7 +36,7 @@ class RecordLearningRate(TrainerCallback):
 def test_trainer_matches_hand_written_tutorial_loop(tmp_path, cola_dir, tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     train = tokenize_cola(load_cola(str(cola_dir)), tokenizer)["train"].select(range(96))
-    _, _, args = parse_args(
+    _, _, args, _ = parse_args(
         [
             "--output_dir", str(tmp_path), "--num_train_epochs", str(EPOCHS), "--report_to", "none",
             "--train_sampling_strategy", "sequential", "--eval_strategy", "no", "--save_strategy", "no",
@@ -88,7 +88,7 @@ def test_trainer_matches_hand_written_tutorial_loop(tmp_path, cola_dir, tiny_mod
 def test_default_schedule_is_the_tutorials_2e5_linear_decay(tmp_path, cola_dir, tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     train = tokenize_cola(load_cola(str(cola_dir)), tokenizer)["train"].select(range(64))
-    _, _, args = parse_args(
+    _, _, args, _ = parse_args(
         ["--output_dir", str(tmp_path), "--report_to", "none", "--save_strategy", "no", "--eval_strategy", "no"]
     )
     trainer = TutorialTrainer(
