@@ -1,0 +1,240 @@
+"""Two CPU processes (gloo) train and evaluate like one: the scale-out promises of the README's "Scaling out".
+
+Both runs go through `accelerate launch` exactly as a user starts them: the default single-process config,
+and the multi-GPU config with `--num_processes 2` plus `--use_cpu true`, which is how accelerate starts
+several processes on a machine without GPUs (`accelerate launch --cpu` starts only one).
+
+The tiny model is the shared fixture with dropout switched off. With dropout on, the two runs differ for a
+reason that has nothing to do with batching: each process draws its own dropout masks for its half of the
+batch, while the single process draws one mask for the whole batch, so the losses drift apart by ~1e-2
+after a few steps (measured on this model) and a tolerance loose enough for that would also pass a wrong
+batch split. Without dropout the only difference left is floating-point summation order (DDP averages two
+half-batch gradients, the single process averages 32 per-example terms at once; each half is padded to its
+own longest sentence), about 1e-7 per step; the 1e-5 tolerance on the losses leaves room for that to grow
+over the run and is still far below what one misplaced sentence per batch does (~1e-3).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, SCRIPT
+from sklearn.metrics import matthews_corrcoef
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+TEST_SPLITS = ("out_of_domain_dev", "in_domain_dev", "glue_dev")
+LOSS_TOLERANCE = 1e-5
+
+# A run long and fast enough to learn the synthetic rule (so MCC is not trivially 0), on a training set of
+# 5 x 32 sentences: every step has a full global batch, with no wrap-around padding (see README).
+RUN_FLAGS = [
+    *("--max_train_samples", "160", "--num_train_epochs", "8", "--learning_rate", "3e-3"),
+    *("--logging_steps", "1", "--use_cpu", "true", "--disable_tqdm", "true", "--report_to", "none"),
+]
+
+# Installed into the launched processes through PYTHONPATH: an audit hook (a standard Python facility,
+# sys.addaudithook) that records every file a process other than rank 0 creates, opens for writing,
+# renames or deletes under the watched directory.
+WRITE_WATCH = """
+import os, sys
+_watched, _rank = os.environ.get("COLA_TEST_WATCH_DIR"), os.environ.get("RANK")
+if _watched and _rank is not None:
+    _log = os.path.join(os.environ["COLA_TEST_WATCH_LOG"], f"writes-rank{_rank}.txt")
+    _writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+    def _hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            if not (any(c in (mode or "") for c in "wax+") or (flags or 0) & _writing):
+                return
+        elif event not in ("os.rename", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree"):
+            return
+        else:
+            path = args[0]
+        try:
+            path = os.path.abspath(os.fsdecode(path))
+        except TypeError:  # a file descriptor
+            return
+        if path.startswith(_watched + os.sep) or path == _watched:
+            with open(_log, "a", encoding="utf-8") as log:
+                log.write(f"{event} {path}\\n")
+
+    sys.addaudithook(_hook)
+"""
+
+
+@pytest.fixture(scope="module")
+def dropout_free_model(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny fixture's architecture and tokenizer, without dropout, with seeded weights that learn the
+    synthetic rule in a few epochs (so that MCC is not trivially 0 and the MCC comparison has teeth)."""
+    directory = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    config = AutoConfig.from_pretrained(
+        tiny_model_dir,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        classifier_dropout=0.0,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(directory)
+    return directory
+
+
+def accelerate_launch(config: str, output_dir: Path, *launch_flags: str, script_flags, env=None) -> subprocess.Popen:
+    command = [
+        *(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config)),
+        *("--mixed_precision", "no", *launch_flags),  # multi_gpu.yaml asks for bf16: keep the CPU in fp32
+        *(str(SCRIPT), *script_flags, "--output_dir", str(output_dir)),
+    ]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env or {})}
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=REPO
+    )
+
+
+def finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate()
+    if process.returncode != 0:
+        raise AssertionError(f"{' '.join(process.args)}\nexited {process.returncode}\n{output[-6000:]}")
+    return output
+
+
+@pytest.fixture(scope="module")
+def runs(cola_dir, dropout_free_model, tmp_path_factory) -> dict:
+    """The same recipe on 1 process (1 x 32) and on 2 gloo processes (2 x 16), side by side; the second one
+    with every write of its processes under output_dir recorded."""
+    root = tmp_path_factory.mktemp("distributed")
+    flags = ["--cola_source", str(cola_dir), "--model_name_or_path", str(dropout_free_model), *RUN_FLAGS]
+    watch = root / "watch"
+    watch.mkdir()
+    (watch / "sitecustomize.py").write_text(WRITE_WATCH, encoding="utf-8")
+    one = accelerate_launch("accelerate_config.yaml", root / "one", script_flags=flags)
+    two = accelerate_launch(
+        "experiments/accelerate/multi_gpu.yaml",
+        root / "two",
+        *("--num_processes", "2"),
+        script_flags=flags,
+        env={
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(watch), os.environ.get("PYTHONPATH")])),
+            "COLA_TEST_WATCH_DIR": str(root / "two"),
+            "COLA_TEST_WATCH_LOG": str(watch),
+        },
+    )
+    logs = {"one": finish(one), "two": finish(two)}
+    return {"one": root / "one", "two": root / "two", "logs": logs, "watch": watch}
+
+
+def read_tsv(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+def loss_log(run_dir: Path) -> list[dict]:
+    state = json.loads((run_dir / "trainer_state.json").read_text(encoding="utf-8"))
+    return [entry for entry in state["log_history"] if "loss" in entry]
+
+
+def test_the_log_states_how_the_global_batch_is_split(runs):
+    assert (
+        "batch: world size 1 x per-device batch 32 x gradient accumulation 1 = global batch 32" in runs["logs"]["one"]
+    )
+    assert (
+        "batch: world size 2 x per-device batch 16 x gradient accumulation 1 = global batch 32" in runs["logs"]["two"]
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(runs, cola_dir) -> dict:
+    """The test sets from the input files, and a plain 1-process evaluation of the 2-process run's model."""
+    files = {"out_of_domain_dev": ["out_of_domain_dev.tsv"], "in_domain_dev": ["in_domain_dev.tsv"]}
+    files["glue_dev"] = files["in_domain_dev"] + files["out_of_domain_dev"]  # GLUE's order
+    rows = {
+        split: [line.split("\t") for name in names for line in (cola_dir / name).read_text().splitlines()]
+        for split, names in files.items()
+    }
+    sentences = {split: [row[3] for row in split_rows] for split, split_rows in rows.items()}
+    return {
+        "sentences": sentences,
+        "labels": {split: [int(row[1]) for row in split_rows] for split, split_rows in rows.items()},
+        "probabilities": single_process_probabilities(runs["two"], sentences),
+    }
+
+
+def test_predictions_hold_every_test_sentence_once_in_file_order(runs, reference):
+    """Row i of predictions_<split>.tsv is sentence i of the input, scored by the saved model itself."""
+    for split in TEST_SPLITS:
+        rows = read_tsv(runs["two"] / f"predictions_{split}.tsv")
+        assert [row["sentence"] for row in rows] == reference["sentences"][split], split
+        written = np.array([float(row["prob_acceptable"]) for row in rows])
+        np.testing.assert_allclose(written, reference["probabilities"][split], atol=1e-5, err_msg=split)
+
+
+def test_mcc_equals_a_single_process_evaluation_of_the_saved_model(runs, reference):
+    results = json.loads((runs["two"] / "results.json").read_text(encoding="utf-8"))
+    for split in TEST_SPLITS:
+        labels = reference["labels"][split]
+        predictions = (reference["probabilities"][split] > 0.5).astype(int)
+        assert results["test"][split]["n"] == len(labels)
+        assert results["test"][split]["matthews_correlation"] == pytest.approx(
+            matthews_corrcoef(labels, predictions), abs=1e-12
+        )
+    # The comparison has teeth only if the model predicts both classes somewhere.
+    assert results["test"]["glue_dev"]["matthews_correlation"] > 0
+
+
+def test_two_by_sixteen_trains_like_one_by_thirty_two(runs):
+    one, two = loss_log(runs["one"]), loss_log(runs["two"])
+    assert len(one) == len(two) == 40  # 8 epochs x 160/32 optimizer steps, one log per step
+    assert [entry["step"] for entry in one] == [entry["step"] for entry in two]
+    # The same linear schedule, step for step: 3e-3 x (1 - k/40).
+    assert [entry["learning_rate"] for entry in one] == [entry["learning_rate"] for entry in two]
+    np.testing.assert_allclose(
+        [entry["learning_rate"] for entry in one], [3e-3 * (1 - k / 40) for k in range(40)], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        [entry["loss"] for entry in two], [entry["loss"] for entry in one], rtol=0, atol=LOSS_TOLERANCE
+    )
+    epochs_one = json.loads((runs["one"] / "results.json").read_text(encoding="utf-8"))["epochs"]
+    epochs_two = json.loads((runs["two"] / "results.json").read_text(encoding="utf-8"))["epochs"]
+    assert len(epochs_one) == len(epochs_two) == 8
+    for first, second in zip(epochs_one, epochs_two, strict=True):
+        assert second["training_loss"] == pytest.approx(first["training_loss"], abs=LOSS_TOLERANCE)
+        # Accuracy and MCC come from the gathered predictions, each validation sentence once.
+        assert (second["valid_accuracy"], second["valid_mcc"]) == pytest.approx(
+            (first["valid_accuracy"], first["valid_mcc"]), abs=1e-9
+        )
+
+
+def test_only_the_main_process_writes_outputs(runs):
+    rank0 = runs["watch"] / "writes-rank0.txt"
+    rank1 = runs["watch"] / "writes-rank1.txt"
+    assert rank0.is_file() and "results.json" in rank0.read_text(encoding="utf-8")  # the watch works
+    # The one exception is Trainer's own: every process saves its RNG state into each checkpoint (creating
+    # the checkpoint-N directory if it gets there first), so that a resumed run continues every process's
+    # random stream exactly. Nothing else, and no file the user reads.
+    written = rank1.read_text(encoding="utf-8").splitlines() if rank1.is_file() else []
+    allowed = re.compile(r"(os\.mkdir .*/checkpoint-\d+|open .*/checkpoint-\d+/rng_state_1\.pth)$")
+    assert [line for line in written if not allowed.match(line)] == []
+    assert sorted(path.name for path in runs["two"].iterdir()) == sorted(path.name for path in runs["one"].iterdir())
+
+
+def single_process_probabilities(model_dir: Path, sentences: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """P(acceptable) per sentence from a plain forward pass of the saved model, one sentence at a time."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    probabilities = {}
+    with torch.no_grad():
+        for split, texts in sentences.items():
+            encoded = [tokenizer(text, truncation=True, max_length=64, return_tensors="pt") for text in texts]
+            probabilities[split] = np.array([model(**e).logits.softmax(-1)[0, 1].item() for e in encoded])
+    return probabilities
