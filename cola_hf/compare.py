@@ -51,7 +51,7 @@ def summary_row(label: str, results: dict) -> dict:
         "run": label,
         "model": Path(str(config.get("model_name_or_path", "?")).rstrip("/")).name,
         "learning_rate": config.get("learning_rate"),
-        "batch_size": config.get("per_device_train_batch_size"),
+        "batch_size": batch_size(config),
         "epochs": config.get("num_train_epochs"),
         "seed": config.get("seed"),
         "valid_mcc": valid[-1] if valid else None,
@@ -61,6 +61,15 @@ def summary_row(label: str, results: dict) -> dict:
         row[f"{split}_mcc"] = metrics.get("matthews_correlation")
     row["training_time_s"] = sum(r.get("training_time_s") or 0 for r in epochs) if epochs else None
     return row
+
+
+def batch_size(config: dict) -> int | None:
+    """Sentences per optimizer step: the global batch where the run had one, else per device x accumulation."""
+    if config.get("global_train_batch_size"):
+        return config["global_train_batch_size"]
+    if config.get("per_device_train_batch_size") is None:
+        return None
+    return config["per_device_train_batch_size"] * (config.get("gradient_accumulation_steps") or 1)
 
 
 def comparison_table(run_dirs: list[Path]) -> tuple[pd.DataFrame, list[dict]]:
