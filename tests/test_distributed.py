@@ -31,6 +31,9 @@ from conftest import REPO, SCRIPT
 from sklearn.metrics import matthews_corrcoef
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+from cola_hf.config import ColaTrainingArguments, parse_args
+from cola_hf.errors import UsageError
+
 TEST_SPLITS = ("out_of_domain_dev", "in_domain_dev", "glue_dev")
 LOSS_TOLERANCE = 1e-5
 
@@ -238,3 +241,58 @@ def single_process_probabilities(model_dir: Path, sentences: dict[str, list[str]
             encoded = [tokenizer(text, truncation=True, max_length=64, return_tensors="pt") for text in texts]
             probabilities[split] = np.array([model(**e).logits.softmax(-1)[0, 1].item() for e in encoded])
     return probabilities
+
+
+# ---- The global batch's split (cola_hf.config.ColaTrainingArguments.resolve_batch_layout) ----
+
+
+def batch_split(*flags: str) -> tuple[int, int]:
+    groups = parse_args(["--output_dir", "unused", "--report_to", "none", *flags])
+    (args,) = [group for group in groups if isinstance(group, ColaTrainingArguments)]
+    return args.per_device_train_batch_size, args.gradient_accumulation_steps
+
+
+def test_accumulation_covers_what_one_device_cannot_hold():
+    assert batch_split() == (32, 1)  # the tutorial on one device
+    assert batch_split("--per_device_train_batch_size", "8") == (8, 4)
+    assert batch_split("--per_device_train_batch_size", "12") == (8, 4)  # the largest that divides 32
+    assert batch_split("--global_train_batch_size", "64", "--per_device_train_batch_size", "48") == (32, 2)
+    assert batch_split("--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "2") == (16, 2)
+
+
+def test_global_batch_zero_takes_the_flags_as_given():
+    flags = (
+        "--global_train_batch_size",
+        "0",
+        "--per_device_train_batch_size",
+        "8",
+        "--gradient_accumulation_steps",
+        "3",
+    )
+    assert batch_split(*flags) == (8, 3)
+
+
+def test_accumulation_that_contradicts_the_global_batch_is_refused():
+    with pytest.raises(UsageError, match="--global_train_batch_size 0"):
+        batch_split("--gradient_accumulation_steps", "2")
+
+
+def test_processes_that_did_not_form_one_group_are_refused(monkeypatch):
+    """torchrun on a machine without GPUs, without --use_cpu: each process would train alone."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="--use_cpu true"):
+        batch_split()
+
+
+def test_a_global_batch_that_does_not_divide_over_the_processes_stops_every_process(tmp_path):
+    parse = "import sys; from cola_hf.config import parse_args; parse_args(sys.argv[1:])"
+    (tmp_path / "parse.py").write_text(parse, encoding="utf-8")
+    flags = ["--use_cpu", "true", "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
+        *(str(tmp_path / "parse.py"), *flags, "--global_train_batch_size", "33"),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+    assert result.returncode != 0
+    assert result.stderr.count("--global_train_batch_size 33 does not split evenly over 2 processes") == 2
