@@ -22,8 +22,9 @@ install: $(VENV)/.installed
 test: install
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -n 2 --dist loadfile
 
+# accelerate sets one thread per process on a CPU; a single CPU process should use every core.
 tutorial: install
-	$(VENV)/bin/accelerate launch --config_file accelerate_config.yaml experiments/cola.py \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(VENV)/bin/accelerate launch --config_file accelerate_config.yaml experiments/cola.py \
 		experiments/recipes/tutorial.yaml --cola_source $(COLA_SOURCE) --model_name_or_path $(MODEL)
 
 style: install
