@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cola_hf.metrics import mcc_per_batch, score  # noqa: E402
 
@@ -106,6 +107,7 @@ def plot_mcc_per_batch(values: list[float], split: str, path: str | Path) -> Non
     axes.bar(range(len(values)), values, color="tab:blue")
     axes.axhline(0, color="black", linewidth=0.8)
     axes.set(title=f"MCC per batch of 32: {split}", xlabel="Batch #", ylabel="MCC (-1 to +1)", ylim=(-1, 1))
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     _save_figure(figure, path)
 
 
