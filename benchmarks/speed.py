@@ -311,7 +311,8 @@ def run_package(args: argparse.Namespace, package_flags: list[str]) -> dict[str,
                 *package_flags,
                 # Benchmark plumbing, not levers: time training alone, write nothing.
                 "--output_dir", output_dir,
-                "--max_steps", str(args.max_steps or -1),
+                # The same optimizer steps, and so the same schedule, as the tutorial path.
+                *(["--max_steps", str(args.max_steps)] if args.max_steps else ["--num_train_epochs", "1"]),
                 "--eval_strategy", "no",
                 "--save_strategy", "no",
                 "--report_to", "none",

@@ -29,6 +29,7 @@ COLUMNS = (
 )
 STEPS = 2
 BATCH = 32
+TRAIN = 180  # the conftest's 200 synthetic in_domain_train rows, less the 10% validation split
 
 
 def run_speed(*args: object) -> subprocess.CompletedProcess:
@@ -43,9 +44,8 @@ def run_speed(*args: object) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def speed_report(tiny_model_dir, cola_dir, tmp_path_factory) -> tuple[dict, str, Path]:
     output = tmp_path_factory.mktemp("speed") / "speed.json"
-    result = run_speed(
-        "--model_name_or_path", tiny_model_dir, "--cola_source", cola_dir, "--max_steps", STEPS, "--output", output
-    )
+    # No --max_steps: the default, one epoch.
+    result = run_speed("--model_name_or_path", tiny_model_dir, "--cola_source", cola_dir, "--output", output)
     return json.loads(output.read_text()), result.stdout, output
 
 
@@ -58,9 +58,9 @@ def test_both_paths_finish_and_the_json_has_every_column(speed_report):
             assert math.isfinite(result[column]), (path, column, result[column])
         assert -1 <= result["valid_mcc"] <= 1
         assert result["peak_memory_mb"] >= result["memory_before_train_mb"] > 0
-        # Same work on both sides: the same optimizer steps over the same batch size.
-        assert result["steps"] == STEPS
-        assert result["train_samples"] == STEPS * BATCH
+        # Same work on both sides: one epoch of the same number of optimizer steps over the same sentences.
+        assert result["steps"] == result["steps_per_epoch"] == math.ceil(TRAIN / BATCH)
+        assert result["train_samples"] == TRAIN
     assert set(report["ratio_package_over_tutorial"]) == set(COLUMNS)
     ratio = report["ratio_package_over_tutorial"]["epoch_time_s"]
     results = report["results"]
@@ -71,9 +71,9 @@ def test_both_paths_finish_and_the_json_has_every_column(speed_report):
 
 def test_tutorial_pads_to_64_and_the_package_pads_per_batch(speed_report):
     tutorial, package = speed_report[0]["results"]["tutorial"], speed_report[0]["results"]["package"]
-    assert tutorial["train_tokens_incl_padding"] == STEPS * BATCH * 64
+    assert tutorial["train_tokens_incl_padding"] == TRAIN * 64
     # The synthetic sentences are at most a dozen tokens: per-batch padding must show it.
-    assert package["train_tokens_incl_padding"] < STEPS * BATCH * 16
+    assert package["train_tokens_incl_padding"] < TRAIN * 16
 
 
 def test_package_flags_switch_a_lever_off(speed_report, tiny_model_dir, cola_dir, tmp_path):
