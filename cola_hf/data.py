@@ -52,21 +52,43 @@ def find_raw_dir(source: str, cache_dir: str | None = None) -> Path:
                 "--cola_source path/to/cola_public_1.1.zip"
             ) from err
     else:
-        path = Path(source).expanduser()
+        root = _local_root(Path(source).expanduser())
+    try:
+        # The files missing from each place the TSVs may be; the place with the fewest is the one meant.
+        missing = {
+            place: [name for name in RAW_FILES.values() if not (place / name).is_file()]
+            for place in (root, root / "cola_public" / "raw", root / "raw")
+        }
+    except PermissionError as err:  # a directory on the way that we may not look into
+        raise ColaDataError(f"{Path(err.filename).parent}: cannot list the directory ({err.strerror})") from err
+    closest = min(missing, key=lambda place: len(missing[place]))
+    if missing[closest]:
+        lacking = missing[closest]
+        found = "found none of them" if len(lacking) == len(RAW_FILES) else f"missing {', '.join(lacking)}"
+        raise ColaDataError(
+            f"{source}: expected {', '.join(RAW_FILES.values())} at its top level, under cola_public/raw/ "
+            f"or under raw/; {found}"
+        )
+    return closest
+
+
+def _local_root(path: Path) -> Path:
+    """A local --cola_source: a directory as it is, a zip extracted (and cached) by datasets."""
+    try:
         if not path.exists():
             raise ColaDataError(f"{path}: no such file or directory (--cola_source)")
-        if path.is_file():
-            if not zipfile.is_zipfile(path):
+        if path.is_dir():
+            return path
+        with path.open("rb") as handle:  # open it first: is_zipfile calls an unreadable file "not a zip"
+            if not zipfile.is_zipfile(handle):
                 raise ColaDataError(f"{path}: not a zip file; expected the CoLA 1.1 zip or a directory of TSVs")
-            root = Path(datasets.DownloadManager().extract(str(path)))
-        else:
-            root = path
-    candidates = [root, root / "cola_public" / "raw", root / "raw"]
-    for candidate in candidates:
-        if all((candidate / name).is_file() for name in RAW_FILES.values()):
-            return candidate
-    missing = ", ".join(RAW_FILES.values())
-    raise ColaDataError(f"{source}: expected {missing} (directly or under cola_public/raw/), found none or some")
+    except PermissionError as err:
+        raise _unreadable(err) from err
+    return Path(datasets.DownloadManager().extract(str(path)))
+
+
+def _unreadable(err: PermissionError) -> ColaDataError:
+    return ColaDataError(f"{err.filename}: cannot read ({err.strerror})")
 
 
 def validate_tsv(path: Path) -> int:

@@ -275,13 +275,15 @@ def prepare_push(training_args: TrainingArguments) -> str | None:
     Returns the repository id (with the namespace the Hub resolved), or None without --push_to_hub and on
     processes other than the main one. The Trainer's own `init_hf_repo` then finds the repository in place.
     """
-    if not training_args.push_to_hub or training_args.process_index != 0:
-        return None
+    # Refused with or without --push_to_hub: the Trainer pickles every argument into training_args.bin, and
+    # W&B records the command line.
     if training_args.hub_token:
         raise UsageError(
             "--hub_token: pass the Hub token through the HF_TOKEN environment variable or `hf auth login`, "
             "not on the command line (it would end up in shell history and training_args.bin)"
         )
+    if not training_args.push_to_hub or training_args.process_index != 0:
+        return None
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         raise UsageError("--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set; unset it or drop --push_to_hub")
     # Without --hub_model_id the Trainer names the repository after the output directory; so do we.

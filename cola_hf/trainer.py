@@ -19,6 +19,7 @@ import logging
 import os
 import time
 
+import huggingface_hub
 import numpy as np
 import torch
 from datasets import Dataset
@@ -55,7 +56,8 @@ class TutorialTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._epoch_loss_sum: torch.Tensor | None = None
         self._first_nonfinite_step: torch.Tensor | None = None
-        self.add_callback(_EpochStatistics(self))
+        self._epoch_statistics = _EpochStatistics(self)
+        self.add_callback(self._epoch_statistics)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -97,16 +99,30 @@ class TutorialTrainer(Trainer):
         if self._first_nonfinite_step is not None and (step := int(self._first_nonfinite_step)) >= 0:
             raise TrainingDiverged(
                 f"training loss became NaN or infinite at step {step}; try a lower --learning_rate, "
-                "--warmup_steps, or --mixed_precision no"
+                "--warmup_steps, or full precision (no --fp16/--bf16, no `accelerate launch --mixed_precision`)"
             )
 
-    def take_epoch_loss_sum(self) -> float:
-        """The summed loss since the last call, averaged over processes; resets the running sum."""
+    def take_epoch_loss_sum(self, reset: bool = True) -> float:
+        """The summed loss since the last reset, averaged over processes; resets the running sum unless told not to."""
         if self._epoch_loss_sum is None:
             return float("nan")
         total = self.accelerator.reduce(self._epoch_loss_sum.clone(), reduction="mean")
-        self._epoch_loss_sum.zero_()
+        if reset:
+            self._epoch_loss_sum.zero_()
         return float(total)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # A checkpoint can fall mid-epoch (--save_strategy steps). Its trainer_state.json then keeps the epoch's
+        # loss so far, so a run resumed from it reports the same epoch mean as an uninterrupted run. Every
+        # process saves, so all of them join the reduction; only the main one writes the file.
+        self.state.stateful_callbacks.pop(EPOCH_SO_FAR, None)
+        if not float(self.state.epoch or 0).is_integer():
+            self.state.stateful_callbacks[EPOCH_SO_FAR] = self._epoch_statistics.so_far(self.state.global_step)
+        super()._save_checkpoint(model, trial)
+
+
+# The key of the partial epoch's statistics in a checkpoint's trainer_state.json ("stateful_callbacks").
+EPOCH_SO_FAR = "cola_epoch_so_far"
 
 
 class _EpochStatistics(TrainerCallback):
@@ -116,19 +132,40 @@ class _EpochStatistics(TrainerCallback):
         self.trainer = trainer
         self.epoch_started = 0.0
         self.epoch_first_step = 0
+        self.loss_before = 0.0  # the loss sum of this epoch's steps before the checkpoint a run resumed from
+        self.save_at_epoch_end = False
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.epoch_started = time.perf_counter()
-        self.epoch_first_step = state.global_step
-        self.trainer.take_epoch_loss_sum()  # a resumed run starts its epoch mid-way: count from here
+        self.trainer.take_epoch_loss_sum()  # count this epoch's steps from here
+        saved = state.stateful_callbacks.get(EPOCH_SO_FAR) if state.stateful_callbacks else None
+        if saved and saved["global_step"] == state.global_step:
+            # Resumed from a checkpoint taken mid-epoch: the steps before it belong to this epoch too.
+            self.epoch_first_step, self.loss_before = saved["epoch_first_step"], saved["loss_sum"]
+        else:
+            self.epoch_first_step, self.loss_before = state.global_step, 0.0
+
+    def so_far(self, global_step: int) -> dict:
+        """This epoch up to `global_step`, for a checkpoint: its first step and its loss sum over processes."""
+        loss_sum = self.loss_before + self.trainer.take_epoch_loss_sum(reset=False)
+        return {"global_step": global_step, "epoch_first_step": self.epoch_first_step, "loss_sum": loss_sum}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.trainer.raise_if_diverged()
 
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save and float(state.epoch or 0).is_integer():
+            # A --save_steps checkpoint on an epoch's last step would come before the epoch's loss is logged
+            # and its validation runs: a run resumed from it would skip both (and the random draws validation
+            # makes), and train on differently. Take it at the epoch's end instead, like an epoch checkpoint.
+            control.should_save, self.save_at_epoch_end = False, True
+
     def on_epoch_end(self, args, state, control, **kwargs):
         self.trainer.raise_if_diverged()
+        if self.save_at_epoch_end:
+            control.should_save, self.save_at_epoch_end = True, False
         steps = state.global_step - self.epoch_first_step
-        loss_sum = self.trainer.take_epoch_loss_sum()
+        loss_sum = self.loss_before + self.trainer.take_epoch_loss_sum()
         self.trainer.log(
             {
                 "train_epoch_loss": loss_sum / steps if steps else float("nan"),
@@ -176,6 +213,15 @@ def load_model_and_tokenizer(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The checkpoint's fast tokenizer and a 2-label classifier with CoLA's label names."""
     options = {"cache_dir": cache_dir, "trust_remote_code": trust_remote_code}
+    local = os.path.isdir(model_name_or_path)
+    if not local and (os.path.isabs(model_name_or_path) or model_name_or_path.startswith((".", "~"))):
+        raise UsageError(f"model '{model_name_or_path}': no such directory (--model_name_or_path)")
+    if local and not os.path.isfile(os.path.join(model_name_or_path, "config.json")):
+        # Without config.json transformers guesses a tokenizer class and fails with a misleading error.
+        raise UsageError(
+            f"model '{model_name_or_path}': no config.json in this directory; expected a checkpoint "
+            "written by save_pretrained"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **options)
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -186,15 +232,19 @@ def load_model_and_tokenizer(
             use_safetensors=None if trust_remote_code else True,
             **options,
         )
-    except OSError as err:
-        hint = (
-            ""
-            if os.path.isdir(model_name_or_path)
-            else (
-                "; not a local directory, and the Hub could not provide it (offline? pass a local checkpoint "
-                "directory, or set HF_HUB_OFFLINE=1 to use the cache)"
+    except (OSError, ValueError) as err:  # transformers reports bad checkpoints with both
+        if local:
+            hint = ""
+        elif huggingface_hub.constants.HF_HUB_OFFLINE:
+            hint = (
+                "; not a local directory, and HF_HUB_OFFLINE is set, so only the Hub cache was searched: pass a "
+                "local checkpoint directory, or download it once with internet access"
             )
-        )
+        else:
+            hint = (
+                "; not a local directory, and the Hub could not provide it (no such model, or no internet: pass a "
+                "local checkpoint directory, or set HF_HUB_OFFLINE=1 to use the Hub cache)"
+            )
         raise UsageError(f"model '{model_name_or_path}': cannot load ({_first_line(err)}){hint}") from err
     return model, tokenizer
 

@@ -8,8 +8,11 @@ Glue only: parse the recipe, build data, model and trainer, train, evaluate the 
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import shlex
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -94,8 +97,9 @@ def prepare_output_dir(output_dir: Path, training_args: ColaTrainingArguments) -
     finished = (output_dir / "results.json").exists()
     checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     if training_args.resume:
+        checkpoint = last_complete_checkpoint(output_dir, training_args.should_save) if checkpoint else None
         if checkpoint is None:
-            raise UsageError(f"{output_dir}: --resume given, but it holds no checkpoint-* directory")
+            raise UsageError(f"{output_dir}: --resume given, but it holds no complete checkpoint-* directory")
     elif finished and not training_args.overwrite_output_dir:
         raise UsageError(f"{output_dir}: holds a finished run; pass --overwrite_output_dir or another --output_dir")
     elif checkpoint is not None and training_args.do_train and not training_args.overwrite_output_dir:
@@ -107,6 +111,29 @@ def prepare_output_dir(output_dir: Path, training_args: ColaTrainingArguments) -
         for stale in ("results.json", "README.md", reporting.FAILED_MARKER):
             (output_dir / stale).unlink(missing_ok=True)
     return checkpoint if training_args.resume else None
+
+
+def last_complete_checkpoint(output_dir: Path, remove_incomplete: bool) -> str | None:
+    """The newest checkpoint-N whose trainer_state.json (the Trainer writes it last) is whole, else None.
+
+    A run killed while saving leaves a newer checkpoint without it, or with half of it. The Trainer deletes
+    older checkpoints only once a new one is complete, so a complete one is still there. The incomplete ones
+    are removed (by the main process), or checkpoint rotation would later keep them and delete the good one.
+    """
+    numbered = [
+        (int(match[1]), path)
+        for path in output_dir.iterdir()
+        if path.is_dir() and (match := re.fullmatch(r"checkpoint-(\d+)", path.name))
+    ]
+    for _, path in sorted(numbered, reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            return str(path)
+        except (OSError, ValueError):
+            logger.warning("%s is incomplete (the run stopped while saving it); resuming from an earlier one", path)
+            if remove_incomplete:
+                shutil.rmtree(path)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

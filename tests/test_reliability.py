@@ -1,0 +1,449 @@
+"""Reliability through the real CLI: bad input, kill and resume, secrets, collapse and divergence, a failing Hub.
+
+Every run here is `experiments/cola.py` in a subprocess, offline, on a tiny random BERT and synthetic TSVs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import REPO, SCRIPT, run_cola, synthetic_rows, write_cola_dir
+
+from cola_hf import hub
+from cola_hf.config import parse_args
+from cola_hf.data import RAW_FILES, TEST_SPLITS
+from cola_hf.errors import UsageError
+from cola_hf.reporting import FAILED_MARKER
+
+FAST = ["--report_to", "none", "--disable_tqdm", "true"]
+# One intra-op thread: faster on a shared 2-core machine, and the same arithmetic in every run compared here.
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def cola_env(extra: dict | None = None) -> dict:
+    """The environment run_cola gives a run (offline Hub, no W&B), for runs started with Popen."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **ENV, **(extra or {})}
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one `cola: error:` line of a failed run; fails if there is a traceback or more than one."""
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("cola: error:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+def assert_not_finished(output_dir: Path) -> None:
+    """No results.json; where the run got as far as creating output_dir, the failure marker says why."""
+    assert not (output_dir / "results.json").exists()
+    if output_dir.exists():
+        assert (output_dir / FAILED_MARKER).is_file()
+
+
+# --- bad input: one line naming file and line, exit status 2, nothing that looks finished ----------------------
+# A root process reads any file, whatever its mode. To make chmod 000 mean what it means for users, the run is
+# started through this trampoline: it drops root's file-access capabilities, then execs the CLI.
+WITHOUT_ROOT_FILE_ACCESS = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+    if libc.prctl(24, capability, 0, 0, 0):  # PR_CAPBSET_DROP
+        sys.exit(f"cannot drop capability {capability}: errno {ctypes.get_errno()}")
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+def python_command(unreadable: bool) -> list[str]:
+    if unreadable and os.geteuid() == 0:
+        return [sys.executable, "-c", WITHOUT_ROOT_FILE_ACCESS]
+    return [sys.executable]
+
+
+def can_make_unreadable(directory: Path) -> bool:
+    probe = directory / "probe.txt"
+    probe.write_text("secret")
+    probe.chmod(0)
+    read = subprocess.run([*python_command(True), "-c", f"open({str(probe)!r}).read()"], capture_output=True)
+    return read.returncode != 0 and b"PermissionError" in read.stderr
+
+
+def copy_cola(source: Path, target: Path) -> Path:
+    target.mkdir(parents=True)
+    for name in RAW_FILES.values():
+        (target / name).write_bytes((source / name).read_bytes())
+    return target
+
+
+def with_line(raw: Path, name: str, line: bytes) -> Path:
+    """raw/name with `line` as its third line (after two good ones)."""
+    good = b"".join(("\t".join(map(str, row)) + "\n").encode() for row in synthetic_rows(2, seed=5))
+    (raw / name).write_bytes(good + line)
+    return raw
+
+
+def recipe(work: Path, text: str) -> Path:
+    path = work / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+# id -> (build the input in `work` and return the CLI arguments before the common ones, the start of the error
+# where {work} is the case's directory). Runs without a model argument use the tiny model.
+BAD_INPUTS = {
+    "missing-source": (
+        lambda work, cola, model: ["--cola_source", work / "nowhere.zip"],
+        r"{work}/nowhere\.zip: no such file or directory \(--cola_source\)",
+    ),
+    "unreadable-file": (
+        lambda work, cola, model: ["--cola_source", copy_cola(cola, work / "raw")],
+        r"{work}/raw/in_domain_dev\.tsv: cannot read \(Permission denied\)",
+    ),
+    "unreadable-directory": (
+        lambda work, cola, model: ["--cola_source", copy_cola(cola, work / "raw")],
+        r"{work}/raw: cannot list the directory \(Permission denied\)",
+    ),
+    "zip-without-the-dev-sets": (
+        lambda work, cola, model: ["--cola_source", zip_with(work / "cola.zip", cola, "in_domain_train.tsv")],
+        r"{work}/cola\.zip: expected in_domain_train\.tsv, in_domain_dev\.tsv, out_of_domain_dev\.tsv at its top "
+        r"level, under cola_public/raw/ or under raw/; missing in_domain_dev\.tsv, out_of_domain_dev\.tsv",
+    ),
+    "wrong-column-count": (
+        lambda work, cola, model: [
+            "--cola_source",
+            with_line(copy_cola(cola, work / "raw"), "in_domain_train.tsv", b"gj04\t1\tHe left.\n"),
+        ],
+        r"{work}/raw/in_domain_train\.tsv:3: expected 4 tab-separated columns \(source, label, notes, sentence\), "
+        r"found 3",
+    ),  # fmt: skip
+    "label-not-0-or-1": (
+        lambda work, cola, model: [
+            "--cola_source",
+            with_line(copy_cola(cola, work / "raw"), "in_domain_dev.tsv", b"gj04\t2\t\tHe left.\n"),
+        ],
+        r"{work}/raw/in_domain_dev\.tsv:3: label must be 0 or 1, found '2'",
+    ),  # fmt: skip
+    "empty-sentence": (
+        lambda work, cola, model: [
+            "--cola_source",
+            with_line(copy_cola(cola, work / "raw"), "out_of_domain_dev.tsv", b"gj04\t1\t\t  \r\n"),
+        ],
+        r"{work}/raw/out_of_domain_dev\.tsv:3: empty sentence",
+    ),  # fmt: skip
+    "not-utf8": (
+        lambda work, cola, model: [
+            "--cola_source",
+            with_line(copy_cola(cola, work / "raw"), "in_domain_train.tsv", b"gj04\t1\t\tHe l\xe9ft.\n"),
+        ],
+        r"{work}/raw/in_domain_train\.tsv:3: not UTF-8 \(byte 0xe9\)",
+    ),  # fmt: skip
+    "unknown-model-id-offline": (
+        lambda work, cola, model: ["--cola_source", cola, "--model_name_or_path", "no-such-user/no-such-model"],
+        r"model 'no-such-user/no-such-model': cannot load \(.*\); not a local directory, and HF_HUB_OFFLINE is set, "
+        r"so only the Hub cache was searched",
+    ),
+    "missing-model-directory": (
+        lambda work, cola, model: ["--cola_source", cola, "--model_name_or_path", work / "no-such-model"],
+        r"model '{work}/no-such-model': no such directory \(--model_name_or_path\)",
+    ),
+    "directory-that-is-no-model": (
+        lambda work, cola, model: ["--cola_source", cola, "--model_name_or_path", work],
+        r"model '{work}': no config\.json in this directory; expected a checkpoint written by save_pretrained",
+    ),
+    "recipe-unknown-key": (
+        lambda work, cola, model: [recipe(work, "learning_rate: 3.0e-5\nlerning_rate: 1\n"), "--cola_source", cola],
+        r"{work}/recipe\.yaml: unknown option 'lerning_rate' \(see --help for the options\)",
+    ),
+    "recipe-wrong-type": (
+        lambda work, cola, model: [recipe(work, "num_train_epochs: 2\nlearning_rate: fast\n"), "--cola_source", cola],
+        r"{work}/recipe\.yaml: option 'learning_rate' expects a number, found 'fast'",
+    ),
+}
+UNREADABLE = {"unreadable-file": "raw/in_domain_dev.tsv", "unreadable-directory": "raw"}
+
+
+def zip_with(archive: Path, cola: Path, *names: str) -> Path:
+    with zipfile.ZipFile(archive, "w") as handle:
+        for name in names:
+            handle.write(cola / name, f"cola_public/raw/{name}")
+    return archive
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory, cola_dir, tiny_model_dir) -> dict:
+    """Every BAD_INPUTS case run once through the CLI, two at a time: id -> (work dir, completed process)."""
+    root = tmp_path_factory.mktemp("bad-input")
+    unreadable_possible = can_make_unreadable(root)
+    commands = {}
+    for case, (build, _) in BAD_INPUTS.items():
+        if case in UNREADABLE and not unreadable_possible:
+            continue
+        work = root / case
+        work.mkdir()
+        args = [str(arg) for arg in build(work, cola_dir, tiny_model_dir)]
+        if "--model_name_or_path" not in args:
+            args += ["--model_name_or_path", str(tiny_model_dir)]
+        if case in UNREADABLE:
+            (work / UNREADABLE[case]).chmod(0)
+        command = [*python_command(case in UNREADABLE), str(SCRIPT), *args, "--output_dir", str(work / "out"), *FAST]
+        commands[case] = (work, command)
+
+    def run(item):
+        case, (work, command) = item
+        return case, (work, subprocess.run(command, capture_output=True, text=True, env=cola_env(), cwd=REPO))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = dict(pool.map(run, commands.items()))
+    for case, path in UNREADABLE.items():
+        if case in runs:
+            (root / case / path).chmod(0o755)  # so that pytest can clean up
+    return runs
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_naming_file_and_line_with_status_2(bad_input_runs, case):
+    if case not in bad_input_runs:
+        pytest.skip("cannot make a file unreadable here (root without a way to drop CAP_DAC_OVERRIDE)")
+    work, result = bad_input_runs[case]
+    line = error_line(result)
+    assert re.match("cola: error: " + BAD_INPUTS[case][1].format(work=re.escape(str(work))), line), line
+    assert result.returncode == 2
+    assert_not_finished(work / "out")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lerning_rate", "1e-3"], r"unrecognized arguments: --lerning_rate 1e-3 \(see --help\)"),
+        (
+            ["--num_train_epochs", "four"],
+            r"argument --num_train_epochs/--num-train-epochs: invalid float value: 'four'",
+        ),
+        (["--num_train_epochs", "1", "2"], r"unrecognized arguments: 2"),
+        (["--do_train", "maybe"], r"argument --do_train/--do-train: Truthy value expected: got maybe"),
+        (["--eval_strategy", "sometimes"], r"sometimes is not a valid IntervalStrategy, please select one of"),
+    ],
+    ids=["unknown-flag", "flag-wrong-type", "one-value-flag-given-two", "bool-flag", "invalid-choice"],
+)
+def test_bad_flags_are_one_line_usage_errors(argv, message):
+    # The same parse the CLI runs; a UsageError is what main() prints as one line with exit status 2.
+    with pytest.raises(UsageError, match=message) as error:
+        parse_args(argv)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("num_train_epochs: [1, 2]\n", r"option 'num_train_epochs' takes one value, found a list"),
+        ("do_train: maybe\n", r"option 'do_train' expects true or false, found 'maybe'"),
+        ("seed: 4.5\n", r"option 'seed' expects an integer, found '4\.5'"),
+    ],
+    ids=["list-for-one-value", "bool", "int"],
+)
+def test_recipe_values_are_checked_naming_the_recipe_and_the_key(tmp_path, text, message):
+    with pytest.raises(UsageError, match=re.escape(str(tmp_path / "recipe.yaml")) + ": " + message):
+        parse_args([str(recipe(tmp_path, text))])
+
+
+def test_hub_token_flag_is_refused_even_without_push(tmp_path):
+    # The Trainer pickles every argument into training_args.bin and W&B records argv: refuse it before any work.
+    _, _, training_args, _ = parse_args(["--hub_token", "hf_FAKEflag0123456789abcdefgh", "--output_dir", str(tmp_path)])
+    with pytest.raises(UsageError, match="--hub_token: pass the Hub token through the HF_TOKEN environment variable"):
+        hub.prepare_push(training_args)
+
+
+# --- kill and resume -------------------------------------------------------------------------------------------
+RESUME_RUN = ["--num_train_epochs", "3", "--learning_rate", "1e-2", "--global_train_batch_size", "16", *FAST]
+
+
+@pytest.fixture(scope="module")
+def resume_data(tmp_path_factory) -> Path:
+    # 540 training sentences in batches of 16: 34 steps per epoch.
+    return write_cola_dir(tmp_path_factory.mktemp("resume") / "raw", train=600)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, resume_data, tiny_model_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    output_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = run_cola("--model_name_or_path", tiny_model_dir, "--cola_source", resume_data, "--output_dir", output_dir,
+                      *RESUME_RUN, env=ENV)  # fmt: skip
+    return output_dir, result
+
+
+def logged_training_steps(result: subprocess.CompletedProcess) -> int:
+    """How many training-loss logs (one per logging_steps) a run printed: the steps it trained itself."""
+    return result.stdout.count("{'loss':")
+
+
+def read_predictions(output_dir: Path, split: str) -> pd.DataFrame:
+    return pd.read_csv(output_dir / f"predictions_{split}.tsv", sep="\t", quoting=3, keep_default_na=False)
+
+
+def kill_at_checkpoint(command: list[str], checkpoint: Path, log: Path) -> None:
+    """Start a run and SIGKILL it as soon as `checkpoint` is complete (the Trainer writes trainer_state.json last)."""
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=cola_env(), cwd=REPO)
+        while not (checkpoint / "trainer_state.json").exists():
+            assert process.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    # Killed with epochs left to train. SIGKILL leaves no marker: no results.json is the sign of it.
+    assert not (checkpoint.parent / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "save, kills",
+    [
+        ([], ["checkpoint-34"]),  # the default: a checkpoint after each epoch's validation
+        # Every 17 steps: killed mid-epoch 1, resumed, killed again on the last step of epoch 1, resumed.
+        (["--save_strategy", "steps", "--save_steps", "17"], ["checkpoint-17", "checkpoint-34"]),
+    ],
+    ids=["checkpoint-every-epoch", "checkpoint-every-17-steps"],
+)
+def test_killed_run_resumes_to_the_same_results(tmp_path, resume_data, tiny_model_dir, uninterrupted, save, kills):
+    output_dir = tmp_path / "run"
+    command = [sys.executable, str(SCRIPT), "--model_name_or_path", str(tiny_model_dir), "--cola_source",
+               str(resume_data), "--output_dir", str(output_dir), *RESUME_RUN, *save]  # fmt: skip
+    for number, checkpoint in enumerate(kills):
+        kill_at_checkpoint(command + (["--resume", "true"] if number else []), output_dir / checkpoint,
+                           tmp_path / f"killed-{number}.log")  # fmt: skip
+    # What a kill in the middle of saving the next checkpoint leaves: weights begun, no trainer_state.json.
+    half_saved = output_dir / "checkpoint-99999"
+    half_saved.mkdir()
+    (half_saved / "model.safetensors").write_bytes(b"\0" * 100)
+
+    resumed = run_cola(*command[2:], "--resume", "true", env=ENV)
+    assert f"{half_saved} is incomplete" in resumed.stderr and not half_saved.exists()
+    reference, reference_run = uninterrupted
+    # It went on from the checkpoint (a run from scratch would reach the same results too).
+    assert logged_training_steps(resumed) < logged_training_steps(reference_run)
+
+    expected = json.loads((reference / "results.json").read_text())
+    got = json.loads((output_dir / "results.json").read_text())
+    for split in TEST_SPLITS:
+        assert got["test"][split] == expected["test"][split], split
+        # Sentence by sentence, to 6 decimals: any difference in the training shows here.
+        assert read_predictions(output_dir, split).equals(read_predictions(reference, split)), split
+    # The per-epoch table too. The training loss of an epoch cut by the kill is summed in two parts.
+    same = ["epoch", "valid_loss", "valid_accuracy", "valid_mcc", "collapsed"]
+    assert [[row[c] for c in same] for row in got["epochs"]] == [[row[c] for c in same] for row in expected["epochs"]]
+    training_losses = [row["training_loss"] for row in got["epochs"]]
+    assert training_losses == pytest.approx([row["training_loss"] for row in expected["epochs"]], rel=1e-12)
+
+
+# --- secrets, and the Hub failing after training ---------------------------------------------------------------
+HF_TOKEN = "hf_FAKEplanted0123456789abcdefXYZ"
+WANDB_API_KEY = "FAKEwandb0123456789abcdef0123456789abcdef"
+
+
+class HubThatRefusesUploads(BaseHTTPRequestHandler):
+    """A Hub stand-in over real HTTP: repositories can be created, every upload is refused (403)."""
+
+    def answer(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        if self.command == "POST" and self.path == "/api/repos/create":
+            host, port = self.server.server_address
+            status, body = 200, {"url": f"http://{host}:{port}/someone/cola-tiny", "name": "someone/cola-tiny"}
+        else:
+            status, body = 403, {"error": "uploads are refused by this stand-in"}
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_HEAD = do_POST = do_PUT = answer
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+
+@pytest.fixture
+def refusing_hub():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HubThatRefusesUploads)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address
+    yield f"http://{host}:{port}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_failed_upload_keeps_local_outputs_and_no_secret_leaks(tmp_path, cola_dir, tiny_model_dir, refusing_hub):
+    output_dir = tmp_path / "run"
+    secrets = {
+        "HF_TOKEN": HF_TOKEN,
+        "WANDB_API_KEY": WANDB_API_KEY,
+        "WANDB_MODE": "offline",  # W&B writes its run files into output_dir/wandb: searched too
+        "HF_HUB_OFFLINE": "0",
+        "HF_ENDPOINT": refusing_hub,
+    }
+    result = run_cola(
+        "--model_name_or_path", tiny_model_dir, "--cola_source", cola_dir, "--output_dir", output_dir,
+        "--num_train_epochs", "1", "--report_to", "wandb", "--disable_tqdm", "true",
+        "--push_to_hub", "true", "--hub_model_id", "someone/cola-tiny",
+        env={**ENV, **secrets}, check=False,
+    )  # fmt: skip
+
+    line = error_line(result)
+    assert result.returncode == 1
+    assert f"{output_dir} was not uploaded to the Hub repository someone/cola-tiny" in line
+    assert "the local outputs are complete, retry with: hf upload someone/cola-tiny" in line
+    assert (output_dir / "results.json").is_file() and not (output_dir / FAILED_MARKER).exists()
+    assert list((output_dir / "wandb").glob("offline-run-*/run-*.wandb"))  # W&B did record the run
+
+    files = [path for path in output_dir.rglob("*") if path.is_file()]
+    assert len(files) > 20
+    for secret in (HF_TOKEN, WANDB_API_KEY):
+        assert secret not in result.stdout + result.stderr
+        assert [path for path in files if secret.encode() in path.read_bytes()] == []
+
+
+# --- numerical safety ------------------------------------------------------------------------------------------
+def test_collapse_is_warned_about_and_recorded(tmp_path, cola_dir, tiny_model_dir):
+    # Learning rate 1 keeps the loss finite on the tiny model (5 to 10) but predicts one class for every sentence.
+    output_dir = tmp_path / "run"
+    result = run_cola(
+        "--model_name_or_path", tiny_model_dir, "--cola_source", cola_dir, "--output_dir", output_dir,
+        "--num_train_epochs", "2", "--learning_rate", "1", *FAST, env=ENV,
+    )  # fmt: skip
+    warnings = re.findall(
+        r"Collapsed classifier at epoch (\d+): all 20 validation sentences predicted (\w+)", result.stderr
+    )
+    assert warnings, result.stderr[-3000:]
+    assert "--learning_rate" in result.stderr.split("Collapsed classifier at epoch")[1].splitlines()[0]
+    epochs = json.loads((output_dir / "results.json").read_text())["epochs"]
+    assert [str(row["epoch"]) for row in epochs if row["collapsed"]] == [epoch for epoch, _ in warnings]
+    for epoch, label in warnings:
+        row = epochs[int(epoch) - 1]
+        assert row["valid_mcc"] == 0
+        other = "unacceptable" if label == "acceptable" else "acceptable"
+        assert (row[f"valid_predicted_{label}"], row[f"valid_predicted_{other}"]) == (20, 0)
+
+
+def test_divergence_stops_the_run_naming_the_step(tmp_path, cola_dir, tiny_model_dir):
+    output_dir = tmp_path / "run"
+    result = run_cola(
+        "--model_name_or_path", tiny_model_dir, "--cola_source", cola_dir, "--output_dir", output_dir,
+        "--num_train_epochs", "2", "--learning_rate", "1e6", *FAST, env=ENV, check=False,
+    )  # fmt: skip
+    line = error_line(result)
+    assert result.returncode == 1
+    assert re.match(r"cola: error: training loss became NaN or infinite at step \d+; try a lower --learning_rate", line)
+    assert (output_dir / FAILED_MARKER).read_text().strip() == line.removeprefix("cola: error: ")
+    assert not (output_dir / "results.json").exists()
