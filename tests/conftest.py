@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny random-initialised BERT with its own WordPiece vocabulary, and synthetic CoLA files.
 
-Nothing here touches the network: the tokenizer is trained on the fly with `tokenizers`.
+Nothing here touches the network: the WordPiece vocabulary is built on the fly with `tokenizers`.
 """
 
 from __future__ import annotations
@@ -63,15 +63,22 @@ def cola_zip() -> Path:
 
 
 def build_tiny_model(directory: Path) -> Path:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     corpus = [row[3] for row in synthetic_rows(500, seed=0)] + ["Our friends won't buy this analysis."]
-    backend.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
+    words = {word for text in corpus for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))}
+    # WordPieceTrainer breaks frequency ties in hash order, so its vocabulary changes from session to session;
+    # whole words plus single characters (any unseen word splits into them) make the same vocabulary every time.
+    characters = sorted(set("".join(words)) | set("abcdefghijklmnopqrstuvwxyz.,'!?"))
+    vocab = [*specials, *characters, *(f"##{c}" for c in characters), *sorted(words - set(characters))]
+    backend = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    backend.normalizer = normalizer
+    backend.pre_tokenizer = pre_tokenizer
     cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
     backend.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
@@ -96,6 +103,7 @@ def build_tiny_model(directory: Path) -> Path:
         id2label={0: "unacceptable", 1: "acceptable"},
         label2id={"unacceptable": 0, "acceptable": 1},
     )
+    torch.manual_seed(0)  # the same initial weights in every session
     BertForSequenceClassification(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

@@ -110,31 +110,3 @@ def test_synthetic_run_with_tutorial_padding(tmp_path, cola_dir, tiny_model_dir)
     assert all(row["training_loss"] > 0 and row["validation_time_s"] > 0 for row in results["epochs"])
     assert results["test"]["glue_dev"]["n"] == 76
     assert results["config"]["pad_to_max_length"] is True
-
-
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        (None, "no such file or directory"),
-        ("gj04\t1\tHe left.\n", "in_domain_train.tsv:1: expected 4 tab-separated columns"),
-        ("gj04\t7\t\tHe left.\n", "in_domain_train.tsv:1: label must be 0 or 1, found '7'"),
-        ("gj04\t1\t\t\n", "in_domain_train.tsv:1: empty sentence"),
-    ],
-    ids=["missing-file", "column-count", "bad-label", "empty-sentence"],
-)
-def test_bad_input_is_one_line_not_a_traceback(tmp_path, cola_dir, tiny_model_dir, content, message):
-    source = tmp_path / "raw"
-    if content is not None:
-        source.mkdir()
-        for name in ("in_domain_dev.tsv", "out_of_domain_dev.tsv"):
-            (source / name).write_bytes((cola_dir / name).read_bytes())
-        (source / "in_domain_train.tsv").write_text(content)
-    output_dir = tmp_path / "out"
-    result = run_cola(
-        "--model_name_or_path", tiny_model_dir, "--cola_source", source, "--output_dir", output_dir, *FAST, check=False
-    )  # fmt: skip
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("cola: error:")]
-    assert message in line
-    assert not (output_dir / "results.json").exists()
