@@ -31,6 +31,10 @@ class ModelArguments:
         metadata={"help": "Hub id or local directory of the checkpoint to fine-tune (or to evaluate)."},
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded checkpoints are cached."})
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "Hub id the model card names as base_model when model_name_or_path is a local directory."},
+    )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run modelling code shipped with the checkpoint. Off unless you trust it."}
     )

@@ -84,7 +84,14 @@ def run(
     }
     logger.info("Test sets:\n%s", reporting.format_test_summary(results["test"]))
     command = shlex.join(["python", *sys.argv])
-    hub.write_model_card(output_dir, results, model_args.model_name_or_path, command, training_args.hub_model_id)
+    hub.write_model_card(
+        output_dir,
+        results,
+        model_args.model_name_or_path,
+        command,
+        training_args.hub_model_id,
+        base_model=model_args.base_model,
+    )
     reporting.write_json(output_dir / "results.json", results)  # last: its presence means "finished"
     tracking.log_run_outputs(output_dir, results, log_model=bool(tracking_args and tracking_args.log_model))
     if training_args.push_to_hub:

@@ -7,6 +7,7 @@ import re
 import pandas as pd
 import pytest
 from conftest import run_cola
+from huggingface_hub import ModelCard
 from matplotlib.image import imread
 from sklearn.metrics import accuracy_score, matthews_corrcoef
 
@@ -103,10 +104,23 @@ def test_synthetic_run_with_tutorial_padding(tmp_path, cola_dir, tiny_model_dir)
     output_dir = tmp_path / "run"
     run_cola(
         "--model_name_or_path", tiny_model_dir, "--cola_source", cola_dir, "--output_dir", output_dir,
-        "--num_train_epochs", "2", "--pad_to_max_length", "true", "--train_sampling_strategy", "random", *FAST,
+        "--num_train_epochs", "2", "--pad_to_max_length", "true", "--train_sampling_strategy", "random",
+        "--base_model", "bert-base-uncased", *FAST,
     )  # fmt: skip
     results = json.loads((output_dir / "results.json").read_text())
     assert [row["epoch"] for row in results["epochs"]] == [1, 2]
     assert all(row["training_loss"] > 0 and row["validation_time_s"] > 0 for row in results["epochs"])
     assert results["test"]["glue_dev"]["n"] == 76
     assert results["config"]["pad_to_max_length"] is True
+    # The output directory is a Hub repository: its card names the base model and holds the same test results.
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.base_model == "bert-base-uncased"
+    reported = {
+        (entry["dataset"]["split"], metric["type"]): metric["value"]
+        for entry in card.data.to_dict()["model-index"][0]["results"]
+        for metric in entry["metrics"]
+    }
+    assert reported[("out_of_domain_dev", "matthews_correlation")] == pytest.approx(
+        results["test"]["out_of_domain_dev"]["matthews_correlation"]
+    )
+    assert reported[("validation", "accuracy")] == pytest.approx(results["test"]["glue_dev"]["accuracy"])
