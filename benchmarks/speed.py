@@ -76,6 +76,8 @@ COLUMNS = (
     # Not asked for, but robust to other processes on a shared machine: CPU seconds, not wall seconds.
     ("epoch_cpu_s", "CPU time per epoch (s)", "{:.1f}"),
 )
+# Above this share of the CPUs taken by other processes during training, timings are not trustworthy.
+CLEAN_SHARE = 0.05
 BATCH_SIZE = 32  # the tutorial's; the package's default is the same (cola_hf.config)
 MAX_LEN = 64
 
@@ -129,11 +131,42 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds every process on the machine has used since boot (Linux /proc/stat), or None elsewhere."""
+    try:
+        ticks = [int(tick) for tick in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class Stopwatch:
+    """Wall and CPU seconds of a block, and the share of the machine's CPUs that other processes took meanwhile.
+
+    On a shared machine that share says whether a timing is clean: above a few percent, others competed for
+    the cores (and PyTorch's threads then also spin waiting for each other, so wall and CPU time both swell).
+    """
+
+    def __enter__(self) -> Stopwatch:
+        self._start = (time.perf_counter(), time.process_time(), busy_cpu_seconds())
+        self.start_wall = self._start[0]
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        wall, cpu, busy = time.perf_counter(), time.process_time(), busy_cpu_seconds()
+        self.wall_s, self.cpu_s = wall - self._start[0], cpu - self._start[1]
+        self.others_cpu_share = (
+            None
+            if busy is None or self._start[2] is None
+            else max(0.0, (busy - self._start[2] - self.cpu_s) / (self.wall_s * (os.cpu_count() or 1)))
+        )
+
+
 def summarize(
     *,
     tokenization_s: float,
-    train_time_s: float,
-    train_cpu_s: float,
+    training: Stopwatch,
     steps: int,
     samples: int,
     tokens: int,
@@ -144,14 +177,15 @@ def summarize(
 ) -> dict[str, Any]:
     return {
         "tokenization_s": tokenization_s,
-        "train_samples_per_s": samples / train_time_s,
-        "epoch_time_s": train_time_s / steps * steps_per_epoch,
+        "train_samples_per_s": samples / training.wall_s,
+        "epoch_time_s": training.wall_s / steps * steps_per_epoch,
         "peak_memory_mb": peak_memory_mb(),
         "valid_mcc": valid_mcc,
-        "epoch_cpu_s": train_cpu_s / steps * steps_per_epoch,
+        "epoch_cpu_s": training.cpu_s / steps * steps_per_epoch,
         # Context for reading the columns above.
         "valid_accuracy": valid_accuracy,
-        "train_time_s": train_time_s,
+        "train_time_s": training.wall_s,
+        "others_cpu_share_during_training": training.others_cpu_share,
         "steps": steps,
         "steps_per_epoch": steps_per_epoch,
         "train_samples": samples,
@@ -232,28 +266,30 @@ def run_tutorial(args: argparse.Namespace) -> dict[str, Any]:
     memory_before_train_mb = peak_memory_mb()
     steps = samples = tokens = 0
     total_train_loss = 0.0
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for _epoch_i in range(epochs):
-        model.train()
-        for batch in train_dataloader:
-            if steps == total_steps:
-                break
-            b_input_ids = batch[0].to(device)
-            b_input_mask = batch[1].to(device)
-            b_labels = batch[2].to(device)
-            if args.tutorial_trim_padding:
-                b_input_ids, b_input_mask = trim_padding(b_input_ids, b_input_mask)
-            model.zero_grad()
-            output = model(b_input_ids, token_type_ids=None, attention_mask=b_input_mask, labels=b_labels)
-            total_train_loss += output.loss.item()
-            output.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            steps += 1
-            samples += b_input_ids.shape[0]
-            tokens += b_input_ids.numel()
-    train_time_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+    with Stopwatch() as training:
+        for _epoch_i in range(epochs):
+            model.train()
+            for batch in train_dataloader:
+                if steps == total_steps:
+                    break
+                if steps % 40 == 0 and steps:  # the tutorial's progress line
+                    elapsed = time.perf_counter() - training.start_wall
+                    print(f"  Batch {steps:>5,}  of  {total_steps:>5,}.    Elapsed: {elapsed:.0f} s.", flush=True)
+                b_input_ids = batch[0].to(device)
+                b_input_mask = batch[1].to(device)
+                b_labels = batch[2].to(device)
+                if args.tutorial_trim_padding:
+                    b_input_ids, b_input_mask = trim_padding(b_input_ids, b_input_mask)
+                model.zero_grad()
+                output = model(b_input_ids, token_type_ids=None, attention_mask=b_input_mask, labels=b_labels)
+                total_train_loss += output.loss.item()
+                output.loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                steps += 1
+                samples += b_input_ids.shape[0]
+                tokens += b_input_ids.numel()
 
     model.eval()
     predictions, true_labels = [], []
@@ -270,8 +306,7 @@ def run_tutorial(args: argparse.Namespace) -> dict[str, Any]:
 
     return summarize(
         tokenization_s=tokenization_s,
-        train_time_s=train_time_s,
-        train_cpu_s=train_cpu_s,
+        training=training,
         steps=steps,
         samples=samples,
         tokens=tokens,
@@ -338,17 +373,15 @@ def run_package(args: argparse.Namespace, package_flags: list[str]) -> dict[str,
             compute_metrics=compute_metrics,
         )
         memory_before_train_mb = peak_memory_mb()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        trainer.train()
-        train_time_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+        with Stopwatch() as training:
+            trainer.train()
         metrics = trainer.evaluate()
         steps = trainer.state.global_step
         steps_per_epoch = math.ceil(len(tokenized["train"]) / training_args.train_batch_size)
 
     return summarize(
         tokenization_s=tokenization_s,
-        train_time_s=train_time_s,
-        train_cpu_s=train_cpu_s,
+        training=training,
         steps=steps,
         samples=trainer.samples_seen,
         tokens=trainer.tokens_seen,
@@ -482,6 +515,11 @@ def main(argv: list[str] | None = None) -> int:
     if ratio:
         difference = results["package"]["valid_mcc"] - results["tutorial"]["valid_mcc"]
         print(f"validation MCC difference (b)-(a): {difference:+.3f}")
+    shares = {path: result.get("others_cpu_share_during_training") for path, result in results.items()}
+    if all(share is not None for share in shares.values()):
+        verdict = "clean" if max(shares.values()) <= CLEAN_SHARE else "CONTAMINATED: re-run on a quieter machine"
+        listed = ", ".join(f"{path} {share:.0%}" for path, share in shares.items())
+        print(f"other processes' share of the CPUs during training: {listed} ({verdict})")
     if args.output:
         report = {
             "columns": {key: label for key, label, _fmt in COLUMNS},
