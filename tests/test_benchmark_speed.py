@@ -58,6 +58,8 @@ def test_both_paths_finish_and_the_json_has_every_column(speed_report):
             assert math.isfinite(result[column]), (path, column, result[column])
         assert -1 <= result["valid_mcc"] <= 1
         assert result["peak_memory_mb"] >= result["memory_before_train_mb"] > 0
+        share = result["others_cpu_share_during_training"]
+        assert share is None or 0 <= share <= 1
         # Same work on both sides: one epoch of the same number of optimizer steps over the same sentences.
         assert result["steps"] == result["steps_per_epoch"] == math.ceil(TRAIN / BATCH)
         assert result["train_samples"] == TRAIN
