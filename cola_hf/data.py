@@ -12,6 +12,9 @@ import zipfile
 from pathlib import Path
 
 import datasets
+import numpy as np
+from datasets.fingerprint import Hasher
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
 from cola_hf.errors import ColaDataError
@@ -146,22 +149,36 @@ def read_cola_tsv(path: str | Path) -> datasets.Dataset:
     return dataset
 
 
-def load_cola(
-    source: str, validation_fraction: float = 0.1, seed: int = 42, cache_dir: str | None = None
-) -> datasets.DatasetDict:
-    """Splits: train/validation (in_domain_train split with the seed), and the test sets of TEST_SPLITS."""
+def read_cola(source: str, cache_dir: str | None = None) -> datasets.DatasetDict:
+    """The raw files (keys of RAW_FILES), each validated and read whole."""
+    raw_dir = find_raw_dir(source, cache_dir)
+    return datasets.DatasetDict({split: read_cola_tsv(raw_dir / name) for split, name in RAW_FILES.items()})
+
+
+def split_cola(files: datasets.DatasetDict, validation_fraction: float = 0.1, seed: int = 42) -> datasets.DatasetDict:
+    """Splits: train/validation (in_domain_train split with the seed), and the test sets of TEST_SPLITS.
+
+    `files` are read_cola's, raw or tokenized. Tokenize them before splitting: a split is a view whose rows
+    datasets gathers one at a time, which makes tokenizing it twice as slow, and the cache of a whole file
+    then serves every seed.
+    """
     if not 0 < validation_fraction < 1:
         raise ColaDataError(f"--validation_fraction must be between 0 and 1, found {validation_fraction}")
-    raw_dir = find_raw_dir(source, cache_dir)
-    raw = {split: read_cola_tsv(raw_dir / name) for split, name in RAW_FILES.items()}
-    held_out = raw["in_domain_train"].train_test_split(test_size=validation_fraction, seed=seed)
+    held_out = files["in_domain_train"].train_test_split(test_size=validation_fraction, seed=seed)
     return datasets.DatasetDict(
         train=held_out["train"],
         validation=held_out["test"],
-        out_of_domain_dev=raw["out_of_domain_dev"],
-        in_domain_dev=raw["in_domain_dev"],
-        glue_dev=datasets.concatenate_datasets([raw["in_domain_dev"], raw["out_of_domain_dev"]]),
+        out_of_domain_dev=files["out_of_domain_dev"],
+        in_domain_dev=files["in_domain_dev"],
+        glue_dev=datasets.concatenate_datasets([files["in_domain_dev"], files["out_of_domain_dev"]]),
     )
+
+
+def load_cola(
+    source: str, validation_fraction: float = 0.1, seed: int = 42, cache_dir: str | None = None
+) -> datasets.DatasetDict:
+    """The raw splits of split_cola, read from a zip, URL or directory."""
+    return split_cola(read_cola(source, cache_dir), validation_fraction, seed)
 
 
 def tokenize_cola(
@@ -170,29 +187,71 @@ def tokenize_cola(
     max_seq_length: int = 64,
     pad_to_max_length: bool = False,
 ) -> datasets.DatasetDict:
-    """Add input_ids, attention_mask (and token_type_ids) with the fast tokenizer, in batches, cached by datasets.
+    """Add input_ids (and token_type_ids) with the tokenizer, in batches, cached by datasets.
 
-    The raw columns stay (reporting writes them next to predictions); the Trainer drops what the model
-    does not take. `length` lets the length-grouped sampler skip re-measuring every example.
+    With dynamic padding every row is unpadded, so its attention mask would be all ones: the collator builds
+    it when it pads the batch, and tokenizing without it takes half the time. With --pad_to_max_length the
+    mask marks the padding and is kept. The raw columns stay (reporting writes them next to predictions); the
+    Trainer drops what the model does not take. `length` lets the length-grouped sampler skip re-measuring
+    every example.
     """
-
-    def encode(batch: dict) -> dict:
-        encoded = tokenizer(
-            batch["sentence"],
-            truncation=True,
-            max_length=max_seq_length,
-            padding="max_length" if pad_to_max_length else False,
-        )
-        encoded["length"] = [sum(mask) for mask in encoded["attention_mask"]]
-        return encoded
-
-    tokenized = raw.map(encode, batched=True, desc="Tokenizing")
+    tokenizer_hash = tokenizer_fingerprint(tokenizer)
+    tokenized = datasets.DatasetDict(
+        {
+            name: split.map(
+                _encode,
+                batched=True,
+                fn_kwargs={"tokenizer": tokenizer, "max_length": max_seq_length, "pad": pad_to_max_length},
+                # datasets would fingerprint the call by pickling the tokenizer, for each split: that took
+                # longer than tokenizing CoLA. The same inputs, hashed directly, give the same cache.
+                new_fingerprint=Hasher.hash(
+                    [split._fingerprint, tokenizer_hash, max_seq_length, pad_to_max_length, _encode.__code__]
+                ),
+                desc=f"Tokenizing {name}",
+            )
+            for name, split in raw.items()
+        }
+    )
     # glue_dev repeats the two dev sets, so it is left out of the count.
-    lengths = [length for name, split in tokenized.items() if name != "glue_dev" for length in split["length"]]
+    lengths = np.concatenate(
+        [
+            split.with_format("numpy", columns=["length"])[:]["length"]
+            for name, split in tokenized.items()
+            if name != "glue_dev"
+        ]
+    )
     logger.info(
         "Longest tokenized sentence: %d tokens with [CLS]/[SEP] (limit %d; %d sentences reach it)",
-        max(lengths),
+        lengths.max(),
         max_seq_length,
-        sum(length >= max_seq_length for length in lengths),
+        (lengths >= max_seq_length).sum(),
     )
     return tokenized
+
+
+def _encode(batch: dict, tokenizer: PreTrainedTokenizerBase, max_length: int, pad: bool) -> dict:
+    encoded = tokenizer(
+        batch["sentence"],
+        truncation=True,
+        max_length=max_length,
+        padding="max_length" if pad else False,
+        return_attention_mask=pad,
+    )
+    if pad:
+        encoded["length"] = [sum(mask) for mask in encoded["attention_mask"]]
+    else:
+        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+    return encoded
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of everything that decides the tokenizer's output: its Rust pipeline, as JSON, when it has one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a pure-Python tokenizer: let datasets pickle it
+        return Hasher.hash(tokenizer)
+    # Every call sets truncation and padding from its own arguments, which the fingerprint covers.
+    pipeline = Tokenizer.from_str(backend.to_str())
+    pipeline.no_truncation()
+    pipeline.no_padding()
+    settings = [type(tokenizer).__name__, tokenizer.truncation_side, tokenizer.padding_side, tokenizer.pad_token_id]
+    return Hasher.hash([pipeline.to_str(), settings])

@@ -43,15 +43,16 @@ def run(
     if training_args.do_train:
         logger.info(training_args.batch_layout())  # world size x per-device batch x accumulation = global
 
-    raw = data.load_cola(data_args.cola_source, data_args.validation_fraction, training_args.seed)
-    if data_args.max_train_samples is not None:
-        raw["train"] = raw["train"].select(range(min(data_args.max_train_samples, len(raw["train"]))))
-    logger.info("CoLA splits: %s", {split: len(rows) for split, rows in raw.items()})
+    files = data.read_cola(data_args.cola_source)  # validated before the model loads: bad data fails fast
     model, tokenizer = load_model_and_tokenizer(
         model_args.model_name_or_path, model_args.cache_dir, model_args.trust_remote_code
     )
     with training_args.main_process_first(desc="tokenizing"):
-        tokenized = data.tokenize_cola(raw, tokenizer, data_args.max_seq_length, data_args.pad_to_max_length)
+        files = data.tokenize_cola(files, tokenizer, data_args.max_seq_length, data_args.pad_to_max_length)
+    tokenized = data.split_cola(files, data_args.validation_fraction, training_args.seed)
+    if data_args.max_train_samples is not None:
+        tokenized["train"] = tokenized["train"].select(range(min(data_args.max_train_samples, len(tokenized["train"]))))
+    logger.info("CoLA splits: %s", {split: len(rows) for split, rows in tokenized.items()})
 
     trainer = TutorialTrainer(
         model=model,

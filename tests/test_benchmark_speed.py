@@ -25,6 +25,7 @@ COLUMNS = (
     "epoch_time_s",
     "peak_memory_mb",
     "valid_mcc",
+    "glue_dev_mcc",
     "epoch_cpu_s",
 )
 STEPS = 2
@@ -56,7 +57,7 @@ def test_both_paths_finish_and_the_json_has_every_column(speed_report):
         result = report["results"][path]
         for column in COLUMNS:
             assert math.isfinite(result[column]), (path, column, result[column])
-        assert -1 <= result["valid_mcc"] <= 1
+        assert -1 <= result["valid_mcc"] <= 1 and -1 <= result["glue_dev_mcc"] <= 1
         assert result["peak_memory_mb"] >= result["memory_before_train_mb"] > 0
         share = result["others_cpu_share_during_training"]
         assert share is None or 0 <= share <= 1

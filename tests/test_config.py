@@ -8,7 +8,7 @@ from cola_hf.errors import UsageError
 
 RECIPES = Path(__file__).resolve().parents[1] / "experiments" / "recipes"
 TUTORIAL_HYPERPARAMETERS = {
-    "optim": "adamw_torch",
+    "optim": "adamw_torch_fused",
     "learning_rate": 2e-5,
     "adam_epsilon": 1e-8,
     "adam_beta1": 0.9,

@@ -5,7 +5,7 @@ import zipfile
 import pytest
 from conftest import synthetic_rows, write_cola_dir, write_tsv
 
-from cola_hf.data import RAW_FILES, load_cola, read_cola_tsv, tokenize_cola
+from cola_hf.data import RAW_FILES, load_cola, read_cola, read_cola_tsv, split_cola, tokenize_cola
 from cola_hf.errors import ColaDataError
 
 
@@ -88,14 +88,47 @@ def test_missing_source_and_incomplete_directory(tmp_path):
 
 
 def test_tokenize_dynamic_and_fixed_padding(tmp_path, tiny_model_dir):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, DataCollatorWithPadding
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    raw = load_cola(str(write_cola_dir(tmp_path / "raw")))
-    dynamic = tokenize_cola(raw, tokenizer, max_seq_length=8)
-    fixed = tokenize_cola(raw, tokenizer, max_seq_length=16, pad_to_max_length=True)
+    files = read_cola(str(write_cola_dir(tmp_path / "raw")))
+    dynamic = split_cola(tokenize_cola(files, tokenizer, max_seq_length=8))
+    fixed = split_cola(tokenize_cola(files, tokenizer, max_seq_length=16, pad_to_max_length=True))
     first = dynamic["train"][0]
     assert first["input_ids"][0] == tokenizer.cls_token_id and first["input_ids"][-1] == tokenizer.sep_token_id
     assert max(len(ids) for ids in dynamic["train"]["input_ids"]) <= 8
     assert {len(ids) for ids in fixed["train"]["input_ids"]} == {16}
     assert fixed["train"]["length"] == [sum(mask) for mask in fixed["train"]["attention_mask"]]
+    assert dynamic["train"]["length"] == [len(ids) for ids in dynamic["train"]["input_ids"]]
+    # Tokenized whole, then split: the same rows as splitting the raw file.
+    assert dynamic["validation"]["sentence"] == load_cola(str(tmp_path / "raw"))["validation"]["sentence"]
+
+    # Dynamic rows carry no attention mask; the collator's batches equal the tokenizer's own padded batch.
+    assert "attention_mask" not in dynamic["train"].column_names
+    inputs = [name for name in tokenizer.model_input_names if name in dynamic["train"].column_names]
+    batch = DataCollatorWithPadding(tokenizer)(list(dynamic["train"].select(range(32)).select_columns(inputs)))
+    expected = tokenizer(
+        dynamic["train"]["sentence"][:32], truncation=True, max_length=8, padding=True, return_tensors="pt"
+    )
+    assert set(batch) == set(expected) and "attention_mask" in batch
+    for name in expected:
+        assert batch[name].tolist() == expected[name].tolist(), name
+
+
+def test_tokenization_is_cached_by_its_inputs(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    files = read_cola(str(write_cola_dir(tmp_path / "raw")))
+
+    def cache_file(**kwargs) -> str:
+        return tokenize_cola(files, tokenizer, **kwargs)["in_domain_train"].cache_files[0]["filename"]
+
+    first = cache_file()
+    # A call leaves truncation settings in the tokenizer's Rust state: they must not change the fingerprint.
+    assert cache_file() == first
+    assert cache_file(max_seq_length=8) != first
+    assert cache_file(pad_to_max_length=True) != first
+    other = AutoTokenizer.from_pretrained(tiny_model_dir)
+    other.add_tokens(["grammaticality"])  # a changed vocabulary: a new tokenization
+    assert tokenize_cola(files, other)["in_domain_train"].cache_files[0]["filename"] != first

@@ -33,7 +33,9 @@ class RecordLearningRate(TrainerCallback):
         self.rates.append(optimizer.param_groups[0]["lr"])
 
 
-def test_trainer_matches_hand_written_tutorial_loop(tmp_path, cola_dir, tiny_model_dir):
+# The default (fused: one kernel per step) and the unfused loop both follow the tutorial's unfused optimizer.
+@pytest.mark.parametrize("optim", ["adamw_torch_fused", "adamw_torch"])
+def test_trainer_matches_hand_written_tutorial_loop(tmp_path, cola_dir, tiny_model_dir, optim):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     train = tokenize_cola(load_cola(str(cola_dir)), tokenizer)["train"].select(range(96))
     _, _, args, _ = parse_args(
@@ -41,6 +43,7 @@ def test_trainer_matches_hand_written_tutorial_loop(tmp_path, cola_dir, tiny_mod
             "--output_dir", str(tmp_path), "--num_train_epochs", str(EPOCHS), "--report_to", "none",
             "--train_sampling_strategy", "sequential", "--eval_strategy", "no", "--save_strategy", "no",
             "--learning_rate", "1e-3",  # large enough that every step moves the weights visibly
+            "--optim", optim,
         ]
     )  # fmt: skip
     collator = DataCollatorWithPadding(tokenizer)
@@ -105,3 +108,4 @@ def test_default_schedule_is_the_tutorials_2e5_linear_decay(tmp_path, cola_dir, 
     optimizer = trainer.optimizer
     assert isinstance(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, torch.optim.AdamW)
     assert all(group["weight_decay"] == 0.0 and group["eps"] == 1e-8 for group in optimizer.param_groups)
+    assert all(group["fused"] for group in optimizer.param_groups)
