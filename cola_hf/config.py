@@ -114,14 +114,25 @@ class ColaTrainingArguments(TrainingArguments):
         default="group_by_length",
         metadata={"help": "Training sampler: 'group_by_length' (fast), or 'random' like the tutorial."},
     )
+    dataloader_num_workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Processes that collate batches. Default: 2 with a GPU, so batches are ready while it computes; "
+            "0 on the CPU, where workers would take cores from the model."
+        },
+    )
     report_to: None | str | list[str] = field(
         default="wandb",
         metadata={"help": "Where to report: 'wandb' (offline on its own without credentials or network) or 'none'."},
     )
 
     def __post_init__(self) -> None:
-        if not torch.cuda.is_available():
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
             self.dataloader_pin_memory = False  # pinning only helps copies to a GPU
+        if self.dataloader_num_workers is None:
+            self.dataloader_num_workers = 2 if on_gpu else 0
+            self.dataloader_persistent_workers = on_gpu  # not restarted every epoch
         super().__post_init__()
         self.resolve_batch_layout()
 

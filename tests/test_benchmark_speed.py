@@ -162,3 +162,21 @@ def test_length_grouped_sampler_is_reproducible_for_a_seed(tiny_model_dir, group
     other = train_and_record_batches(tiny_model_dir, grouped_data, tmp_path, seed=7)
     assert again == grouped_batches
     assert other[0] != grouped_batches[0]
+
+
+# --- the fast defaults themselves ---------------------------------------------------------------------------------
+def test_fast_defaults_on_the_cpu(tiny_model_dir, tmp_path):
+    import torch
+
+    from cola_hf.config import parse_args
+    from cola_hf.trainer import load_model_and_tokenizer
+
+    _, data_args, args, _ = parse_args(["--output_dir", str(tmp_path), "--report_to", "none"])
+    assert not data_args.pad_to_max_length and args.train_sampling_strategy == "group_by_length"
+    assert args.optim == "adamw_torch_fused"
+    if not torch.cuda.is_available():  # workers and pinned memory would only take the CPU's cores
+        assert args.dataloader_num_workers == 0 and not args.dataloader_pin_memory
+    explicit = parse_args(["--output_dir", str(tmp_path), "--report_to", "none", "--dataloader_num_workers", "3"])
+    assert explicit[2].dataloader_num_workers == 3
+    model, _ = load_model_and_tokenizer(str(tiny_model_dir))
+    assert model.config._attn_implementation == "sdpa"  # transformers' default for BERT: checked, not assumed
