@@ -1,7 +1,7 @@
 """Side by side: the tutorial's hand-written training loop vs this package's training path.
 
 Both paths fine-tune the same checkpoint on the same CoLA data for the same number of optimizer steps on the
-same machine, then evaluate their validation split:
+same machine, then evaluate their validation split and GLUE's dev set (in_domain_dev + out_of_domain_dev):
 
 (a) ``tutorial``: a faithful copy of the tutorial's code cells. pandas reads in_domain_train.tsv; a Python
     loop measures the longest sentence (``tokenizer.encode``), a second one tokenizes sentence by sentence,
@@ -31,9 +31,9 @@ the parent gives the children a fresh, empty datasets cache), tokenization_cache
 run: a third child tokenizes again and hits the cache the package child filled; the tutorial has no cache, so
 its value is its tokenization_s), train_samples_per_s, epoch_time_s (training time of one epoch, extrapolated
 from the steps run when ``--max_steps`` is less than an epoch), peak_memory_mb (peak RSS of the child on CPU; CUDA max
-allocated on GPU), valid_mcc, and epoch_cpu_s (process CPU seconds per epoch: on a machine shared with other
-busy processes, wall times are inflated while CPU seconds barely move, so a gap between the two ratios flags a
-contaminated run; the JSON also records the 1-minute load average around each path).
+allocated on GPU), valid_mcc, glue_dev_mcc, and epoch_cpu_s (process CPU seconds per epoch: on a machine shared
+with other busy processes, wall times are inflated while CPU seconds barely move, so a gap between the two ratios
+flags a contaminated run; the JSON also records the 1-minute load average around each path).
 
 Usage (flags the script does not know go to the package path, so levers are measured with the same script)::
 
