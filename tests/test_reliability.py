@@ -87,11 +87,16 @@ def copy_cola(source: Path, target: Path) -> Path:
     return target
 
 
-def with_line(raw: Path, name: str, line: bytes) -> Path:
-    """raw/name with `line` as its third line (after two good ones)."""
-    good = b"".join(("\t".join(map(str, row)) + "\n").encode() for row in synthetic_rows(2, seed=5))
-    (raw / name).write_bytes(good + line)
-    return raw
+def with_line(name: str, line: bytes):
+    """A case's input builder: a copy of the CoLA files whose `name` has `line` as its third (after two good ones)."""
+
+    def build(work: Path, cola: Path, model: Path) -> list:
+        raw = copy_cola(cola, work / "raw")
+        good = b"".join(("\t".join(map(str, row)) + "\n").encode() for row in synthetic_rows(2, seed=5))
+        (raw / name).write_bytes(good + line)
+        return ["--cola_source", raw]
+
+    return build
 
 
 def recipe(work: Path, text: str) -> Path:
@@ -121,34 +126,22 @@ BAD_INPUTS = {
         r"level, under cola_public/raw/ or under raw/; missing in_domain_dev\.tsv, out_of_domain_dev\.tsv",
     ),
     "wrong-column-count": (
-        lambda work, cola, model: [
-            "--cola_source",
-            with_line(copy_cola(cola, work / "raw"), "in_domain_train.tsv", b"gj04\t1\tHe left.\n"),
-        ],
+        with_line("in_domain_train.tsv", b"gj04\t1\tHe left.\n"),
         r"{work}/raw/in_domain_train\.tsv:3: expected 4 tab-separated columns \(source, label, notes, sentence\), "
         r"found 3",
-    ),  # fmt: skip
+    ),
     "label-not-0-or-1": (
-        lambda work, cola, model: [
-            "--cola_source",
-            with_line(copy_cola(cola, work / "raw"), "in_domain_dev.tsv", b"gj04\t2\t\tHe left.\n"),
-        ],
+        with_line("in_domain_dev.tsv", b"gj04\t2\t\tHe left.\n"),
         r"{work}/raw/in_domain_dev\.tsv:3: label must be 0 or 1, found '2'",
-    ),  # fmt: skip
+    ),
     "empty-sentence": (
-        lambda work, cola, model: [
-            "--cola_source",
-            with_line(copy_cola(cola, work / "raw"), "out_of_domain_dev.tsv", b"gj04\t1\t\t  \r\n"),
-        ],
+        with_line("out_of_domain_dev.tsv", b"gj04\t1\t\t  \r\n"),
         r"{work}/raw/out_of_domain_dev\.tsv:3: empty sentence",
-    ),  # fmt: skip
+    ),
     "not-utf8": (
-        lambda work, cola, model: [
-            "--cola_source",
-            with_line(copy_cola(cola, work / "raw"), "in_domain_train.tsv", b"gj04\t1\t\tHe l\xe9ft.\n"),
-        ],
+        with_line("in_domain_train.tsv", b"gj04\t1\t\tHe l\xe9ft.\n"),
         r"{work}/raw/in_domain_train\.tsv:3: not UTF-8 \(byte 0xe9\)",
-    ),  # fmt: skip
+    ),
     "unknown-model-id-offline": (
         lambda work, cola, model: ["--cola_source", cola, "--model_name_or_path", "no-such-user/no-such-model"],
         r"model 'no-such-user/no-such-model': cannot load \(.*\); not a local directory, and HF_HUB_OFFLINE is set, "
