@@ -1,4 +1,7 @@
-"""Console scripts: thin faces over the package's modules (`cola-predict`, `cola-compare`)."""
+"""Console scripts: thin faces over the package's modules (`cola-predict`, `cola-compare`).
+
+`cola-train` is `cola_hf.run.main`, the same function as `python experiments/cola.py`.
+"""
 
 from __future__ import annotations
 

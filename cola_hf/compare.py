@@ -7,7 +7,6 @@ MCC, every test set's MCC) and comparison.png (validation MCC and loss per epoch
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -17,20 +16,8 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from cola_hf.errors import UsageError  # noqa: E402
-from cola_hf.reporting import atomic_path, write_text  # noqa: E402
-
-RESULTS = "results.json"
-
-
-def load_results(run_dir: Path) -> dict:
-    path = run_dir / RESULTS
-    if not path.is_file():
-        raise UsageError(f"{run_dir}: no {RESULTS} (not a run directory, or the run did not finish)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise UsageError(f"{path}: cannot read ({err})") from err
+from cola_hf.reporting import atomic_path, save_figure, write_text  # noqa: E402
+from cola_hf.results import RunResults  # noqa: E402
 
 
 def run_labels(run_dirs: list[Path]) -> list[str]:
@@ -43,10 +30,8 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
     return [str(run_dir) for run_dir in run_dirs]
 
 
-def summary_row(label: str, results: dict) -> dict:
-    config = results.get("config", {})
-    epochs = results.get("epochs") or []
-    valid = [row["valid_mcc"] for row in epochs if row.get("valid_mcc") is not None]
+def summary_row(label: str, results: RunResults) -> dict:
+    config = results.config
     row = {
         "run": label,
         "model": Path(str(config.get("model_name_or_path", "?")).rstrip("/")).name,
@@ -54,12 +39,12 @@ def summary_row(label: str, results: dict) -> dict:
         "batch_size": batch_size(config),
         "epochs": config.get("num_train_epochs"),
         "seed": config.get("seed"),
-        "valid_mcc": valid[-1] if valid else None,
-        "best_valid_mcc": max(valid) if valid else None,
+        "valid_mcc": results.final_valid_mcc,
+        "best_valid_mcc": results.best_valid_mcc,
     }
-    for split, metrics in results.get("test", {}).items():
-        row[f"{split}_mcc"] = metrics.get("matthews_correlation")
-    row["training_time_s"] = sum(r.get("training_time_s") or 0 for r in epochs) if epochs else None
+    for split, mcc in results.test_mccs().items():
+        row[f"{split}_mcc"] = mcc
+    row["training_time_s"] = results.training_time_s
     return row
 
 
@@ -72,8 +57,8 @@ def batch_size(config: dict) -> int | None:
     return config["per_device_train_batch_size"] * (config.get("gradient_accumulation_steps") or 1)
 
 
-def comparison_table(run_dirs: list[Path]) -> tuple[pd.DataFrame, list[dict]]:
-    all_results = [load_results(run_dir) for run_dir in run_dirs]
+def comparison_table(run_dirs: list[Path]) -> tuple[pd.DataFrame, list[RunResults]]:
+    all_results = [RunResults.load(run_dir) for run_dir in run_dirs]
     rows = [summary_row(label, results) for label, results in zip(run_labels(run_dirs), all_results, strict=True)]
     return pd.DataFrame(rows), all_results
 
@@ -91,26 +76,22 @@ def to_markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(labels: list[str], all_results: list[dict], path: Path) -> None:
+def plot_curves(labels: list[str], all_results: list[RunResults], path: Path) -> None:
     """Validation MCC per epoch (left), training (solid) and validation (dashed) loss per epoch (right)."""
     figure, (mcc_axes, loss_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
     for index, (label, results) in enumerate(zip(labels, all_results, strict=True)):
         color = f"C{index % 10}"
-        epochs = results.get("epochs") or []
-        x = [row["epoch"] for row in epochs]
-        mcc_axes.plot(x, [row.get("valid_mcc") for row in epochs], "-o", color=color, label=label)
-        loss_axes.plot(x, [row.get("training_loss") for row in epochs], "-o", color=color, label=f"{label} train")
-        loss_axes.plot(x, [row.get("valid_loss") for row in epochs], "--s", color=color, label=f"{label} valid")
+        x = [row.epoch for row in results.epochs]
+        mcc_axes.plot(x, [row.valid_mcc for row in results.epochs], "-o", color=color, label=label)
+        loss_axes.plot(x, [row.training_loss for row in results.epochs], "-o", color=color, label=f"{label} train")
+        loss_axes.plot(x, [row.valid_loss for row in results.epochs], "--s", color=color, label=f"{label} valid")
     mcc_axes.set(title="Validation MCC", xlabel="Epoch", ylabel="MCC")
     loss_axes.set(title="Loss (solid: training, dashed: validation)", xlabel="Epoch", ylabel="Loss")
     for axes in (mcc_axes, loss_axes):
         axes.grid(alpha=0.3)
         axes.xaxis.get_major_locator().set_params(integer=True)
     mcc_axes.legend(fontsize="small")
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=100, format="png")
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def compare(run_dirs: list[Path], output_dir: Path) -> pd.DataFrame:

@@ -7,6 +7,7 @@ message names the file and the line.
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import zipfile
 from pathlib import Path
@@ -94,8 +95,8 @@ def _unreadable(err: PermissionError) -> ColaDataError:
     return ColaDataError(f"{err.filename}: cannot read ({err.strerror})")
 
 
-def validate_tsv(path: Path) -> int:
-    """Check a raw CoLA TSV line by line; return its number of rows or raise naming file and line.
+def validate_tsv(path: Path) -> tuple[int, str]:
+    """Check a raw CoLA TSV line by line; return its number of rows and sha256, or raise naming file and line.
 
     Accepts what real files contain: CRLF line endings, a UTF-8 byte-order mark, quotes and apostrophes
     inside sentences, blank trailing lines.
@@ -127,13 +128,16 @@ def validate_tsv(path: Path) -> int:
         rows += 1
     if rows == 0:
         raise ColaDataError(f"{path}: no sentences")
-    return rows
+    return rows, hashlib.sha256(raw).hexdigest()
 
 
 def read_cola_tsv(path: str | Path) -> datasets.Dataset:
-    """Load one raw CoLA TSV (4 columns, no header, no quoting) after validating it."""
+    """Load one raw CoLA TSV (4 columns, no header, no quoting) after validating it.
+
+    The file's sha256 is kept in the dataset's `info.download_checksums` (see `file_hashes`).
+    """
     path = Path(path)
-    rows = validate_tsv(path)
+    rows, sha256 = validate_tsv(path)
     dataset = datasets.load_dataset(
         "csv",
         data_files=str(path),
@@ -146,6 +150,7 @@ def read_cola_tsv(path: str | Path) -> datasets.Dataset:
         features=FEATURES,
     )
     assert len(dataset) == rows, f"{path}: read {len(dataset)} rows, validated {rows}"
+    dataset.info.download_checksums = {path.name: {"num_bytes": path.stat().st_size, "checksum": sha256}}
     return dataset
 
 
@@ -153,6 +158,15 @@ def read_cola(source: str, cache_dir: str | None = None) -> datasets.DatasetDict
     """The raw files (keys of RAW_FILES), each validated and read whole."""
     raw_dir = find_raw_dir(source, cache_dir)
     return datasets.DatasetDict({split: read_cola_tsv(raw_dir / name) for split, name in RAW_FILES.items()})
+
+
+def file_hashes(files: datasets.DatasetDict) -> dict[str, str]:
+    """sha256 of every raw TSV behind `files` (read_cola's, raw, tokenized or split), by file name."""
+    return {
+        name: checksum["checksum"]
+        for dataset in files.values()
+        for name, checksum in (dataset.info.download_checksums or {}).items()
+    }
 
 
 def split_cola(files: datasets.DatasetDict, validation_fraction: float = 0.1, seed: int = 42) -> datasets.DatasetDict:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TextIO
 import numpy as np
 from tqdm.auto import tqdm
 
-from cola_hf.errors import UsageError
+from cola_hf.errors import UsageError, one_line
 
 if TYPE_CHECKING:
     from transformers import Pipeline
@@ -93,8 +93,7 @@ def load_classifier(model: str) -> Pipeline:
     try:
         return pipeline("text-classification", model=model)
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"--model {model}: cannot load a text-classification model ({first_line})") from err
+        raise UsageError(f"--model {model}: cannot load a text-classification model ({one_line(err)})") from err
 
 
 def model_max_length(classifier: Pipeline) -> int:
