@@ -254,7 +254,7 @@ def subset_score(labels: np.ndarray, predictions: np.ndarray, interval: bool = T
     if n == 0 or not _two_classes(counts):
         return SubsetScore(n, n_acceptable, None, accuracy, note=ONE_CLASS_NOTE if n else "no sentences")
     low, high = bootstrap_mcc_interval(labels, predictions) if interval else (None, None)
-    predicted_classes = (counts[0] + counts[2] > 0) + (counts[1] + counts[3] > 0)
+    predicted_classes = int(counts[0] + counts[2] > 0) + int(counts[1] + counts[3] > 0)
     note = PREDICTED_ONE_CLASS_NOTE if predicted_classes < 2 else ""
     return SubsetScore(n, n_acceptable, float(_mcc_from_counts(counts)), accuracy, low, high, note)
 
@@ -691,19 +691,6 @@ def welch_test(mcc_a: list[float], mcc_b: list[float]) -> SeedGroupTest:
 
 
 # --- several runs (cola-compare) ------------------------------------------------------------------------------
-def is_run_dir(path: Path) -> bool:
-    return (path / "predictions_glue_dev.tsv").is_file() or (path / "results.json").is_file()
-
-
-def run_groups(paths: list[Path]) -> list[list[Path]]:
-    """Each path as a list of runs: a run directory alone, or a directory of runs (a seed study) as a group."""
-    groups = []
-    for path in paths:
-        members = [path] if is_run_dir(path) else sorted(p for p in path.glob("*/") if is_run_dir(p))
-        groups.append(members or [path])  # a directory with neither stays, for the caller's "no results" error
-    return groups
-
-
 class _GlueDevScorer:
     """Phenomena of runs from their analysis.json, or from predictions_glue_dev.tsv and the annotations."""
 

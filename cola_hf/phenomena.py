@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from cola_hf.data import download, is_url, local_root
 from cola_hf.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -69,6 +68,9 @@ def annotations_dir(source: str | None, cache_dir: str | None = None) -> Path | 
     A local zip or directory that cannot be read raises `UsageError`: that is a mistake to fix, while a
     download that fails (offline) leaves the rest of the analysis to go on.
     """
+    # Imported here: cola_hf.data loads datasets, which cola-compare's parser should not wait for.
+    from cola_hf.data import download, is_url, local_root
+
     if source is None:
         logger.info("Phenomena skipped: no annotations; to get them pass %s", HOW_TO_PROVIDE)
         return None
@@ -111,8 +113,8 @@ def read_annotation_file(path: Path, features: tuple[str, ...] | None = None) ->
     header = lines[0].split("\t")
     names = tuple(header[len(LEADING_COLUMNS) :])
     if tuple(header[: len(LEADING_COLUMNS)]) != LEADING_COLUMNS or not names or (features and names != features):
-        expected = "\t".join(LEADING_COLUMNS) + ("\t" + "\t".join(features) if features else "\t<features>")
-        raise UsageError(f"{path}:1: wrong header; expected {expected!r}")
+        then = ", ".join(features) if features else "one column per feature"
+        raise UsageError(f"{path}:1: wrong header; expected tab-separated {', '.join(LEADING_COLUMNS)}, then {then}")
     rows = []
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
