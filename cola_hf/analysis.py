@@ -57,7 +57,7 @@ class SubsetScore:
     n: int
     n_acceptable: int
     matthews_correlation: float | None  # None where the subset has one class only
-    accuracy: float
+    accuracy: float | None  # None where the subset is empty
     mcc_ci_low: float | None = None  # 95% percentile bootstrap interval of the MCC
     mcc_ci_high: float | None = None
     note: str = ""
@@ -250,7 +250,7 @@ def bootstrap_mcc_interval(
 def subset_score(labels: np.ndarray, predictions: np.ndarray, interval: bool = True) -> SubsetScore:
     counts = np.bincount(_cells(labels, predictions), minlength=4)
     n, n_acceptable = len(labels), int(labels.sum())
-    accuracy = float((counts[0] + counts[3]) / n) if n else float("nan")
+    accuracy = float((counts[0] + counts[3]) / n) if n else None
     if n == 0 or not _two_classes(counts):
         return SubsetScore(n, n_acceptable, None, accuracy, note=ONE_CLASS_NOTE if n else "no sentences")
     low, high = bootstrap_mcc_interval(labels, predictions) if interval else (None, None)

@@ -43,12 +43,14 @@ def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
-def download(url: str, cache_dir: str | None = None) -> Path:
+def download(url: str, cache_dir: str | None = None, *, check_for_updates: bool = True) -> Path:
     """The URL's file, extracted when it is an archive: downloaded once, then served from datasets' cache.
 
-    Raises OSError or ConnectionError (offline mode included) when it cannot be fetched.
+    With `check_for_updates`, every call asks the server whether the file changed (so it needs the network);
+    without, a cached copy is used as it is, offline too. Raises OSError or ConnectionError (offline mode
+    included) when it cannot be fetched.
     """
-    download_config = datasets.DownloadConfig(cache_dir=cache_dir)
+    download_config = datasets.DownloadConfig(cache_dir=cache_dir, use_etag=check_for_updates)
     return Path(datasets.DownloadManager(download_config=download_config).download_and_extract(url))
 
 

@@ -76,7 +76,8 @@ def annotations_dir(source: str | None, cache_dir: str | None = None) -> Path | 
         return None
     if is_url(source):
         try:
-            root = download(source, cache_dir)
+            # The annotations of 2019 do not change: once downloaded, the cached copy serves offline too.
+            root = download(source, cache_dir, check_for_updates=False)
         except (OSError, ConnectionError) as err:
             logger.warning(
                 "Phenomena skipped: cannot download %s (%s); offline, pass %s",

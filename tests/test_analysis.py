@@ -6,9 +6,12 @@ real GLUE dev rows (COLA_ZIP) and recomputes every phenomenon with sklearn. The 
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import logging
 import shutil
+import threading
 import zipfile
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, matthews_corrcoef
 from cola_hf.analysis import (
     DEFAULT_ANNOTATIONS_URL,
     RunAnalysis,
+    SubsetScore,
     analyze_run,
     paired_bootstrap,
     phenomena_markdown,
@@ -200,7 +204,7 @@ def test_one_class_subset_has_no_mcc_and_one_predicted_class_says_so(tmp_path, g
     binding = analysis.phenomena["Binding"]
     assert 0 < binding.n_acceptable < binding.n, "the fixture should mark both classes"
     assert binding.matthews_correlation == 0.0 and "predicts one class" in binding.note
-    assert analysis.phenomena["Simple"].n == 0 and analysis.phenomena["Simple"].matthews_correlation is None
+    assert analysis.phenomena["Simple"] == SubsetScore(0, 0, None, None, note="no sentences")
     assert "| Imperative | " in phenomena_markdown(analysis) and "n/a (one class only" in phenomena_markdown(analysis)
 
 
@@ -419,3 +423,39 @@ def test_compare_without_annotations_names_the_run(tmp_path, glue_rows, monkeypa
     shutil.copytree(run_dir, tmp_path / "b")
     assert compare_main([str(run_dir), str(tmp_path / "b"), "--output", str(tmp_path / "out"), "--phenomena"]) == 2
     assert capsys.readouterr().err.startswith(f"cola-compare: error: {run_dir}: no phenomena in analysis.json")
+
+
+@pytest.fixture
+def served_dir(tmp_path):
+    """A directory served over HTTP on localhost, like the CoLA site, until the test ends."""
+    directory = tmp_path / "site"
+    directory.mkdir()
+    handler = functools.partial(QuietHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield directory, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # the test's output is not the place for an access log
+        pass
+
+
+def test_annotations_url_is_downloaded_once_then_served_offline(tmp_path, glue_rows, served_dir, monkeypatch):
+    site, url = served_dir
+    annotations = write_annotations(tmp_path / "annotations", glue_rows, {"Binding": [1] * len(glue_rows)})
+    with zipfile.ZipFile(site / "CoLA_grammatical_annotations.zip", "w") as archive:
+        archive.write(annotations / MAJOR_FILE, MAJOR_FILE)
+    run_dir = write_synthetic_run(tmp_path / "run", glue_rows)
+    source, cache = f"{url}/CoLA_grammatical_annotations.zip", str(tmp_path / "cache")
+
+    online = analyze_run(run_dir, source, cache_dir=cache)
+    (site / "CoLA_grammatical_annotations.zip").unlink()
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    offline = analyze_run(run_dir, source, cache_dir=cache)
+
+    assert online.phenomena["Binding"].n == offline.phenomena["Binding"].n == len(glue_rows)
+    assert offline.phenomena == online.phenomena and offline.annotations.source == source
