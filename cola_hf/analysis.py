@@ -540,19 +540,24 @@ def write_charts(analysis: RunAnalysis, output_dir: Path) -> list[str]:
 def plot_phenomena(scores: dict[str, SubsetScore], path: Path) -> None:
     names = list(scores)[::-1]  # the file's order, top to bottom
     figure, axes = plt.subplots(figsize=(7, 0.3 * len(names) + 1.2))
+    rows = [row for row, name in enumerate(names) if scores[name].matthews_correlation is not None]
+    mcc = np.array([scores[names[row]].matthews_correlation for row in rows])
+    # A subset too small for an interval gets none: its bar has zero length.
+    low = np.array([_or(scores[names[row]].mcc_ci_low, value) for row, value in zip(rows, mcc, strict=True)])
+    high = np.array([_or(scores[names[row]].mcc_ci_high, value) for row, value in zip(rows, mcc, strict=True)])
+    axes.errorbar(mcc, rows, xerr=[mcc - low, high - mcc], fmt="o", color="tab:blue", capsize=3)
     for row, name in enumerate(names):
-        score = scores[name]
-        if score.matthews_correlation is None:
+        if scores[name].matthews_correlation is None:
             axes.text(0, row, "  MCC undefined (one class)", va="center", fontsize="small", color="gray")
-            continue
-        low, high = score.mcc_ci_low, score.mcc_ci_high
-        error = [[score.matthews_correlation - low], [high - score.matthews_correlation]] if low is not None else None
-        axes.errorbar(score.matthews_correlation, row, xerr=error, fmt="o", color="tab:blue", capsize=3)
     axes.set_yticks(range(len(names)), [f"{name} (n={scores[name].n})" for name in names])
     axes.axvline(0, color="black", linewidth=0.8)
     axes.set(title="MCC per phenomenon on glue_dev, 95% bootstrap interval", xlabel="MCC", xlim=(-1, 1))
     axes.grid(axis="x", alpha=0.3)
     _save(figure, path)
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 def plot_reliability(test_sets: dict[str, TestSetAnalysis], path: Path) -> None:
