@@ -360,15 +360,10 @@ def analyze_run(
         if split == "glue_dev" or (output_dir / f"predictions_{split}.tsv").is_file()
     }
     notes = []
-    threshold = choose_threshold(runs["validation"]) if "validation" in runs else None
-    if threshold is None:
-        notes.append("No threshold chosen: predictions_validation.tsv is missing or has one class only.")
-    test_sets = {split: analyze_test_set(runs[split], threshold) for split in TEST_SPLITS if split in runs}
-
     phenomena: dict[str, SubsetScore] = {}
     minor_phenomena: dict[str, SubsetScore] = {}
     annotation_info = None
-    loaded = load_annotations(annotations_source, minor_features, cache_dir)
+    loaded = load_annotations(annotations_source, minor_features, cache_dir)  # bad annotations stop before any output
     if loaded is None:
         notes.append(f"Phenomena skipped: no annotations at hand; pass {HOW_TO_PROVIDE}.")
     else:
@@ -385,9 +380,12 @@ def analyze_run(
             str(annotations_source), str(major.path), str(minor.path) if minor else None, note
         )
 
+    threshold = choose_threshold(runs["validation"]) if "validation" in runs else None
+    if threshold is None:
+        notes.append("No threshold chosen: predictions_validation.tsv is missing or has one class only.")
     analysis = RunAnalysis(
         run_dir=str(output_dir),
-        test_sets=test_sets,
+        test_sets={split: analyze_test_set(runs[split], threshold) for split in TEST_SPLITS if split in runs},
         threshold=threshold,
         phenomena=phenomena,
         minor_phenomena=minor_phenomena,

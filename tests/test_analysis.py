@@ -248,6 +248,7 @@ def test_bad_annotations_are_one_line_naming_file_and_row(tmp_path, glue_rows, c
         file=annotations / MAJOR_FILE, preds=run_dir / "predictions_glue_dev.tsv", label=1 - glue_rows[3][1]
     )
     assert str(raised.value).startswith(expected) and "\n" not in str(raised.value)
+    assert not (run_dir / "analysis.json").exists()  # nothing half-done is left behind
 
 
 def test_missing_annotation_file_and_missing_source_name_the_path(tmp_path, glue_rows):
