@@ -2,8 +2,8 @@
 
 Per test set: MCC with a bootstrap interval, confusion matrix, calibration (ECE, reliability diagram), the
 decision threshold chosen on the validation split, and scores per sentence source. On glue_dev, scores per
-grammatical phenomenon (cola_hf.phenomena). Significance tests for cola-compare: a paired bootstrap of two runs'
-MCC difference on the same sentences, Welch's t-test for two groups of seeds.
+grammatical phenomenon (cola_hf.phenomena). Several runs side by side, and the tests between them, are in
+cola_hf.significance.
 
 Bootstraps are vectorised: each resample's confusion counts come from one `np.bincount`, so the whole analysis
 takes well under two seconds.
@@ -40,7 +40,6 @@ TEST_SPLITS = SPLITS[1:]
 ANALYSIS_JSON = "analysis.json"
 SCHEMA_VERSION = 1
 RESAMPLES = 1000  # per interval in a run; percentile intervals, seeded so a rerun gives the same figures
-TEST_RESAMPLES = 10_000  # for the significance tests of cola-compare, which can afford them
 BOOTSTRAP_SEED = 0
 CALIBRATION_BINS = 10
 THRESHOLDS = np.round(np.arange(0.01, 1.0, 0.01), 2)
@@ -210,7 +209,7 @@ def read_predictions(path: str | Path) -> Predictions:
 
 
 # --- vectorised scores ----------------------------------------------------------------------------------------
-def _mcc_from_counts(counts: np.ndarray) -> np.ndarray:
+def mcc_from_counts(counts: np.ndarray) -> np.ndarray:
     """MCC from confusion counts [..., (tn, fp, fn, tp)]; 0 where a margin is empty, as sklearn defines it."""
     tn, fp, fn, tp = (counts[..., cell].astype(float) for cell in range(4))
     denominator = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
@@ -218,12 +217,12 @@ def _mcc_from_counts(counts: np.ndarray) -> np.ndarray:
         return np.where(denominator > 0, (tp * tn - fp * fn) / denominator, 0.0)
 
 
-def _cells(labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
+def confusion_cells(labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
     """Each sentence's confusion cell: 0 tn, 1 fp, 2 fn, 3 tp."""
     return 2 * labels.astype(np.int64) + predictions
 
 
-def _resampled_counts(cells: np.ndarray, indices: np.ndarray) -> np.ndarray:
+def resampled_counts(cells: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """Confusion counts (resamples, 4) of every row of `indices` in one bincount."""
     resamples = len(indices)
     offsets = 4 * np.arange(resamples)[:, None]
@@ -239,8 +238,10 @@ def bootstrap_mcc_interval(
 ) -> tuple[float | None, float | None]:
     """95% percentile interval of the MCC over resamples of the sentences; resamples with one class are left out."""
     rng = np.random.default_rng(seed)
-    counts = _resampled_counts(_cells(labels, predictions), rng.integers(0, len(labels), (resamples, len(labels))))
-    values = _mcc_from_counts(counts)[_two_classes(counts)]
+    counts = resampled_counts(
+        confusion_cells(labels, predictions), rng.integers(0, len(labels), (resamples, len(labels)))
+    )
+    values = mcc_from_counts(counts)[_two_classes(counts)]
     if len(values) < resamples / 2:  # too few resamples hold both classes for an interval to mean anything
         return None, None
     low, high = np.percentile(values, [2.5, 97.5])
@@ -248,7 +249,7 @@ def bootstrap_mcc_interval(
 
 
 def subset_score(labels: np.ndarray, predictions: np.ndarray, interval: bool = True) -> SubsetScore:
-    counts = np.bincount(_cells(labels, predictions), minlength=4)
+    counts = np.bincount(confusion_cells(labels, predictions), minlength=4)
     n, n_acceptable = len(labels), int(labels.sum())
     accuracy = float((counts[0] + counts[3]) / n) if n else None
     if n == 0 or not _two_classes(counts):
@@ -256,16 +257,16 @@ def subset_score(labels: np.ndarray, predictions: np.ndarray, interval: bool = T
     low, high = bootstrap_mcc_interval(labels, predictions) if interval else (None, None)
     predicted_classes = int(counts[0] + counts[2] > 0) + int(counts[1] + counts[3] > 0)
     note = PREDICTED_ONE_CLASS_NOTE if predicted_classes < 2 else ""
-    return SubsetScore(n, n_acceptable, float(_mcc_from_counts(counts)), accuracy, low, high, note)
+    return SubsetScore(n, n_acceptable, float(mcc_from_counts(counts)), accuracy, low, high, note)
 
 
 def mcc_by_threshold(labels: np.ndarray, probabilities: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """MCC of `probabilities > t` for every threshold t, in one pass."""
     predicted = (probabilities[None, :] > thresholds[:, None]).astype(np.int64)
-    cells = _cells(labels, predicted)
+    cells = confusion_cells(labels, predicted)
     offsets = 4 * np.arange(len(thresholds))[:, None]
     counts = np.bincount((cells + offsets).ravel(), minlength=4 * len(thresholds)).reshape(-1, 4)
-    return _mcc_from_counts(counts)
+    return mcc_from_counts(counts)
 
 
 def choose_threshold(validation: Predictions) -> ThresholdAnalysis | None:
@@ -312,7 +313,7 @@ def by_source(run: Predictions) -> dict[str, SubsetScore]:
 
 
 def analyze_test_set(run: Predictions, threshold: ThresholdAnalysis | None) -> TestSetAnalysis:
-    counts = np.bincount(_cells(run.labels, run.predictions), minlength=4)
+    counts = np.bincount(confusion_cells(run.labels, run.predictions), minlength=4)
     error, bins = reliability(run.labels, run.probabilities)
     at_threshold = accuracy_at_threshold = None
     if threshold is not None:
@@ -402,14 +403,14 @@ def analyze_run(
 
 
 # --- for people: markdown, charts, W&B tables -----------------------------------------------------------------
-def _number(value: float | None, digits: int = 3) -> str:
+def format_number(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _mcc_cell(score: SubsetScore) -> str:
+def mcc_cell(score: SubsetScore) -> str:
     if score.matthews_correlation is None:
         return f"n/a ({score.note})"
-    cell = _number(score.matthews_correlation)
+    cell = format_number(score.matthews_correlation)
     if score.mcc_ci_low is not None:
         cell += f" [{score.mcc_ci_low:.3f}, {score.mcc_ci_high:.3f}]"
     return f"{cell} ({score.note})" if score.note else cell
@@ -418,7 +419,9 @@ def _mcc_cell(score: SubsetScore) -> str:
 def _score_table(scores: dict[str, SubsetScore], first_column: str) -> str:
     lines = [f"| {first_column} | n | acceptable | MCC [95% CI] | accuracy |", "|---|---:|---:|---|---:|"]
     for name, score in scores.items():
-        lines.append(f"| {name} | {score.n} | {score.n_acceptable} | {_mcc_cell(score)} | {_number(score.accuracy)} |")
+        lines.append(
+            f"| {name} | {score.n} | {score.n_acceptable} | {mcc_cell(score)} | {format_number(score.accuracy)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -446,9 +449,9 @@ def analysis_markdown(analysis: RunAnalysis) -> str:
     ]
     for split, test in analysis.test_sets.items():
         lines.append(
-            f"| {split} | {test.score.n} | {_mcc_cell(test.score)} | {_number(test.score.accuracy)} | "
-            f"{_number(test.expected_calibration_error)} | {_number(test.mcc_at_validation_threshold)} | "
-            f"{_number(test.accuracy_at_validation_threshold)} |"
+            f"| {split} | {test.score.n} | {mcc_cell(test.score)} | {format_number(test.score.accuracy)} | "
+            f"{format_number(test.expected_calibration_error)} | {format_number(test.mcc_at_validation_threshold)} | "
+            f"{format_number(test.accuracy_at_validation_threshold)} |"
         )
     lines += ["", "## Decision threshold", ""]
     if threshold:
@@ -593,214 +596,3 @@ def plot_threshold(threshold: ThresholdAnalysis, path: Path) -> None:
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     _save(figure, path)
-
-
-# --- significance ---------------------------------------------------------------------------------------------
-@dataclass
-class PairedBootstrap:
-    """MCC of run b minus run a on the same sentences, its 95% interval and two-sided p-value."""
-
-    test: str
-    n: int
-    resamples: int
-    mcc_a: float
-    mcc_b: float
-    difference: float
-    ci_low: float
-    ci_high: float
-    p_value: float
-
-
-@dataclass
-class SeedGroupTest:
-    """Mean glue_dev MCC of group b minus group a over their seeds, with Welch's t-test."""
-
-    test: str
-    n_a: int
-    n_b: int
-    mean_a: float
-    std_a: float
-    mean_b: float
-    std_b: float
-    difference: float
-    statistic: float | None
-    degrees_of_freedom: float | None
-    p_value: float | None
-
-
-def paired_bootstrap(
-    a: Predictions, b: Predictions, resamples: int = TEST_RESAMPLES, seed: int = BOOTSTRAP_SEED
-) -> PairedBootstrap:
-    """Resample the sentences (the same rows for both runs); p: how often the centred difference is as large.
-
-    The centred bootstrap distribution stands for the null hypothesis (Berg-Kirkpatrick et al. 2012); p is
-    two-sided and counts the observed resample, so it is never 0. A run against itself gives 0 and p = 1.
-    """
-    if len(a.sentences) != len(b.sentences):
-        raise UsageError(f"{b.path}: {len(b.sentences)} rows, but {a.path} has {len(a.sentences)}")
-    for row, (first, second) in enumerate(zip(a.sentences, b.sentences, strict=True), start=2):
-        if first != second or a.labels[row - 2] != b.labels[row - 2]:
-            raise UsageError(f"{b.path}:{row}: not the same sentence and label as {a.path}:{row}")
-    cells_a, cells_b = _cells(a.labels, a.predictions), _cells(b.labels, b.predictions)
-    rng = np.random.default_rng(seed)
-    differences = []
-    for start in range(0, resamples, 1000):  # chunks keep the index matrix small
-        indices = rng.integers(0, len(cells_a), (min(1000, resamples - start), len(cells_a)))
-        counts_a, counts_b = _resampled_counts(cells_a, indices), _resampled_counts(cells_b, indices)
-        differences.append(_mcc_from_counts(counts_b) - _mcc_from_counts(counts_a))
-    resampled = np.concatenate(differences)
-    mcc_a = float(_mcc_from_counts(np.bincount(cells_a, minlength=4)))
-    mcc_b = float(_mcc_from_counts(np.bincount(cells_b, minlength=4)))
-    observed = mcc_b - mcc_a
-    as_large = np.count_nonzero(np.abs(resampled - observed) >= abs(observed) - 1e-12)
-    low, high = np.percentile(resampled, [2.5, 97.5])
-    return PairedBootstrap(
-        test="paired bootstrap of the MCC difference",
-        n=len(cells_a),
-        resamples=resamples,
-        mcc_a=mcc_a,
-        mcc_b=mcc_b,
-        difference=observed,
-        ci_low=float(low),
-        ci_high=float(high),
-        p_value=float((as_large + 1) / (resamples + 1)),
-    )
-
-
-def welch_test(mcc_a: list[float], mcc_b: list[float]) -> SeedGroupTest:
-    """Welch's t-test (unequal variances) of two groups of seeds' MCCs; std is the sample one (n - 1)."""
-    from scipy import stats
-
-    if len(mcc_a) < 2 or len(mcc_b) < 2:
-        raise UsageError(f"Welch's t-test needs at least 2 seeds per group; found {len(mcc_a)} and {len(mcc_b)}")
-    a, b = np.array(mcc_a), np.array(mcc_b)
-    statistic = degrees = p_value = None
-    if a.std() > 0 or b.std() > 0:  # both constant: no variance to test against
-        result = stats.ttest_ind(b, a, equal_var=False)
-        statistic, degrees, p_value = float(result.statistic), float(result.df), float(result.pvalue)
-    return SeedGroupTest(
-        test="Welch's t-test",
-        n_a=len(a),
-        n_b=len(b),
-        mean_a=float(a.mean()),
-        std_a=float(a.std(ddof=1)),
-        mean_b=float(b.mean()),
-        std_b=float(b.std(ddof=1)),
-        difference=float(b.mean() - a.mean()),
-        statistic=statistic,
-        degrees_of_freedom=degrees,
-        p_value=p_value,
-    )
-
-
-# --- several runs (cola-compare) ------------------------------------------------------------------------------
-class _GlueDevScorer:
-    """Phenomena of runs from their analysis.json, or from predictions_glue_dev.tsv and the annotations."""
-
-    def __init__(self, annotations_source: str | None, minor_features: bool, cache_dir: str | None):
-        self.source, self.minor_features, self.cache_dir = annotations_source, minor_features, cache_dir
-        self._annotations: tuple | None = None
-
-    def phenomena(self, run_dir: Path) -> dict[str, SubsetScore]:
-        saved = run_dir / ANALYSIS_JSON
-        if saved.is_file():
-            analysis = RunAnalysis.load(saved)
-            scores = {**analysis.phenomena, **analysis.minor_phenomena} if self.minor_features else analysis.phenomena
-            if analysis.phenomena and (analysis.minor_phenomena or not self.minor_features):
-                return scores
-        if self._annotations is None:
-            self._annotations = load_annotations(self.source, self.minor_features, self.cache_dir)
-            if self._annotations is None:
-                raise UsageError(
-                    f"{run_dir}: no phenomena in {ANALYSIS_JSON} and no annotations; pass {HOW_TO_PROVIDE}"
-                )
-        major, minor = self._annotations
-        glue_dev = read_predictions(run_dir / "predictions_glue_dev.tsv")
-        check_rows(major, glue_dev.sources, glue_dev.labels, glue_dev.sentences, glue_dev.path)
-        features = {**major.features, **(minor.features if minor else {})}
-        return phenomenon_scores(glue_dev, features)
-
-
-def phenomena_comparison(
-    labels: list[str],
-    groups: list[list[Path]],
-    annotations_source: str | None = DEFAULT_ANNOTATIONS_URL,
-    minor_features: bool = False,
-    cache_dir: str | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-phenomenon MCC side by side: a display frame (one column per run or group) and one row per run.
-
-    A single run shows its MCC and 95% interval; a group of seeds the mean ± sample std of its runs' MCCs.
-    With minor features, a name used by both lists (Simple, Imperative) shows the minor one.
-    """
-    scorer = _GlueDevScorer(annotations_source, minor_features, cache_dir)
-    long_rows, display = [], {}
-    for label, members in zip(labels, groups, strict=True):
-        per_run = {run_dir: scorer.phenomena(run_dir) for run_dir in members}
-        for run_dir, scores in per_run.items():
-            long_rows += [
-                {"group": label, "run": str(run_dir), "phenomenon": name, **dataclasses.asdict(score)}
-                for name, score in scores.items()
-            ]
-        names = list(next(iter(per_run.values())))
-        if len(members) == 1:
-            display[label] = {name: _mcc_cell(per_run[members[0]][name]) for name in names}
-        else:
-            display[label] = {name: _spread([s[name].matthews_correlation for s in per_run.values()]) for name in names}
-        display.setdefault("n", {name: next(iter(per_run.values()))[name].n for name in names})
-    frame = pd.DataFrame(display)
-    frame = frame[["n", *labels]].rename_axis("phenomenon").reset_index()
-    return frame, pd.DataFrame(long_rows)
-
-
-def _spread(values: list[float | None]) -> str:
-    defined = [value for value in values if value is not None]
-    if len(defined) < 2:
-        return _number(defined[0]) if defined else "n/a (one class)"
-    return f"{np.mean(defined):.3f} ± {np.std(defined, ddof=1):.3f} ({len(defined)} seeds)"
-
-
-def significance_tests(
-    labels: list[str], groups: list[list[Path]]
-) -> list[tuple[str, str, PairedBootstrap | SeedGroupTest]]:
-    """Every run or group against the first, on glue_dev: paired bootstrap for two runs, Welch for two groups."""
-    if len(groups) < 2:
-        raise UsageError("--significance needs two runs, or two directories of seed runs, to compare")
-    baseline_label, baseline = labels[0], groups[0]
-    results = []
-    for label, members in zip(labels[1:], groups[1:], strict=True):
-        if len(baseline) == 1 and len(members) == 1:
-            a = read_predictions(baseline[0] / "predictions_glue_dev.tsv")
-            b = read_predictions(members[0] / "predictions_glue_dev.tsv")
-            results.append((baseline_label, label, paired_bootstrap(a, b)))
-        elif len(baseline) > 1 and len(members) > 1:
-            results.append((baseline_label, label, welch_test(_glue_dev_mccs(baseline), _glue_dev_mccs(members))))
-        else:
-            raise UsageError(
-                f"{label}: cannot test a single run against a group of seeds; give two runs or two seed directories"
-            )
-    return results
-
-
-def _glue_dev_mccs(members: list[Path]) -> list[float]:
-    values = []
-    for run_dir in members:
-        run = read_predictions(run_dir / "predictions_glue_dev.tsv")
-        values.append(float(_mcc_from_counts(np.bincount(_cells(run.labels, run.predictions), minlength=4))))
-    return values
-
-
-def significance_markdown(results: list[tuple[str, str, PairedBootstrap | SeedGroupTest]]) -> str:
-    lines = ["| a | b | test | MCC a | MCC b | b - a | 95% CI / t (df) | p |", "|---|---|---|---:|---:|---:|---|---:|"]
-    for label_a, label_b, result in results:
-        if isinstance(result, PairedBootstrap):
-            middle = f"{result.mcc_a:.3f} | {result.mcc_b:.3f} | {result.difference:+.3f} | "
-            middle += f"[{result.ci_low:+.3f}, {result.ci_high:+.3f}]"
-            test = f"paired bootstrap, {result.resamples} resamples of {result.n} sentences"
-        else:
-            middle = f"{result.mean_a:.3f} ± {result.std_a:.3f} | {result.mean_b:.3f} ± {result.std_b:.3f} | "
-            t = "n/a" if result.statistic is None else f"t = {result.statistic:.2f} ({result.degrees_of_freedom:.1f})"
-            middle += f"{result.difference:+.3f} | {t}"
-            test = f"Welch's t-test, {result.n_a} vs {result.n_b} seeds"
-        lines.append(f"| {label_a} | {label_b} | {test} | {middle} | {_number(result.p_value, 4)} |")
-    return "\n".join(lines) + "\n"

@@ -3,7 +3,7 @@
 Writes, into --output: comparison.md and comparison.csv (one row per run: its hyperparameters, validation
 MCC, every test set's MCC) and comparison.png (validation MCC and loss per epoch, one line per run).
 With --phenomena, phenomena.md/.csv (MCC per grammatical phenomenon); with --significance, significance.md
-(cola_hf.analysis: paired bootstrap for two runs, Welch's t-test for two groups of seeds).
+(cola_hf.significance: paired bootstrap for two runs, Welch's t-test for two groups of seeds).
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def run_groups(paths: list[Path]) -> list[list[Path]]:
 
 def write_phenomena(labels: list[str], groups: list[list[Path]], args: argparse.Namespace) -> None:
     """phenomena.md and phenomena.csv: per-phenomenon MCC of every run or group, side by side."""
-    from cola_hf.analysis import phenomena_comparison
+    from cola_hf.significance import phenomena_comparison
 
     display, per_run = phenomena_comparison(labels, groups, args.annotations_source, args.minor_features)
     write_text(args.output / "phenomena.md", to_markdown(display))
@@ -149,7 +149,7 @@ def write_phenomena(labels: list[str], groups: list[list[Path]], args: argparse.
 
 def write_significance(labels: list[str], groups: list[list[Path]], output_dir: Path) -> None:
     """significance.md: each run or group against the first, on glue_dev."""
-    from cola_hf.analysis import significance_markdown, significance_tests
+    from cola_hf.significance import significance_markdown, significance_tests
 
     table = significance_markdown(significance_tests(labels, groups))
     write_text(output_dir / "significance.md", table)

@@ -28,16 +28,15 @@ from cola_hf.analysis import (
     RunAnalysis,
     SubsetScore,
     analyze_run,
-    paired_bootstrap,
     phenomena_markdown,
     read_predictions,
     wandb_tables,
-    welch_test,
 )
 from cola_hf.cli import compare_main
 from cola_hf.errors import UsageError
 from cola_hf.phenomena import LEADING_COLUMNS, MAJOR_FEATURES, MAJOR_FILE, MINOR_FILE
 from cola_hf.reporting import write_predictions
+from cola_hf.significance import paired_bootstrap, welch_test
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
