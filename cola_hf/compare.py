@@ -2,6 +2,8 @@
 
 Writes, into --output: comparison.md and comparison.csv (one row per run: its hyperparameters, validation
 MCC, every test set's MCC) and comparison.png (validation MCC and loss per epoch, one line per run).
+With --phenomena, phenomena.md/.csv (MCC per grammatical phenomenon); with --significance, significance.md
+(cola_hf.significance: paired bootstrap for two runs, Welch's t-test for two groups of seeds).
 """
 
 from __future__ import annotations
@@ -105,18 +107,73 @@ def compare(run_dirs: list[Path], output_dir: Path) -> pd.DataFrame:
     return frame
 
 
+def run_groups(paths: list[Path]) -> list[list[Path]]:
+    """Each DIR as a list of runs: a run directory alone, or a directory of runs (a seed study) as a group."""
+
+    def is_run(path: Path) -> bool:
+        return (path / RESULTS).is_file() or (path / "predictions_glue_dev.tsv").is_file()
+
+    # A directory that is neither stays as it is, for load_results to name.
+    return [[path] if is_run(path) else sorted(p for p in path.glob("*/") if is_run(p)) or [path] for path in paths]
+
+
+def write_phenomena(labels: list[str], groups: list[list[Path]], args: argparse.Namespace) -> None:
+    """phenomena.md and phenomena.csv: per-phenomenon MCC of every run or group, side by side."""
+    from cola_hf.significance import phenomena_comparison
+
+    display, per_run = phenomena_comparison(labels, groups, args.annotations_source, args.minor_features)
+    write_text(args.output / "phenomena.md", to_markdown(display))
+    with atomic_path(args.output / "phenomena.csv") as temporary:
+        per_run.to_csv(temporary, index=False)
+    print(f"\nMCC per phenomenon on glue_dev:\n{to_markdown(display)}", end="")
+
+
+def write_significance(labels: list[str], groups: list[list[Path]], output_dir: Path) -> None:
+    """significance.md: each run or group against the first, on glue_dev."""
+    from cola_hf.significance import significance_markdown, significance_tests
+
+    table = significance_markdown(significance_tests(labels, groups))
+    write_text(output_dir / "significance.md", table)
+    print(f"\nSignificance on glue_dev (against {labels[0]}):\n{table}", end="")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from cola_hf.phenomena import DEFAULT_ANNOTATIONS_URL
+
     parser = argparse.ArgumentParser(
-        prog="cola-compare", description="Compare finished CoLA runs from their results.json files."
+        prog="cola-compare",
+        description="Compare finished CoLA runs from their results.json files.",
+        epilog="A DIR holding run directories instead of being one (a seed study) is a group of seeds.",
     )
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="DIR", help="output directories of runs")
     parser.add_argument("--output", type=Path, default=Path("comparison"), help="where the table and plot go")
+    parser.add_argument(
+        "--phenomena", action="store_true", help="MCC per grammatical phenomenon side by side (phenomena.md/.csv)"
+    )
+    parser.add_argument(
+        "--significance",
+        action="store_true",
+        help="test each DIR against the first on glue_dev: paired bootstrap for two runs, Welch's t-test for two "
+        "groups of seeds (significance.md)",
+    )
+    parser.add_argument(
+        "--annotations_source",
+        default=DEFAULT_ANNOTATIONS_URL,
+        help="CoLA_grammatical_annotations.zip (URL, zip or directory), for runs without phenomena in analysis.json",
+    )
+    parser.add_argument("--minor_features", action="store_true", help="with --phenomena: the 63 minor features too")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    frame = compare(args.run_dirs, args.output)
+    groups = run_groups(args.run_dirs)
+    frame = compare([run for members in groups for run in members], args.output)
     print(to_markdown(frame), end="")
     print(f"Wrote {args.output / 'comparison.md'}, comparison.csv and comparison.png")
+    labels = run_labels(args.run_dirs)
+    if args.phenomena:
+        write_phenomena(labels, groups, args)
+    if args.significance:
+        write_significance(labels, groups, args.output)
     return 0

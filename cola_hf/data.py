@@ -40,23 +40,33 @@ RAW_FILES = {
 TEST_SPLITS = ("out_of_domain_dev", "in_domain_dev", "glue_dev")
 
 
-def _is_url(source: str) -> bool:
+def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
+
+
+def download(url: str, cache_dir: str | None = None, *, check_for_updates: bool = True) -> Path:
+    """The URL's file, extracted when it is an archive: downloaded once, then served from datasets' cache.
+
+    With `check_for_updates`, every call asks the server whether the file changed (so it needs the network);
+    without, a cached copy is used as it is, offline too. Raises OSError or ConnectionError (offline mode
+    included) when it cannot be fetched.
+    """
+    download_config = datasets.DownloadConfig(cache_dir=cache_dir, use_etag=check_for_updates)
+    return Path(datasets.DownloadManager(download_config=download_config).download_and_extract(url))
 
 
 def find_raw_dir(source: str, cache_dir: str | None = None) -> Path:
     """Return the directory holding the three raw TSVs, downloading and extracting the zip when needed."""
-    if _is_url(source):
-        download_config = datasets.DownloadConfig(cache_dir=cache_dir)
+    if is_url(source):
         try:
-            root = Path(datasets.DownloadManager(download_config=download_config).download_and_extract(source))
+            root = download(source, cache_dir)
         except (OSError, ConnectionError) as err:
             raise ColaDataError(
                 f"{source}: download failed ({type(err).__name__}); without internet pass a local copy: "
                 "--cola_source path/to/cola_public_1.1.zip"
             ) from err
     else:
-        root = _local_root(Path(source).expanduser())
+        root = local_root(Path(source).expanduser())
     try:
         # The files missing from each place the TSVs may be; the place with the fewest is the one meant.
         missing = {
@@ -76,16 +86,18 @@ def find_raw_dir(source: str, cache_dir: str | None = None) -> Path:
     return closest
 
 
-def _local_root(path: Path) -> Path:
-    """A local --cola_source: a directory as it is, a zip extracted (and cached) by datasets."""
+def local_root(
+    path: Path, option: str = "--cola_source", expected: str = "the CoLA 1.1 zip or a directory of TSVs"
+) -> Path:
+    """A local source given by `option`: a directory as it is, a zip extracted (and cached) by datasets."""
     try:
         if not path.exists():
-            raise ColaDataError(f"{path}: no such file or directory (--cola_source)")
+            raise ColaDataError(f"{path}: no such file or directory ({option})")
         if path.is_dir():
             return path
         with path.open("rb") as handle:  # open it first: is_zipfile calls an unreadable file "not a zip"
             if not zipfile.is_zipfile(handle):
-                raise ColaDataError(f"{path}: not a zip file; expected the CoLA 1.1 zip or a directory of TSVs")
+                raise ColaDataError(f"{path}: not a zip file; expected {expected}")
     except PermissionError as err:
         raise _unreadable(err) from err
     return Path(datasets.DownloadManager().extract(str(path)))
