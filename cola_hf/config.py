@@ -21,6 +21,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
 from cola_hf.errors import UsageError
+from cola_hf.phenomena import DEFAULT_ANNOTATIONS_URL
 
 COLA_URL = "https://nyu-mll.github.io/CoLA/cola_public_1.1.zip"
 DEFAULT_MODEL = "bert-base-uncased"
@@ -59,6 +60,16 @@ class DataArguments:
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Keep only the first N training sentences (quick trials)."}
     )
+    annotations_source: str | None = field(
+        default=DEFAULT_ANNOTATIONS_URL,
+        metadata={
+            "help": "CoLA's grammatical-phenomena annotation of the GLUE dev set (URL, local zip or directory), "
+            "for the per-phenomenon analysis; 'none' skips it."
+        },
+    )
+    minor_features: bool = field(
+        default=False, metadata={"help": "Analyse the 63 minor grammatical features too, not only the 15 major."}
+    )
 
 
 @dataclass
@@ -70,7 +81,13 @@ class ColaTrainingArguments(TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Write over an output_dir that already holds a finished run."}
     )
-    resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in output_dir."})
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Insist on continuing from the latest complete checkpoint in output_dir (an unfinished run "
+            "continues from it anyway; this makes a missing checkpoint an error)."
+        },
+    )
     # The tutorial: torch AdamW(lr=2e-5, eps=1e-8), no weight decay, linear decay to 0 with no warmup,
     # gradient norm clipped at 1.0, batch 32, 4 epochs, seed 42, validation after every epoch.
     # Fused: torch AdamW's update in one kernel per step instead of a loop over the parameter tensors, and the

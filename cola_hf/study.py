@@ -3,7 +3,8 @@
 Every run is `cola_hf.run.run(options)`, called in this process with changed options, written to its own
 sub-directory named after the run (OUTPUT_DIR/tutorial-lr2e-05-bs32-ep4-seed43), and tracked as its own W&B
 run in one group. A run whose results.json exists is not run again and one with checkpoints continues from
-the latest, so an interrupted study picks up where it stopped (`--overwrite_output_dir` reruns everything).
+the latest (cola_hf/output_dir.py), so an interrupted or preempted study picks up at the run it was in
+(`--overwrite_output_dir` reruns everything).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import yaml
 from cola_hf import compare
 from cola_hf.config import RunOptions, make_parser
 from cola_hf.errors import UsageError
-from cola_hf.output_dir import is_finished, latest_complete_checkpoint
+from cola_hf.output_dir import is_finished
 from cola_hf.reporting import atomic_path, write_json, write_text
 from cola_hf.results import RunResults
 
@@ -66,9 +67,6 @@ def trial_options(options: RunOptions, changes: dict[str, Any]) -> RunOptions:
     args = trial.training
     args.output_dir = str(Path(options.training.output_dir) / name)
     args.run_name = name
-    if not is_finished(args.output_dir) and not args.overwrite_output_dir:
-        # An interrupted run continues from its latest checkpoint instead of refusing to start.
-        args.resume = latest_complete_checkpoint(args.output_dir) is not None
     return trial
 
 
