@@ -341,12 +341,15 @@ def test_search_end_to_end_keeps_only_the_best_model_and_never_scores_a_test_set
     assert compare_main([*trial_dirs, "--output", str(tmp_path / "comparison")]) == 0
 
 
-def test_a_hopeless_trial_is_pruned_after_its_second_epoch(tmp_path, base_args, cola_main):
+def test_a_hopeless_trial_is_pruned_after_its_second_epoch(tmp_path, base_args, cola_main, monkeypatch):
     """With five trials that reached MCC 0.9 by epoch 2, one still at 0 there is stopped and recorded as pruned."""
+    from test_tracking import offline_runs, stored_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
     space_file = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"value": 1e-7}})
     out = tmp_path / "search"
     argv = [*base_args, "--output_dir", str(out), "--search", str(space_file), "--n_trials", "6"]
-    argv += ["--num_train_epochs", "4", "--experiment_name", "pruning"]
+    argv += ["--num_train_epochs", "4", "--experiment_name", "pruning", "--report_to", "wandb"]
     (out / "search").mkdir(parents=True)
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(out / "search" / "study.journal"))
@@ -373,6 +376,14 @@ def test_a_hopeless_trial_is_pruned_after_its_second_epoch(tmp_path, base_args, 
     row = pd.read_csv(out / "search" / "trials.csv").iloc[-1]
     assert (row["state"], row["note"]) == ("PRUNED", "pruned after epoch 2")
     assert "saved 2 epochs" in (out / "search" / "trials.md").read_text()
+    # Every trial is a W&B run of the search's group.
+    (run_dir,) = offline_runs(trial_dir / "wandb")
+    stored = stored_run(run_dir)
+    assert (stored["run"].display_name, stored["run"].run_group) == ("pruning-trial-005", "pruning")
+    assert [row["eval/matthews_correlation"] for row in stored["history"] if "eval/matthews_correlation" in row] == [
+        0.0,
+        0.0,
+    ]
 
 
 def cola_command(*args: str) -> list[str]:
