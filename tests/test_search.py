@@ -444,3 +444,15 @@ def test_sigkill_mid_trial_then_the_same_command_fails_and_reruns_only_the_inter
     table = pd.read_csv(out / "search" / "trials.csv")
     assert list(table["note"].fillna(""))[:3] == ["", "interrupted; run again as trial 2", "rerun of trial 1"]
     assert "interrupted" in result.stderr
+
+
+def test_grid_is_a_grid_search_of_the_same_mechanism(tmp_path, base_args, cola_main):
+    grid = write_sweep(
+        tmp_path / "grid.yaml", "grid", {"learning_rate": {"values": [5e-3, 2e-3]}, "num_train_epochs": {"value": 1}}
+    )
+    out = tmp_path / "grid"
+    assert cola_main([*base_args, "--output_dir", str(out), "--grid", str(grid)]) == 0
+    trials = load_study(out).get_trials()
+    assert [trial.state.name for trial in trials] == ["COMPLETE", "COMPLETE"]
+    assert sorted(trial.params["learning_rate"] for trial in trials) == [2e-3, 5e-3]  # every point, once
+    assert (out / "best" / "predictions_glue_dev.tsv").is_file()
