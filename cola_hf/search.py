@@ -44,7 +44,7 @@ from transformers import TrainerCallback, TrainerState
 from cola_hf import data, reporting, search_report, tracking
 from cola_hf import run as runner
 from cola_hf.config import RunOptions, make_parser
-from cola_hf.errors import RunFailed, UsageError
+from cola_hf.errors import RunFailed, StoppedBySignal, UsageError, one_line
 from cola_hf.results import RunResults
 from cola_hf.search_space import SearchSpace, load_space
 from cola_hf.trainer import build_trainer, load_model_and_tokenizer
@@ -265,7 +265,7 @@ def run_trials(search: Search) -> None:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 # One trial per call: Optuna asks, keeps the heartbeat, records the state and logs the result.
                 study.optimize(objective, n_trials=1, catch=())
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, StoppedBySignal):
             # Optuna recorded the trial as failed; queue it again, so the same command redoes it.
             if objective.trial_number is not None:
                 with search.lock:
@@ -615,8 +615,3 @@ def link_or_copy_tree(source: Path, target: Path) -> None:
             shutil.copy2(src, dst)
 
     shutil.copytree(source, target, copy_function=link, dirs_exist_ok=True)
-
-
-def one_line(err: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
