@@ -134,6 +134,7 @@ def run_search(options: RunOptions, tokenized_files: datasets.DatasetDict | None
         describe_storage(study_args.search_storage, search_dir),
     )
     run_trials(search)
+    logger.info("This worker ran trials %s; the study holds %d", search.trials_run, len(study.get_trials()))
     with lock:
         best = best_trial(study)
         best_options = None if best is None else study_options(search, space.option_values(best.params))
@@ -446,7 +447,6 @@ def trial_options(search: Search, changes: dict[str, Any], output_dir: Path, run
 
 def run_trial(search: Search, trial: optuna.Trial, trial_dir: Path) -> float:
     """Train one trial; return its best validation MCC (nan, recorded as failed, if training diverged)."""
-
     changes = search.space.suggest(trial)
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("pid", os.getpid())
@@ -550,7 +550,6 @@ def finish_tracking(trial_dir: Path, results: RunResults) -> None:
 # --- the best trial --------------------------------------------------------------------------------------------
 def finish_best(search: Search) -> RunResults | None:
     """OUTPUT_DIR/best/: the best trial's model, scored on the test sets and reported like any run."""
-
     best = best_trial(search.study)
     if best is None:
         logger.warning("No trial finished: nothing to put in %s", search.output_dir / BEST_DIR)
