@@ -233,13 +233,39 @@ class StudyArguments:
     grid: str | None = field(
         default=None,
         metadata={
-            "help": "Run every combination of a W&B sweep file's grid locally, sequentially and resumably "
-            "(e.g. experiments/sweeps/bert_paper_grid.yaml)."
+            "help": "Run every point of a W&B sweep file's grid: the same as --search FILE for a 'method: grid' "
+            "file (e.g. experiments/sweeps/bert_paper_grid.yaml)."
         },
     )
     per_run_output_dir: bool = field(
         default=False,
         metadata={"help": "Write into OUTPUT_DIR/<run name>, one folder per run (W&B sweeps use it)."},
+    )
+    # The search (cola_hf/search.py, docs/search.md).
+    search: str | None = field(
+        default=None,
+        metadata={
+            "help": "Search a W&B sweep file's space with Optuna (grid/random/bayes); the best trial's model and "
+            "test results go to OUTPUT_DIR/best (e.g. experiments/sweeps/wide.yaml)."
+        },
+    )
+    n_trials: int | None = field(
+        default=None,
+        metadata={"help": "Trials of the search in total, over all its workers (a grid: every point by default)."},
+    )
+    search_storage: str | None = field(
+        default=None,
+        metadata={
+            "help": "Optuna storage URL that the search's workers share (postgresql://..., mysql://...); "
+            "default: a journal file in OUTPUT_DIR/search."
+        },
+    )
+    search_pruner: str = field(
+        default="median",
+        metadata={
+            "help": "Stop hopeless trials early on their per-epoch validation MCC.",
+            "choices": ["none", "median", "hyperband"],
+        },
     )
 
 

@@ -91,6 +91,17 @@ def hold_output_dir(output_dir: str | Path, main_process: bool = True) -> Iterat
         lock.release()
 
 
+def is_held(output_dir: str | Path) -> bool:
+    """Whether a live run holds the directory (a killed run's lock is gone with it)."""
+    lock = filelock.FileLock(Path(output_dir) / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        return True
+    lock.release()
+    return False
+
+
 def _holder(output_dir: Path) -> str:
     try:
         holder = json.loads((output_dir / HOLDER_FILE).read_text(encoding="utf-8"))

@@ -75,7 +75,7 @@ def _run(options: RunOptions, tokenized_files: datasets.DatasetDict | None) -> R
                 trainer.save_model()
                 trainer.save_state()
             # --- test sets and validation predictions ---
-            predictions = {split: predict_split(trainer, tokenized[split]) for split in PREDICTED_SPLITS}
+            predictions = predict_splits(trainer, tokenized)
         except StoppedBySignal:
             tracking.stop_run_preempted()
             raise
@@ -85,6 +85,13 @@ def _run(options: RunOptions, tokenized_files: datasets.DatasetDict | None) -> R
 
 # The test sets, and the validation split whose predictions choose the analysis's decision threshold.
 PREDICTED_SPLITS = (*data.TEST_SPLITS, "validation")
+
+
+def predict_splits(
+    trainer: TutorialTrainer, tokenized: datasets.DatasetDict
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(labels, probability of 'acceptable') of every sentence of PREDICTED_SPLITS, in order."""
+    return {split: predict_split(trainer, tokenized[split]) for split in PREDICTED_SPLITS}
 
 
 def check_annotations(options: RunOptions) -> str | None:
