@@ -23,7 +23,10 @@ CPUS="${SLURM_NODE_CPUS:-$(nproc)}"
 # Preempted jobs get this many seconds between SIGTERM and SIGKILL; at their time limit they get KillWait.
 GRACE_SECONDS="${SLURM_GRACE_SECONDS:-60}"
 
-running() { [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+running() {
+  local pid
+  pid="$(cat "$1" 2>/dev/null)" && [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null
+}
 
 # Stops the daemons whose pid files are given, and waits until they are gone.
 stop_daemons() {
@@ -57,6 +60,8 @@ SlurmctldHost=$NODE
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits cred_expire seconds (default 120) before it may start again; 10 keeps tests short.
+AuthInfo=cred_expire=10
 StateSaveLocation=$STATE_DIR/ctld
 SlurmdSpoolDir=$STATE_DIR/d
 SlurmctldPidFile=$STATE_DIR/slurmctld.pid
