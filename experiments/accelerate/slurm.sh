@@ -4,18 +4,19 @@
 #   sbatch experiments/accelerate/slurm.sh experiments/recipes/tutorial.yaml --output_dir outputs/tutorial
 #
 # Everything after the script name goes to experiments/cola.py. Edit the #SBATCH lines for your cluster
-# (partition, time, CPUs). What happens when Slurm wants the GPU back:
-#   - 5 minutes before the time limit Slurm sends SIGTERM to this batch shell (--signal=B:TERM@300), which
-#     passes it on to the training process. Training stops at the next step, saves checkpoint-<step> and
-#     exits 75; this script then requeues the job (scontrol requeue), and the requeued job runs the same
-#     command, which continues from that checkpoint. The log file collects every restart (--open-mode=append).
-#   - On preemption Slurm sends SIGTERM to every process of the job at once and, with PreemptMode=REQUEUE,
-#     requeues the job itself; the training saves the same way within the partition's GraceTime.
-# A run that finished (results.json written) exits 0 and the job ends. See docs/cluster.md.
+# (partition, time, CPUs). What happens when Slurm wants the GPU back (docs/cluster.md):
+#   - 300 s before the time limit Slurm sends SIGTERM to this batch shell (--signal=B:TERM@300), which passes
+#     it to the training (scancel --signal=TERM: every process of the job's steps). Training stops at the next
+#     step, saves checkpoint-<step> and exits 75; this script then requeues the job (scontrol requeue), and
+#     the requeued job runs the same command, which continues from that checkpoint.
+#   - On preemption Slurm sends SIGTERM to the job's steps at once, SIGKILL after the partition's GraceTime,
+#     and with PreemptMode=REQUEUE requeues the job itself; the training saves the same way.
+# Every start appends to the same log (--open-mode=append). A finished run (results.json) exits 0.
 #
-# The training runs as plain `python`, not `accelerate launch`: with one process the two are the same run,
-# but accelerate's one-process launcher dies on SIGTERM without passing it to the training process, and
-# reports the training's exit status 75 as 1. Mixed precision: add `--bf16 true` (or `--fp16 true`).
+# The training runs in a job step (srun), because Slurm's preemption signal goes to job steps, not to the
+# batch shell; and as plain `python`, not `accelerate launch`: with one process the two are the same run, but
+# accelerate's one-process launcher dies on SIGTERM without passing it to the training process and reports
+# the training's exit status 75 as 1. Mixed precision: add `--bf16 true` (or `--fp16 true`).
 #
 #SBATCH --job-name=cola-hf
 #SBATCH --nodes=1
@@ -36,29 +37,32 @@ PYTHON="${PYTHON:-python}"
 EXIT_STOPPED=75   # experiments/cola.py: stopped by SIGTERM after saving a checkpoint; run again to continue
 echo "cola-hf: job ${SLURM_JOB_ID:-?} start $((${SLURM_RESTART_COUNT:-0} + 1)) on $(hostname) at $(date '+%F %T')"
 
-# Bash runs a trap only between commands, so the training runs in the background and the shell waits for it.
-# Passed on once; on preemption Slurm signals the training process itself as well, and the training treats a
-# second SIGTERM as the first.
+# srun since Slurm 22.05 no longer takes --cpus-per-task from the allocation by itself.
+export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"
+
+# The SIGTERM goes to the job's steps with scancel, NOT to srun: srun does not pass a SIGTERM on to its
+# tasks, and kills the step outright on the next one. Passed on once; on preemption Slurm signals the step
+# itself as well, and the training treats a second SIGTERM as the first.
 stop_requested=0
-forward_sigterm() {
+stop_training() {
   if [[ $stop_requested -eq 0 ]]; then
     stop_requested=1
     echo "cola-hf: SIGTERM at $(date '+%F %T'); asking the training to save and stop"
-    kill -TERM "$training_pid" 2>/dev/null
+    scancel --signal=TERM "$SLURM_JOB_ID"
   fi
 }
-trap forward_sigterm TERM
+trap stop_training TERM
 
-"$PYTHON" experiments/cola.py "$@" &
-training_pid=$!
-# A trapped signal interrupts `wait`; wait again until the training has really exited, then read its status.
-while kill -0 "$training_pid" 2>/dev/null; do wait "$training_pid"; done
-wait "$training_pid"
+# Bash runs a trap only between commands, so the step runs in the background and the shell waits for it.
+srun --kill-on-bad-exit=1 "$PYTHON" experiments/cola.py "$@" &
+step_pid=$!
+# A trapped signal interrupts `wait`; wait again until the step has really ended, then read its status.
+while kill -0 "$step_pid" 2>/dev/null; do wait "$step_pid"; done
+wait "$step_pid"
 status=$?
 
 if [[ $status -eq $EXIT_STOPPED || ($stop_requested -eq 1 && $status -ne 0) ]]; then
   echo "cola-hf: training stopped with exit status $status; requeueing job $SLURM_JOB_ID to continue"
-  # On preemption Slurm is already requeueing the job, and says so here; nothing else to do then.
-  scontrol requeue "$SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"   # on preemption Slurm is already requeueing it, and says so here
 fi
 exit "$status"

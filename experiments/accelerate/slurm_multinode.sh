@@ -12,7 +12,8 @@
 # batch shell (--signal=B:TERM@300), which passes it to every process of the job's steps on every node
 # (scancel --signal=TERM). The ranks stop together at the next step, save checkpoint-<step>, and this
 # script requeues the job; the requeued job runs the same command, which continues from that checkpoint.
-# On preemption Slurm signals every process itself and requeues the job (PreemptMode=REQUEUE).
+# On preemption Slurm signals the job's steps at once, SIGKILLs them after the partition's GraceTime, and
+# requeues the job itself (PreemptMode=REQUEUE); the ranks save the same way.
 #
 #SBATCH --job-name=cola-hf
 #SBATCH --nodes=2
@@ -38,6 +39,8 @@ MAIN_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
 # A port derived from the job id, so two jobs sharing a node don't collide.
 MAIN_PORT="${MAIN_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 
+# srun since Slurm 22.05 no longer takes --cpus-per-task from the allocation by itself.
+export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"
 # torchrun passes a SIGTERM on to its workers and SIGKILLs them this many seconds later (its default is 30):
 # give the save the whole lead time that --signal asked for.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}"
@@ -48,8 +51,8 @@ echo "cola-hf: job $SLURM_JOB_ID start $((${SLURM_RESTART_COUNT:-0} + 1)) at $(d
 echo "nodes=$SLURM_NNODES gpus/node=$GPUS_PER_NODE main=$MAIN_NODE:$MAIN_PORT config=$ACCELERATE_CONFIG"
 
 # The signal goes to the job's steps with scancel, NOT to srun: srun does not pass a SIGTERM on to its
-# tasks, and kills the step outright on the next one. Passed on once; on preemption Slurm signals every
-# process itself as well, and a rank treats a second SIGTERM as the first.
+# tasks, and kills the step outright on the next one. Passed on once; on preemption Slurm signals the steps
+# itself as well, and a rank treats a second SIGTERM as the first.
 stop_requested=0
 stop_training() {
   if [[ $stop_requested -eq 0 ]]; then
