@@ -1,48 +1,8 @@
-"""Side by side: the tutorial's hand-written training loop vs this package's training path.
+"""Side by side: the tutorial's hand-written training loop vs this package's training path, on one machine.
 
-Both paths fine-tune the same checkpoint on the same CoLA data for the same number of optimizer steps on the
-same machine, then evaluate their validation split and GLUE's dev set (in_domain_dev + out_of_domain_dev):
-
-(a) ``tutorial``: a faithful copy of the tutorial's code cells. pandas reads in_domain_train.tsv; a Python
-    loop measures the longest sentence (``tokenizer.encode``), a second one tokenizes sentence by sentence,
-    padded to 64 (transformers 5 has no ``encode_plus``: ``tokenizer(sent, padding="max_length", ...)`` is its
-    replacement); TensorDataset, ``random_split`` 90/10, RandomSampler, DataLoader(batch 32), and the manual
-    loop: ``model.zero_grad()``, forward, ``loss.item()`` every step, backward, clip 1.0, torch AdamW(lr 2e-5,
-    eps 1e-8), ``get_linear_schedule_with_warmup(0, total)``. ``BertTokenizer`` and
-    ``BertForSequenceClassification`` are what the tutorial's names resolve to in the installed transformers
-    (a Rust-backed tokenizer, SDPA attention), so the baseline is today's tutorial, not a 2019 one.
-(b) ``package``: ``cola_hf.data.read_cola`` + ``tokenize_cola`` + ``split_cola`` + ``cola_hf.trainer.TutorialTrainer``
-    with the defaults of ``cola_hf.config`` (batched tokenization cached by datasets, dynamic padding,
-    length-grouped batches, fused AdamW).
-
-Deviations from the tutorial, all needed for a fair, repeatable measurement: every path seeds torch once at
-process start (the tutorial seeds only before its loop, so its split and classifier head differed run to run);
-the schedule's total is ``--max_steps`` (the tutorial's ``len(dataloader) * epochs`` when it is whole epochs);
-validation MCC is computed with sklearn's ``matthews_corrcoef`` on the validation split (the tutorial reports
-only accuracy there). Neither path saves checkpoints or validates during training: only training is timed.
-
-Process model: peak RSS (``ru_maxrss``) only ever grows, so two paths in one process would share one number.
-The parent process therefore runs each path in a fresh child (``python speed.py --path tutorial|package
---result_file F ...``, with the same arguments), reads each child's JSON result, and prints one table with
-the ratio (b)/(a). One command still gives the whole comparison, on the same machine in the same run.
-
-Columns: tokenization_s (tokenizing in_domain_train, i.e. the train + validation sentences, on a first run:
-the parent gives the children a fresh, empty datasets cache), tokenization_cached_s (the same on every later
-run: a third child tokenizes again and hits the cache the package child filled; the tutorial has no cache, so
-its value is its tokenization_s), train_samples_per_s, epoch_time_s (training time of one epoch, extrapolated
-from the steps run when ``--max_steps`` is less than an epoch), peak_memory_mb (peak RSS of the child on CPU; CUDA max
-allocated on GPU), valid_mcc, glue_dev_mcc, and epoch_cpu_s (process CPU seconds per epoch: on a machine shared
-with other busy processes, wall times are inflated while CPU seconds barely move, so a gap between the two ratios
-flags a contaminated run; the JSON also records the 1-minute load average around each path).
-
-Usage (flags the script does not know go to the package path, so levers are measured with the same script)::
-
-    MODEL=$(bash ../shared/tools/minilm.sh)
-    export COLA_ZIP=../shared/data/cola_public_1.1.zip
-    python benchmarks/speed.py --model_name_or_path "$MODEL" --output speed.json   # defaults vs tutorial
-    python benchmarks/speed.py ... --pad_to_max_length        # lever off: no dynamic padding
-    python benchmarks/speed.py ... --train_sampling_strategy random   # lever off: no length grouping
-    python benchmarks/speed.py ... --reuse_tutorial speed.json         # reuse a measured tutorial run
+(a) ``tutorial``: a faithful copy of the tutorial's code cells; (b) ``package``: ``cola_hf.trainer.build_trainer``,
+the run's own Trainer, with the defaults of ``cola_hf.config``. What each column means, the deviations from the
+tutorial that a fair measurement needs, and the commands: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -360,15 +320,15 @@ def trim_padding(input_ids, attention_mask):
 
 # --- (b) this package's training path -----------------------------------------------------------------------
 def run_package(args: argparse.Namespace, package_flags: list[str]) -> dict[str, Any]:
-    from transformers import DataCollatorWithPadding, set_seed
+    from transformers import set_seed
 
     from cola_hf.config import parse_args
-    from cola_hf.data import read_cola, split_cola
-    from cola_hf.metrics import compute_metrics
-    from cola_hf.trainer import TutorialTrainer, load_model_and_tokenizer
+    from cola_hf.data import read_cola
+    from cola_hf.run import split_data
+    from cola_hf.trainer import TutorialTrainer, build_trainer, load_model_and_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="cola-speed-") as output_dir:
-        model_args, data_args, training_args, _ = parse_args(
+        options = parse_args(
             [
                 "--model_name_or_path", args.model_name_or_path,
                 "--cola_source", args.cola_source,
@@ -384,25 +344,16 @@ def run_package(args: argparse.Namespace, package_flags: list[str]) -> dict[str,
                 "--disable_tqdm", "True",
             ]
         )  # fmt: skip
-        # As experiments/cola.py wires it.
+        training_args = options.training
         set_seed(training_args.seed)
-        files = read_cola(data_args.cola_source)
-        model, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path)
-        files, tokenization_s = tokenize_files(files, tokenizer, data_args)
-        tokenized = split_cola(files, data_args.validation_fraction, training_args.seed)
+        files = read_cola(options.data.cola_source)
+        model, tokenizer = load_model_and_tokenizer(options.model.model_name_or_path)
+        files, tokenization_s = tokenize_files(files, tokenizer, options.data)
         if args.path == "package_cached":
             # A user's second run: the parent points this child at the datasets cache the first one filled.
             return {"tokenization_cached_s": tokenization_s}
-
-        trainer = _counting(TutorialTrainer)(
-            model=model,
-            args=training_args,
-            train_dataset=tokenized["train"],
-            eval_dataset=tokenized["validation"],
-            processing_class=tokenizer,
-            data_collator=DataCollatorWithPadding(tokenizer),
-            compute_metrics=compute_metrics,
-        )
+        tokenized = split_data(options, files)
+        trainer = build_trainer(options, tokenized, model, tokenizer, trainer_class=_counting(TutorialTrainer))
         memory_before_train_mb = peak_memory_mb()
         with Stopwatch() as training:
             trainer.train()

@@ -1,4 +1,7 @@
-"""Console scripts: thin faces over the package's modules (`cola-predict`, `cola-compare`)."""
+"""Console scripts: thin faces over the package's modules (`cola-predict`, `cola-compare`).
+
+`cola-train` is `cola_hf.run.main`, the same function as `python experiments/cola.py`.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +26,12 @@ def predict_main(argv: list[str] | None = None) -> int:
         "--input", help="file with one sentence per line, or a CoLA-format TSV (source, label, notes, sentence)"
     )
     parser.add_argument("--output", help="write here instead of stdout")
+    parser.add_argument(
+        "--glue_submission",
+        metavar="FILE",
+        help="with --input GLUE's CoLA test.tsv (index, sentence): write FILE (index, prediction 0/1) for the GLUE "
+        "leaderboard; the usual output then goes only to --output, if given",
+    )
     parser.add_argument("--format", choices=["tsv", "jsonl"], default="tsv", help="output format (default: tsv)")
     parser.add_argument("--batch_size", type=int, default=32, help="sentences per forward pass (default: 32)")
     parser.add_argument(
@@ -47,7 +56,14 @@ def predict_main(argv: list[str] | None = None) -> int:
             raise UsageError("nothing to classify: give sentences as arguments or --input FILE")
         if args.batch_size < 1 or (args.max_length is not None and args.max_length < 2):
             raise UsageError("--batch_size must be at least 1 and --max_length at least 2")
-        sentences = predict.read_input(args.input) if args.input else predict.from_arguments(args.sentences)
+        glue_test = None
+        if args.glue_submission:
+            if not args.input:
+                raise UsageError("--glue_submission needs --input GLUE's CoLA test.tsv (index, sentence)")
+            glue_test = predict.read_glue_test(args.input)
+            sentences = predict.Sentences(glue_test.texts)
+        else:
+            sentences = predict.read_input(args.input) if args.input else predict.from_arguments(args.sentences)
         if not sentences.texts:
             raise UsageError("nothing to classify: every sentence is empty")
         if sentences.skipped:
@@ -70,8 +86,19 @@ def predict_main(argv: list[str] | None = None) -> int:
                     predict.write_predictions(predictions, stream, args.format)
             except OSError as err:
                 raise UsageError(f"--output {args.output}: cannot write ({err.strerror})") from err
-        else:
+        elif glue_test is None:
             predict.write_predictions(predictions, sys.stdout, args.format)
+        if glue_test is not None:
+            predict.write_glue_submission(
+                args.glue_submission, glue_test.indices, predict.label_ids(classifier, predictions)
+            )
+            expected = (
+                "" if len(predictions) == predict.GLUE_TEST_ROWS else f"; GLUE's test set has {predict.GLUE_TEST_ROWS}"
+            )
+            print(
+                f"cola-predict: wrote {len(predictions)} predictions to {args.glue_submission}{expected}",
+                file=sys.stderr,
+            )
         if sentences.labels is not None:
             from cola_hf.metrics import score
 

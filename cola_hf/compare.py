@@ -2,12 +2,13 @@
 
 Writes, into --output: comparison.md and comparison.csv (one row per run: its hyperparameters, validation
 MCC, every test set's MCC) and comparison.png (validation MCC and loss per epoch, one line per run).
+With --phenomena, phenomena.md/.csv (MCC per grammatical phenomenon); with --significance, significance.md
+(cola_hf.significance: paired bootstrap for two runs, Welch's t-test for two groups of seeds).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -17,20 +18,8 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from cola_hf.errors import UsageError  # noqa: E402
-from cola_hf.reporting import atomic_path, write_text  # noqa: E402
-
-RESULTS = "results.json"
-
-
-def load_results(run_dir: Path) -> dict:
-    path = run_dir / RESULTS
-    if not path.is_file():
-        raise UsageError(f"{run_dir}: no {RESULTS} (not a run directory, or the run did not finish)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise UsageError(f"{path}: cannot read ({err})") from err
+from cola_hf.reporting import atomic_path, save_figure, write_text  # noqa: E402
+from cola_hf.results import RunResults  # noqa: E402
 
 
 def run_labels(run_dirs: list[Path]) -> list[str]:
@@ -43,10 +32,8 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
     return [str(run_dir) for run_dir in run_dirs]
 
 
-def summary_row(label: str, results: dict) -> dict:
-    config = results.get("config", {})
-    epochs = results.get("epochs") or []
-    valid = [row["valid_mcc"] for row in epochs if row.get("valid_mcc") is not None]
+def summary_row(label: str, results: RunResults) -> dict:
+    config = results.config
     row = {
         "run": label,
         "model": Path(str(config.get("model_name_or_path", "?")).rstrip("/")).name,
@@ -54,12 +41,12 @@ def summary_row(label: str, results: dict) -> dict:
         "batch_size": batch_size(config),
         "epochs": config.get("num_train_epochs"),
         "seed": config.get("seed"),
-        "valid_mcc": valid[-1] if valid else None,
-        "best_valid_mcc": max(valid) if valid else None,
+        "valid_mcc": results.final_valid_mcc,
+        "best_valid_mcc": results.best_valid_mcc,
     }
-    for split, metrics in results.get("test", {}).items():
-        row[f"{split}_mcc"] = metrics.get("matthews_correlation")
-    row["training_time_s"] = sum(r.get("training_time_s") or 0 for r in epochs) if epochs else None
+    for split, mcc in results.test_mccs().items():
+        row[f"{split}_mcc"] = mcc
+    row["training_time_s"] = results.training_time_s
     return row
 
 
@@ -72,8 +59,8 @@ def batch_size(config: dict) -> int | None:
     return config["per_device_train_batch_size"] * (config.get("gradient_accumulation_steps") or 1)
 
 
-def comparison_table(run_dirs: list[Path]) -> tuple[pd.DataFrame, list[dict]]:
-    all_results = [load_results(run_dir) for run_dir in run_dirs]
+def comparison_table(run_dirs: list[Path]) -> tuple[pd.DataFrame, list[RunResults]]:
+    all_results = [RunResults.load(run_dir) for run_dir in run_dirs]
     rows = [summary_row(label, results) for label, results in zip(run_labels(run_dirs), all_results, strict=True)]
     return pd.DataFrame(rows), all_results
 
@@ -91,26 +78,22 @@ def to_markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(labels: list[str], all_results: list[dict], path: Path) -> None:
+def plot_curves(labels: list[str], all_results: list[RunResults], path: Path) -> None:
     """Validation MCC per epoch (left), training (solid) and validation (dashed) loss per epoch (right)."""
     figure, (mcc_axes, loss_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
     for index, (label, results) in enumerate(zip(labels, all_results, strict=True)):
         color = f"C{index % 10}"
-        epochs = results.get("epochs") or []
-        x = [row["epoch"] for row in epochs]
-        mcc_axes.plot(x, [row.get("valid_mcc") for row in epochs], "-o", color=color, label=label)
-        loss_axes.plot(x, [row.get("training_loss") for row in epochs], "-o", color=color, label=f"{label} train")
-        loss_axes.plot(x, [row.get("valid_loss") for row in epochs], "--s", color=color, label=f"{label} valid")
+        x = [row.epoch for row in results.epochs]
+        mcc_axes.plot(x, [row.valid_mcc for row in results.epochs], "-o", color=color, label=label)
+        loss_axes.plot(x, [row.training_loss for row in results.epochs], "-o", color=color, label=f"{label} train")
+        loss_axes.plot(x, [row.valid_loss for row in results.epochs], "--s", color=color, label=f"{label} valid")
     mcc_axes.set(title="Validation MCC", xlabel="Epoch", ylabel="MCC")
     loss_axes.set(title="Loss (solid: training, dashed: validation)", xlabel="Epoch", ylabel="Loss")
     for axes in (mcc_axes, loss_axes):
         axes.grid(alpha=0.3)
         axes.xaxis.get_major_locator().set_params(integer=True)
     mcc_axes.legend(fontsize="small")
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=100, format="png")
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def compare(run_dirs: list[Path], output_dir: Path) -> pd.DataFrame:
@@ -124,18 +107,73 @@ def compare(run_dirs: list[Path], output_dir: Path) -> pd.DataFrame:
     return frame
 
 
+def run_groups(paths: list[Path]) -> list[list[Path]]:
+    """Each DIR as a list of runs: a run directory alone, or a directory of runs (a seed study) as a group."""
+
+    def is_run(path: Path) -> bool:
+        return (path / RESULTS).is_file() or (path / "predictions_glue_dev.tsv").is_file()
+
+    # A directory that is neither stays as it is, for load_results to name.
+    return [[path] if is_run(path) else sorted(p for p in path.glob("*/") if is_run(p)) or [path] for path in paths]
+
+
+def write_phenomena(labels: list[str], groups: list[list[Path]], args: argparse.Namespace) -> None:
+    """phenomena.md and phenomena.csv: per-phenomenon MCC of every run or group, side by side."""
+    from cola_hf.significance import phenomena_comparison
+
+    display, per_run = phenomena_comparison(labels, groups, args.annotations_source, args.minor_features)
+    write_text(args.output / "phenomena.md", to_markdown(display))
+    with atomic_path(args.output / "phenomena.csv") as temporary:
+        per_run.to_csv(temporary, index=False)
+    print(f"\nMCC per phenomenon on glue_dev:\n{to_markdown(display)}", end="")
+
+
+def write_significance(labels: list[str], groups: list[list[Path]], output_dir: Path) -> None:
+    """significance.md: each run or group against the first, on glue_dev."""
+    from cola_hf.significance import significance_markdown, significance_tests
+
+    table = significance_markdown(significance_tests(labels, groups))
+    write_text(output_dir / "significance.md", table)
+    print(f"\nSignificance on glue_dev (against {labels[0]}):\n{table}", end="")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from cola_hf.phenomena import DEFAULT_ANNOTATIONS_URL
+
     parser = argparse.ArgumentParser(
-        prog="cola-compare", description="Compare finished CoLA runs from their results.json files."
+        prog="cola-compare",
+        description="Compare finished CoLA runs from their results.json files.",
+        epilog="A DIR holding run directories instead of being one (a seed study) is a group of seeds.",
     )
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="DIR", help="output directories of runs")
     parser.add_argument("--output", type=Path, default=Path("comparison"), help="where the table and plot go")
+    parser.add_argument(
+        "--phenomena", action="store_true", help="MCC per grammatical phenomenon side by side (phenomena.md/.csv)"
+    )
+    parser.add_argument(
+        "--significance",
+        action="store_true",
+        help="test each DIR against the first on glue_dev: paired bootstrap for two runs, Welch's t-test for two "
+        "groups of seeds (significance.md)",
+    )
+    parser.add_argument(
+        "--annotations_source",
+        default=DEFAULT_ANNOTATIONS_URL,
+        help="CoLA_grammatical_annotations.zip (URL, zip or directory), for runs without phenomena in analysis.json",
+    )
+    parser.add_argument("--minor_features", action="store_true", help="with --phenomena: the 63 minor features too")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    frame = compare(args.run_dirs, args.output)
+    groups = run_groups(args.run_dirs)
+    frame = compare([run for members in groups for run in members], args.output)
     print(to_markdown(frame), end="")
     print(f"Wrote {args.output / 'comparison.md'}, comparison.csv and comparison.png")
+    labels = run_labels(args.run_dirs)
+    if args.phenomena:
+        write_phenomena(labels, groups, args)
+    if args.significance:
+        write_significance(labels, groups, args.output)
     return 0

@@ -1,17 +1,19 @@
-"""Every option of a CoLA run, as `HfArgumentParser` dataclasses.
+"""Every option of a CoLA run, as `HfArgumentParser` dataclasses, bundled as one `RunOptions`.
 
 The defaults of these dataclasses ARE the tutorial's recipe: this file is its one source of truth.
 `experiments/recipes/tutorial.yaml` spells the same values out for readers, and a test checks that
-the two never drift apart.
+the two never drift apart. The run's name, derived from its options, lives here too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -136,7 +138,7 @@ class ColaTrainingArguments(TrainingArguments):
         super().__post_init__()
         self.resolve_batch_layout()
 
-    # ---- Global batch over processes (scale-out, issue 4) ----
+    # ---- Global batch over processes (scale-out) ----
     def resolve_batch_layout(self) -> None:
         """Derive the per-device batch and gradient accumulation from the global batch and the world size.
 
@@ -201,6 +203,12 @@ class TrackingArguments:
         default=None,
         metadata={"help": "Recipe name in W&B run names and tags (default: the recipe file's name, else 'cola')."},
     )
+
+
+@dataclass
+class StudyArguments:
+    """Many runs of one recipe, each in OUTPUT_DIR/<run name>."""
+
     seeds: list[int] | None = field(
         default=None,
         metadata={"help": "Run the recipe once per seed (e.g. --seeds 42 43 44) and aggregate the test MCCs."},
@@ -218,7 +226,67 @@ class TrackingArguments:
     )
 
 
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, ColaTrainingArguments, TrackingArguments)
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, ColaTrainingArguments, TrackingArguments, StudyArguments)
+
+
+@dataclass
+class RunOptions:
+    """Every option of one run, by group; what the run, studies and the W&B run are built from."""
+
+    model: ModelArguments
+    data: DataArguments
+    training: ColaTrainingArguments
+    tracking: TrackingArguments
+    study: StudyArguments
+    recipe_file: str | None = None  # the RECIPE.yaml the options came from, if any
+
+    def groups(self) -> tuple[Any, ...]:
+        return self.model, self.data, self.training, self.tracking, self.study
+
+    def replace(self, **changes: Any) -> RunOptions:
+        """A copy with `changes` applied, each to the group that owns the option (values already converted)."""
+        updated = {}
+        for name, group in zip(("model", "data", "training", "tracking", "study"), self.groups(), strict=True):
+            own = {key: value for key, value in changes.items() if key in _field_names(group)}
+            # dataclasses.replace runs __post_init__ again: the batch layout follows a new global batch.
+            updated[name] = dataclasses.replace(group, **own) if own else group
+        unknown = set(changes) - {key for group in self.groups() for key in _field_names(group)}
+        if unknown:
+            raise ValueError(f"not options of a run: {', '.join(sorted(unknown))}")
+        return RunOptions(**updated, recipe_file=self.recipe_file)
+
+    @property
+    def recipe(self) -> str:
+        """The recipe's name in run names and W&B tags: --recipe_name, else the recipe file's stem, else 'cola'."""
+        return self.tracking.recipe_name or (Path(self.recipe_file).stem if self.recipe_file else "cola")
+
+    def run_name(self) -> str:
+        """`tutorial-lr2e-05-bs32-ep4-seed42`: an explicit --run_name, else the recipe plus what studies vary.
+
+        The batch size is the effective one (per device x devices x accumulation), so runs on different
+        hardware with the same optimisation get the same name.
+        """
+        if self.training.run_name:
+            return self.training.run_name
+        args = self.training
+        batch = args.per_device_train_batch_size * max(1, args.world_size) * args.gradient_accumulation_steps
+        name = f"{self.recipe}-lr{args.learning_rate:g}-bs{batch}-ep{args.num_train_epochs:g}-seed{args.seed}"
+        if self.data.max_train_samples is not None:
+            name += f"-n{self.data.max_train_samples}"
+        return name
+
+    def config(self) -> dict[str, Any]:
+        """The run's arguments as results.json records them (hub tokens come out redacted)."""
+        return {**dataclasses.asdict(self.model), **dataclasses.asdict(self.data), **self.training.to_dict()}
+
+
+def _field_names(group: Any) -> set[str]:
+    return {f.name for f in dataclasses.fields(group)}
+
+
+def model_short_name(model_name_or_path: str) -> str:
+    """'bert-base-uncased', 'prajjwal1/bert-tiny' -> 'bert-tiny', '/models/all-MiniLM-L6-v2' -> its folder."""
+    return Path(model_name_or_path.rstrip("/")).name or model_name_or_path
 
 
 class _OneLineErrorParser(HfArgumentParser):
@@ -228,7 +296,7 @@ class _OneLineErrorParser(HfArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
-def build_parser() -> HfArgumentParser:
+def make_parser() -> HfArgumentParser:
     return _OneLineErrorParser(ARGUMENT_CLASSES)
 
 
@@ -292,14 +360,14 @@ def _yaml_scalar_to_token(path: Path, key: str, value: object) -> str:
     return str(value)
 
 
-def parse_args(
-    argv: list[str] | None = None,
-) -> tuple[ModelArguments, DataArguments, ColaTrainingArguments, TrackingArguments]:
+def parse_args(argv: list[str] | None = None) -> RunOptions:
     """Parse `[RECIPE.yaml] [--flags]`; flags override the recipe, the recipe overrides the defaults."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = make_parser()
+    recipe_file = None
     if argv and argv[0].endswith((".yaml", ".yml")):
-        argv = recipe_to_argv(argv[0], parser) + argv[1:]
+        recipe_file = argv[0]
+        argv = recipe_to_argv(recipe_file, parser) + argv[1:]
     try:
         *groups, unused = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as err:
@@ -307,5 +375,4 @@ def parse_args(
         raise UsageError(" ".join(str(err).split())) from err
     if unused:
         raise UsageError(f"unrecognized arguments: {' '.join(unused)} (see --help)")
-    model_args, data_args, training_args, tracking_args = groups
-    return model_args, data_args, training_args, tracking_args
+    return RunOptions(*groups, recipe_file=recipe_file)

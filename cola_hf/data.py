@@ -7,6 +7,7 @@ message names the file and the line.
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import zipfile
 from pathlib import Path
@@ -39,23 +40,33 @@ RAW_FILES = {
 TEST_SPLITS = ("out_of_domain_dev", "in_domain_dev", "glue_dev")
 
 
-def _is_url(source: str) -> bool:
+def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
+
+
+def download(url: str, cache_dir: str | None = None, *, check_for_updates: bool = True) -> Path:
+    """The URL's file, extracted when it is an archive: downloaded once, then served from datasets' cache.
+
+    With `check_for_updates`, every call asks the server whether the file changed (so it needs the network);
+    without, a cached copy is used as it is, offline too. Raises OSError or ConnectionError (offline mode
+    included) when it cannot be fetched.
+    """
+    download_config = datasets.DownloadConfig(cache_dir=cache_dir, use_etag=check_for_updates)
+    return Path(datasets.DownloadManager(download_config=download_config).download_and_extract(url))
 
 
 def find_raw_dir(source: str, cache_dir: str | None = None) -> Path:
     """Return the directory holding the three raw TSVs, downloading and extracting the zip when needed."""
-    if _is_url(source):
-        download_config = datasets.DownloadConfig(cache_dir=cache_dir)
+    if is_url(source):
         try:
-            root = Path(datasets.DownloadManager(download_config=download_config).download_and_extract(source))
+            root = download(source, cache_dir)
         except (OSError, ConnectionError) as err:
             raise ColaDataError(
                 f"{source}: download failed ({type(err).__name__}); without internet pass a local copy: "
                 "--cola_source path/to/cola_public_1.1.zip"
             ) from err
     else:
-        root = _local_root(Path(source).expanduser())
+        root = local_root(Path(source).expanduser())
     try:
         # The files missing from each place the TSVs may be; the place with the fewest is the one meant.
         missing = {
@@ -75,16 +86,18 @@ def find_raw_dir(source: str, cache_dir: str | None = None) -> Path:
     return closest
 
 
-def _local_root(path: Path) -> Path:
-    """A local --cola_source: a directory as it is, a zip extracted (and cached) by datasets."""
+def local_root(
+    path: Path, option: str = "--cola_source", expected: str = "the CoLA 1.1 zip or a directory of TSVs"
+) -> Path:
+    """A local source given by `option`: a directory as it is, a zip extracted (and cached) by datasets."""
     try:
         if not path.exists():
-            raise ColaDataError(f"{path}: no such file or directory (--cola_source)")
+            raise ColaDataError(f"{path}: no such file or directory ({option})")
         if path.is_dir():
             return path
         with path.open("rb") as handle:  # open it first: is_zipfile calls an unreadable file "not a zip"
             if not zipfile.is_zipfile(handle):
-                raise ColaDataError(f"{path}: not a zip file; expected the CoLA 1.1 zip or a directory of TSVs")
+                raise ColaDataError(f"{path}: not a zip file; expected {expected}")
     except PermissionError as err:
         raise _unreadable(err) from err
     return Path(datasets.DownloadManager().extract(str(path)))
@@ -94,8 +107,8 @@ def _unreadable(err: PermissionError) -> ColaDataError:
     return ColaDataError(f"{err.filename}: cannot read ({err.strerror})")
 
 
-def validate_tsv(path: Path) -> int:
-    """Check a raw CoLA TSV line by line; return its number of rows or raise naming file and line.
+def validate_tsv(path: Path) -> tuple[int, str]:
+    """Check a raw CoLA TSV line by line; return its number of rows and sha256, or raise naming file and line.
 
     Accepts what real files contain: CRLF line endings, a UTF-8 byte-order mark, quotes and apostrophes
     inside sentences, blank trailing lines.
@@ -127,13 +140,16 @@ def validate_tsv(path: Path) -> int:
         rows += 1
     if rows == 0:
         raise ColaDataError(f"{path}: no sentences")
-    return rows
+    return rows, hashlib.sha256(raw).hexdigest()
 
 
 def read_cola_tsv(path: str | Path) -> datasets.Dataset:
-    """Load one raw CoLA TSV (4 columns, no header, no quoting) after validating it."""
+    """Load one raw CoLA TSV (4 columns, no header, no quoting) after validating it.
+
+    The file's sha256 is kept in the dataset's `info.download_checksums` (see `file_hashes`).
+    """
     path = Path(path)
-    rows = validate_tsv(path)
+    rows, sha256 = validate_tsv(path)
     dataset = datasets.load_dataset(
         "csv",
         data_files=str(path),
@@ -146,6 +162,7 @@ def read_cola_tsv(path: str | Path) -> datasets.Dataset:
         features=FEATURES,
     )
     assert len(dataset) == rows, f"{path}: read {len(dataset)} rows, validated {rows}"
+    dataset.info.download_checksums = {path.name: {"num_bytes": path.stat().st_size, "checksum": sha256}}
     return dataset
 
 
@@ -153,6 +170,15 @@ def read_cola(source: str, cache_dir: str | None = None) -> datasets.DatasetDict
     """The raw files (keys of RAW_FILES), each validated and read whole."""
     raw_dir = find_raw_dir(source, cache_dir)
     return datasets.DatasetDict({split: read_cola_tsv(raw_dir / name) for split, name in RAW_FILES.items()})
+
+
+def file_hashes(files: datasets.DatasetDict) -> dict[str, str]:
+    """sha256 of every raw TSV behind `files` (read_cola's, raw, tokenized or split), by file name."""
+    return {
+        name: checksum["checksum"]
+        for dataset in files.values()
+        for name, checksum in (dataset.info.download_checksums or {}).items()
+    }
 
 
 def split_cola(files: datasets.DatasetDict, validation_fraction: float = 0.1, seed: int = 42) -> datasets.DatasetDict:

@@ -31,8 +31,9 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import Trainer, TrainingArguments
 
 from cola_hf import __version__
-from cola_hf.errors import UsageError
+from cola_hf.errors import HubPushError, UsageError, one_line
 from cola_hf.reporting import EPOCH_COLUMNS, write_text
+from cola_hf.results import RunResults, TestSetResults
 
 logger = logging.getLogger(__name__)
 
@@ -89,16 +90,10 @@ _TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
 _TOKEN_FLAG = re.compile(r"(--hub_token(?:=|\s+))\S+")
 
 
-class HubPushError(Exception):
-    """The Hub could not be reached or refused the upload. One line says what was not uploaded."""
-
-    exit_code = 1
-
-
 # --- the model card --------------------------------------------------------------------------------------------
 def build_model_card(
     output_dir: str | Path,
-    results: Mapping[str, Any],
+    results: RunResults,
     model_name_or_path: str,
     command: str,
     hub_model_id: str | None = None,
@@ -126,7 +121,7 @@ def build_model_card(
             dataset_split=hub_split,
             metric_type=metric,
             metric_name=metric_name,
-            metric_value=results["test"][split][metric],
+            metric_value=getattr(results.test[split], metric),
         )
         for split, (hub_split, title) in TEST_SETS.items()
         for metric, metric_name in (("matthews_correlation", "MCC"), ("accuracy", "Accuracy"))
@@ -149,12 +144,10 @@ def build_model_card(
         model_name=model_name,
         model_name_or_path=model_name_or_path,
         model_ref=hub_model_id or str(output_dir),
-        test_rows=_test_rows(results["test"]),
-        hyperparameters=_hyperparameters(results.get("config", {})),
+        test_rows=_test_rows(results.test),
+        hyperparameters=_hyperparameters(results.config),
         epoch_header=[EPOCH_TITLES[column] for column in EPOCH_COLUMNS],
-        epoch_rows=[
-            [_format(column, row.get(column)) for column in EPOCH_COLUMNS] for row in results.get("epochs", [])
-        ],
+        epoch_rows=[[_format(column, getattr(row, column)) for column in EPOCH_COLUMNS] for row in results.epochs],
         plots=_plots(output_dir),
         command=_redact_command(command),
         versions=_versions(),
@@ -164,7 +157,7 @@ def build_model_card(
 
 def write_model_card(
     output_dir: str | Path,
-    results: Mapping[str, Any],
+    results: RunResults,
     model_name_or_path: str,
     command: str,
     hub_model_id: str | None = None,
@@ -229,14 +222,14 @@ def _format(column: str, value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _test_rows(test: Mapping[str, Mapping[str, Any]]) -> list[dict[str, str]]:
+def _test_rows(test: Mapping[str, TestSetResults]) -> list[dict[str, str]]:
     return [
         {
             "title": f"{title} (`{split}`)",
-            "n": str(test[split]["n"]),
-            "mcc": f"{test[split]['matthews_correlation']:.3f}",
-            "accuracy": f"{test[split]['accuracy']:.3f}",
-            "positive_ratio": f"{test[split]['positive_ratio']:.3f}",
+            "n": str(test[split].n),
+            "mcc": f"{test[split].matthews_correlation:.3f}",
+            "accuracy": f"{test[split].accuracy:.3f}",
+            "positive_ratio": f"{test[split].positive_ratio:.3f}",
         }
         for split, (_, title) in TEST_SETS.items()
     ]
@@ -297,7 +290,7 @@ def prepare_push(training_args: TrainingArguments) -> str | None:
     try:
         return _api().create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True).repo_id
     except Exception as err:  # the network boundary: whatever failed, nothing was created
-        raise HubPushError(f"cannot create the Hub repository {repo_id} ({_describe(err)})") from err
+        raise HubPushError(f"cannot create the Hub repository {repo_id} ({redact_secrets(one_line(err))})") from err
 
 
 def push_trainer_output(trainer: Trainer, commit_message: str = "End of training") -> str | None:
@@ -349,7 +342,7 @@ def push_output_dir(
     except Exception as err:  # the network boundary: any failure means the upload did not (fully) happen
         retry = shlex.join(["hf", "upload", repo_id, str(output_dir), *_exclude_flags(ignore_patterns)])
         raise HubPushError(
-            f"{output_dir} was not uploaded to the Hub repository {repo_id} ({_describe(err)}); "
+            f"{output_dir} was not uploaded to the Hub repository {repo_id} ({redact_secrets(one_line(err))}); "
             f"the local outputs are complete, retry with: {retry}"
         ) from err
     logger.info("Pushed %s to %s", output_dir, commit.commit_url)
@@ -358,12 +351,6 @@ def push_output_dir(
 
 def _api() -> HfApi:
     return HfApi(library_name="cola-hf", library_version=__version__)
-
-
-def _describe(err: Exception) -> str:
-    text = str(err).strip()
-    first_line = text.splitlines()[0] if text else ""
-    return redact_secrets(f"{type(err).__name__}: {first_line}" if first_line else type(err).__name__)
 
 
 def _exclude_flags(patterns: Sequence[str]) -> list[str]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TextIO
 import numpy as np
 from tqdm.auto import tqdm
 
-from cola_hf.errors import UsageError
+from cola_hf.errors import UsageError, one_line
 
 if TYPE_CHECKING:
     from transformers import Pipeline
@@ -93,8 +93,7 @@ def load_classifier(model: str) -> Pipeline:
     try:
         return pipeline("text-classification", model=model)
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"--model {model}: cannot load a text-classification model ({first_line})") from err
+        raise UsageError(f"--model {model}: cannot load a text-classification model ({one_line(err)})") from err
 
 
 def model_max_length(classifier: Pipeline) -> int:
@@ -153,3 +152,53 @@ def write_predictions(predictions: Sequence[Prediction], stream: TextIO, output_
     for p in predictions:
         # No quoting, like the CoLA files: sentences hold quotes. A tab would split the row, so it becomes a space.
         stream.write(f"{p.sentence.replace(chr(9), ' ')}\t{p.label}\t{p.probability:.6f}\n")
+
+
+GLUE_TEST_HEADER = ("index", "sentence")
+GLUE_TEST_ROWS = 1063  # GLUE's CoLA test.tsv
+
+
+@dataclass
+class GlueTest:
+    """GLUE's CoLA test file: each row's index and sentence, in file order."""
+
+    indices: list[str]
+    texts: list[str]
+
+
+def read_glue_test(path: str | Path) -> GlueTest:
+    """Read GLUE's CoLA test.tsv (header `index<TAB>sentence`); anything else raises naming file and line."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read ({err.strerror})") from err
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: not UTF-8 text") from err
+    lines = [line.rstrip("\r") for line in text.split("\n")]
+    if tuple(lines[0].split("\t")) != GLUE_TEST_HEADER:
+        raise UsageError(f"{path}:1: expected GLUE's CoLA test header 'index<TAB>sentence', found {lines[0][:60]!r}")
+    indices, texts = [], []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2 or not fields[0].isdigit() or not fields[1].strip():
+            raise UsageError(f"{path}:{number}: expected 2 tab-separated columns, an index and a sentence")
+        indices.append(fields[0])
+        texts.append(fields[1])
+    if not texts:
+        raise UsageError(f"{path}: no sentences after the header")
+    return GlueTest(indices, texts)
+
+
+def write_glue_submission(path: str | Path, indices: Sequence[str], label_ids: np.ndarray) -> None:
+    """GLUE's submission file for CoLA: header `index<TAB>prediction`, 1 acceptable, 0 unacceptable."""
+    from cola_hf.reporting import atomic_path
+
+    lines = ["index\tprediction", *(f"{index}\t{int(label)}" for index, label in zip(indices, label_ids, strict=True))]
+    try:
+        with atomic_path(path) as temporary:
+            temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    except OSError as err:
+        raise UsageError(f"--glue_submission {path}: cannot write ({err.strerror})") from err

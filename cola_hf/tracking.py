@@ -1,25 +1,25 @@
-"""Weights & Biases tracking: the Trainer's own `WandbCallback`, plus what it leaves out.
+"""Weights & Biases tracking: what the Trainer's own `WandbCallback` leaves out.
 
-The callback already logs the training loss and learning rate every `logging_steps` (`train/loss`,
-`train/learning_rate`) and the validation metrics every epoch (`eval/loss`, `eval/accuracy`,
-`eval/matthews_correlation`), all against `train/global_step`. This module adds, around it:
+The callback logs every argument (`args.to_dict()`), the model's config and parameter count, the training loss
+and learning rate every `logging_steps` and the validation metrics every epoch, all against
+`train/global_step`. This module adds, around it:
 
 - the decision online / offline / off, made before anything can hang: no API key or no reachable server
   means W&B's own offline mode, announced in one line with the `wandb sync` command for later;
-- a run opened by us before training, so the callback logs into a run with a readable name, a group,
-  tags, a job type and the full provenance (arguments, data hashes, git commit, library versions);
+- a run opened by us before training, so the callback logs into a run with a readable name, a group, tags,
+  a job type and provenance the callback doesn't know (data hashes, git commit, library versions);
 - after the run's local outputs exist: test metrics in the summary, tables and charts, optionally the model;
 - a guard so that W&B failing mid-run stops the uploads, never the training or the local outputs.
 
-The glue calls `start_run(trainer, ...)` after building the Trainer and `log_run_outputs(...)` after
+The run calls `start_run(trainer, ...)` after building the Trainer and `log_run_outputs(...)` after
 reporting wrote results.json. Both do nothing unless `--report_to` includes wandb, and only the main
 process talks to W&B.
 """
 
 from __future__ import annotations
 
+import csv
 import functools
-import hashlib
 import importlib.metadata
 import os
 import re
@@ -27,19 +27,21 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transformers.integrations import WandbCallback
 
-from cola_hf.config import TrackingArguments
+from cola_hf.config import model_short_name
+from cola_hf.errors import one_line
+from cola_hf.reporting import EPOCH_COLUMNS
 
 if TYPE_CHECKING:
     from transformers import Trainer
 
-    from cola_hf.config import DataArguments, ModelArguments
+    from cola_hf.config import RunOptions
+    from cola_hf.results import RunResults
 
 PROJECT = "cola-hf"
 TRACKED_PACKAGES = ("torch", "transformers", "datasets", "evaluate", "accelerate", "wandb", "cola-hf")
@@ -64,12 +66,6 @@ INIT_TIMEOUT_S = 30.0
 
 
 # --- online, offline or off ------------------------------------------------------------------------------------
-def wandb_requested(report_to: str | list[str] | None) -> bool:
-    """Whether `--report_to` asks for W&B ('all' means every installed integration, wandb included)."""
-    targets = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    return "wandb" in targets or "all" in targets
-
-
 def server_reachable(url: str, timeout: float = SERVER_TIMEOUT_S) -> bool:
     """Any HTTP answer, even an error status, means the server is there; no answer in `timeout` means not."""
     try:
@@ -124,61 +120,6 @@ def _announce_offline(reason: str, run: Any) -> None:
 
 
 # --- the run -------------------------------------------------------------------------------------------------
-def recipe_from_argv(argv: list[str]) -> str:
-    """The recipe a run came from: the stem of a leading RECIPE.yaml argument, else 'cola' (flags only)."""
-    if argv and argv[0].endswith((".yaml", ".yml")):
-        return Path(argv[0]).stem
-    return "cola"
-
-
-def model_short_name(model_name_or_path: str) -> str:
-    """'bert-base-uncased', 'prajjwal1/bert-tiny' -> 'bert-tiny', '/models/all-MiniLM-L6-v2' -> its folder."""
-    return Path(model_name_or_path.rstrip("/")).name or model_name_or_path
-
-
-def run_name(recipe: str, training_args: Any, data_args: DataArguments | None = None) -> str:
-    """`tutorial-lr2e-05-bs32-ep4-seed42`: the recipe plus the hyperparameters a grid or a seed study varies.
-
-    The batch size is the effective one (per device x devices x accumulation), so runs on different
-    hardware with the same optimisation get the same name.
-    """
-    batch = (
-        training_args.per_device_train_batch_size
-        * max(1, training_args.world_size)
-        * training_args.gradient_accumulation_steps
-    )
-    name = (
-        f"{recipe}-lr{training_args.learning_rate:g}-bs{batch}"
-        f"-ep{training_args.num_train_epochs:g}-seed{training_args.seed}"
-    )
-    if data_args is not None and data_args.max_train_samples is not None:
-        name += f"-n{data_args.max_train_samples}"
-    return name
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def data_file_hashes(source: str) -> dict[str, str]:
-    """sha256 of every data file a run read: the zip (when local) and each raw TSV inside or beside it."""
-    from cola_hf import data
-
-    hashes: dict[str, str] = {}
-    path = Path(source).expanduser()
-    if path.is_file() and zipfile.is_zipfile(path):
-        hashes[path.name] = sha256_file(path)
-    # The same resolution as data.load_cola: for a URL, datasets' download cache; for a zip, its extraction.
-    raw_dir = data.find_raw_dir(source)
-    for name in sorted(data.RAW_FILES.values()):
-        hashes[name] = sha256_file(raw_dir / name)
-    return hashes
-
-
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -211,63 +152,50 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def run_config(
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    training_args: Any,
-    tracking_args: TrackingArguments,
-    model: Any,
-    recipe: str,
-) -> dict[str, Any]:
-    """Every argument, plus what makes a run reproducible: model size, data hashes, code commit, versions."""
+def provenance(options: RunOptions, data_sha256: dict[str, str]) -> dict[str, Any]:
+    """What the callback's config (every TrainingArguments field) lacks: our other options and reproducibility."""
     code = git_commit()
     return {
-        **asdict(model_args),
-        **asdict(data_args),
-        **training_args.to_dict(),  # hub tokens come out redacted
-        **asdict(tracking_args),
-        "recipe": recipe,
-        "model/name": model_args.model_name_or_path,
-        "model/num_parameters": model.num_parameters(),
-        "data/source": data_args.cola_source,
-        "data/sha256": data_file_hashes(data_args.cola_source),
+        **asdict(options.model),
+        **asdict(options.data),
+        **asdict(options.tracking),
+        **asdict(options.study),
+        "recipe": options.recipe,
+        "model/name": options.model.model_name_or_path,
+        "data/source": options.data.cola_source,
+        "data/sha256": data_sha256,
         "code/git_commit": code["commit"],
         "code/git_dirty": code["dirty"],
         "versions": package_versions(),
     }
 
 
-def start_run(
-    trainer: Trainer,
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    tracking_args: TrackingArguments | None = None,
-) -> Any | None:
+def start_run(trainer: Trainer, options: RunOptions, data_sha256: dict[str, str]) -> Any | None:
     """Open the W&B run for this Trainer before it trains or evaluates; None when tracking is off.
 
     The Trainer's WandbCallback reuses an open run (it only calls wandb.init when `wandb.run` is None), so
     its per-step and per-epoch logs land in this run, under our name, group, tags and config.
     """
     args = trainer.args
-    if not wandb_requested(args.report_to) or not trainer.is_world_process_zero():
+    if "wandb" not in args.report_to or not trainer.is_world_process_zero():
         return None
     mode, reason = resolve_wandb_mode()
     if mode == "disabled":
         return None
     import wandb
 
-    tracking_args = tracking_args or TrackingArguments()
-    guard_wandb_callback(trainer)
-    recipe = tracking_args.recipe_name or "cola"
+    callback = guard_wandb_callback(trainer)
     init = {
-        "project": tracking_args.wandb_project or os.environ.get("WANDB_PROJECT") or PROJECT,
-        # An explicit --run_name wins over ours.
-        "name": args.run_name or run_name(recipe, args, data_args),
-        "group": tracking_args.experiment_name,
+        "project": options.tracking.wandb_project or os.environ.get("WANDB_PROJECT") or PROJECT,
+        "name": options.run_name(),
+        "group": options.tracking.experiment_name,
         # W&B caps a tag at 64 characters.
-        "tags": [tag[:64] for tag in (f"model:{model_short_name(model_args.model_name_or_path)}", f"recipe:{recipe}")],
+        "tags": [
+            tag[:64]
+            for tag in (f"model:{model_short_name(options.model.model_name_or_path)}", f"recipe:{options.recipe}")
+        ],
         "job_type": "train" if args.do_train else "eval",
-        "config": run_config(model_args, data_args, args, tracking_args, trainer.model, recipe),
+        "config": provenance(options, data_sha256),
         # Next to the run's other outputs, unless the user chose a place with WANDB_DIR.
         "dir": os.environ.get("WANDB_DIR") or args.output_dir,
     }
@@ -279,22 +207,26 @@ def start_run(
         if mode == "online":
             # The server passed the probe and still failed (a rejected key, say): offline keeps it all for later.
             global _probed
-            mode, reason = _probed = ("offline", f"W&B server failed ({type(err).__name__}: {_one_line(err)})")
+            mode, reason = _probed = ("offline", f"W&B server failed ({one_line(err)})")
             try:
                 run = wandb.init(mode=mode, **init)
             except Exception as offline_err:
                 err = offline_err
         if run is None:
             trainer.pop_callback(GuardedWandbCallback)  # nothing to log into: the Trainer must not try either
-            _warn(f"W&B could not start ({type(err).__name__}: {_one_line(err)}); this run is not tracked.")
+            _warn(f"W&B could not start ({one_line(err)}); this run is not tracked.")
             return None
     if reason is not None:
         _announce_offline(reason, run)
+    # The callback's own set-up (arguments, model config, parameter count) now, not at the first training
+    # step: an evaluation-only run never trains, and its config would stay empty.
+    if callback is not None:
+        callback.setup(args, trainer.state, trainer.model)
     return run
 
 
 # --- after the run -------------------------------------------------------------------------------------------
-def log_run_outputs(output_dir: str | Path, results: dict, log_model: bool = False) -> None:
+def log_run_outputs(output_dir: str | Path, results: RunResults, log_model: bool = False) -> None:
     """Upload what reporting wrote, then finish the run: summary, tables, charts and (optionally) the model.
 
     Each upload is tried on its own: whatever fails is named in one message, the rest still goes up, and the
@@ -312,15 +244,13 @@ def log_run_outputs(output_dir: str | Path, results: dict, log_model: bool = Fal
         try:
             upload()
         except Exception as err:  # W&B failing must cost the uploads only
-            failed.append(f"{what} ({type(err).__name__}: {_one_line(err)})")
+            failed.append(f"{what} ({one_line(err)})")
 
-    for split, metrics in results.get("test", {}).items():
+    for split, metrics in results.test.items():
+        values = {f"test/{split}/{name}": getattr(metrics, name) for name in TEST_METRICS}
         attempt(
             f"test metrics of {split}",
-            functools.partial(
-                run.summary.update,
-                {f"test/{split}/{name}": metrics[name] for name in TEST_METRICS if name in metrics},
-            ),
+            functools.partial(run.summary.update, {key: value for key, value in values.items() if value is not None}),
         )
     media: dict[str, Any] = {}
     attempt("training_stats table", lambda: media.update(_epoch_table(results)))
@@ -334,6 +264,8 @@ def log_run_outputs(output_dir: str | Path, results: dict, log_model: bool = Fal
         )
     if media:
         attempt("tables and charts", functools.partial(run.log, media))
+    # Not WANDB_LOG_MODEL=end: the callback uploads at the end of training, before the test sets are scored and
+    # the model card written, and adds an untrained "base_model" artifact; this one is the finished directory.
     if log_model:
         attempt("model artifact", functools.partial(_log_model_artifact, run, output_dir, results))
     attempt("the end of the run", run.finish)
@@ -341,14 +273,12 @@ def log_run_outputs(output_dir: str | Path, results: dict, log_model: bool = Fal
         _warn(f"W&B: not uploaded: {'; '.join(failed)}. Local outputs in {output_dir} are complete.")
 
 
-def _epoch_table(results: dict) -> dict[str, Any]:
+def _epoch_table(results: RunResults) -> dict[str, Any]:
     import wandb
 
-    rows = results.get("epochs") or []
+    rows = results.to_dict()["epochs"]
     if not rows:  # evaluation-only runs have no epochs
         return {}
-    from cola_hf.reporting import EPOCH_COLUMNS
-
     # The tutorial's columns in its order (as in training_stats.csv), then whatever else a row holds.
     columns = list(dict.fromkeys([*EPOCH_COLUMNS, *(key for row in rows for key in row)]))
     return {"training_stats": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])}
@@ -359,31 +289,22 @@ def _misclassified_table(predictions_tsv: Path) -> Any:
     import wandb
 
     # No quoting, like the CoLA files: sentences hold quote characters.
-    frame = pd.read_csv(predictions_tsv, sep="\t", quoting=3, keep_default_na=False)
+    frame = pd.read_csv(predictions_tsv, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False)
     wrong = frame[frame["label"] != frame["prediction"]]
     return wandb.Table(dataframe=wrong[["sentence_source", "sentence", "label", "prob_acceptable"]])
 
 
-def _log_model_artifact(run: Any, output_dir: Path, results: dict) -> None:
+def _log_model_artifact(run: Any, output_dir: Path, results: RunResults) -> None:
     import wandb
 
     files = sorted({path for pattern in MODEL_FILE_PATTERNS for path in output_dir.glob(pattern) if path.is_file()})
     if not any(path.suffix == ".safetensors" for path in files):
         raise FileNotFoundError(f"no saved model (*.safetensors) in {output_dir}")
-    metadata = {
-        f"test/{split}/matthews_correlation": metrics.get("matthews_correlation")
-        for split, metrics in results.get("test", {}).items()
-    }
+    metadata = {f"test/{split}/matthews_correlation": mcc for split, mcc in results.test_mccs().items()}
     artifact = wandb.Artifact(name=re.sub(r"[^\w.-]", "_", f"model-{run.name}"), type="model", metadata=metadata)
     for path in files:
         artifact.add_file(str(path))
     run.log_artifact(artifact, aliases=["final_model"])
-
-
-def _one_line(err: BaseException, limit: int = 200) -> str:
-    """An error as one short line: servers answer with whole HTML pages."""
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --- W&B failing mid-run -------------------------------------------------------------------------------------
@@ -402,7 +323,7 @@ def _guarded(hook: Any) -> Any:
             # `_wandb = None` is the callback's own off switch: every hook returns early from now on.
             self._wandb = None
             _warn(
-                f"W&B failed during training ({type(err).__name__}: {_one_line(err)}); training goes on "
+                f"W&B failed during training ({one_line(err)}); training goes on "
                 "without uploads, and every local output is still written."
             )
             return None
@@ -425,7 +346,10 @@ class GuardedWandbCallback(WandbCallback):
         return None
 
 
-def guard_wandb_callback(trainer: Trainer) -> None:
+def guard_wandb_callback(trainer: Trainer) -> GuardedWandbCallback | None:
     """Swap the WandbCallback that `report_to` installed for the guarded one (same logging, same settings)."""
-    if trainer.pop_callback(WandbCallback) is not None:
-        trainer.add_callback(GuardedWandbCallback())
+    if trainer.pop_callback(WandbCallback) is None:
+        return None
+    callback = GuardedWandbCallback()
+    trainer.add_callback(callback)
+    return callback

@@ -18,16 +18,19 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import huggingface_hub
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from scipy.special import softmax
 from torch.utils.data import SequentialSampler
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    DataCollatorWithPadding,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
@@ -36,19 +39,19 @@ from transformers import (
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import has_length
 
-from cola_hf.errors import RunFailed, UsageError
+from cola_hf.errors import TrainingDiverged, UsageError, one_line
+from cola_hf.metrics import compute_metrics
+
+if TYPE_CHECKING:
+    from cola_hf.config import RunOptions
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingDiverged(RunFailed):
-    """The training loss stopped being a finite number."""
 
 
 class TutorialTrainer(Trainer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        # Scale-out (issue 4). Sequence-classification heads take **kwargs, so Trainer assumes their loss is
+        # Scale-out. Sequence-classification heads take **kwargs, so Trainer assumes their loss is
         # a sum normalised by `num_items_in_batch`: it then multiplies the loss by the number of processes
         # and skips the division by the accumulation steps. Their loss is a plain batch mean, so that
         # doubles the loss and gradients on 2 processes or with 2 accumulation steps. A plain mean is what
@@ -245,9 +248,27 @@ def load_model_and_tokenizer(
                 "; not a local directory, and the Hub could not provide it (no such model, or no internet: pass a "
                 "local checkpoint directory, or set HF_HUB_OFFLINE=1 to use the Hub cache)"
             )
-        raise UsageError(f"model '{model_name_or_path}': cannot load ({_first_line(err)}){hint}") from err
+        raise UsageError(f"model '{model_name_or_path}': cannot load ({one_line(err)}){hint}") from err
     return model, tokenizer
 
 
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+def build_trainer(
+    options: RunOptions,
+    tokenized: DatasetDict,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    trainer_class: type[TutorialTrainer] = TutorialTrainer,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> TutorialTrainer:
+    """The run's Trainer: the tutorial's loop on `tokenized` (split_cola's splits), batches padded per batch."""
+    args = options.training
+    return trainer_class(
+        model=model,
+        args=args,
+        train_dataset=tokenized["train"] if args.do_train else None,
+        eval_dataset=tokenized["validation"],
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_metrics,
+        callbacks=list(callbacks) or None,
+    )

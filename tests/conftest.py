@@ -16,6 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "cola.py"
 COLA_ZIP = os.environ.get("COLA_ZIP")
+COLA_ANNOTATIONS_ZIP = os.environ.get("COLA_ANNOTATIONS_ZIP")
 
 SUBJECTS = ["the cat", "a dog", "john", "mary", "the students", "every linguist", "she", "they"]
 VERBS = ["saw", "liked", "read", "wrote about", "praised"]
@@ -60,6 +61,16 @@ def cola_zip() -> Path:
     if not COLA_ZIP or not Path(COLA_ZIP).is_file():
         pytest.skip("COLA_ZIP is not set to the CoLA 1.1 zip (../shared/data/cola_public_1.1.zip)")
     return Path(COLA_ZIP)
+
+
+@pytest.fixture(scope="session")
+def annotations_zip() -> Path:
+    if not COLA_ANNOTATIONS_ZIP or not Path(COLA_ANNOTATIONS_ZIP).is_file():
+        pytest.skip(
+            "COLA_ANNOTATIONS_ZIP is not set to CoLA's grammatical annotations "
+            "(../shared/data/CoLA_grammatical_annotations.zip)"
+        )
+    return Path(COLA_ANNOTATIONS_ZIP)
 
 
 def build_tiny_model(directory: Path) -> Path:

@@ -125,10 +125,10 @@ def train_and_record_batches(tiny_model_dir, grouped_data, tmp_path, seed: int, 
 
     tokenized, tokenizer = grouped_data
     batches: list[list[tuple[int, ...]]] = []
-    _, _, training_args, _ = parse_args(
+    training_args = parse_args(
         ["--output_dir", str(tmp_path / f"run-{seed}"), "--seed", str(seed), "--num_train_epochs", str(epochs),
          "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True"]
-    )  # fmt: skip
+    ).training  # fmt: skip
     assert training_args.train_sampling_strategy == "group_by_length"  # the package's default
     trainer = RecordingTrainer(
         model=AutoModelForSequenceClassification.from_pretrained(tiny_model_dir),
@@ -171,12 +171,13 @@ def test_fast_defaults_on_the_cpu(tiny_model_dir, tmp_path):
     from cola_hf.config import parse_args
     from cola_hf.trainer import load_model_and_tokenizer
 
-    _, data_args, args, _ = parse_args(["--output_dir", str(tmp_path), "--report_to", "none"])
+    options = parse_args(["--output_dir", str(tmp_path), "--report_to", "none"])
+    data_args, args = options.data, options.training
     assert not data_args.pad_to_max_length and args.train_sampling_strategy == "group_by_length"
     assert args.optim == "adamw_torch_fused"
     if not torch.cuda.is_available():  # workers and pinned memory would only take the CPU's cores
         assert args.dataloader_num_workers == 0 and not args.dataloader_pin_memory
     explicit = parse_args(["--output_dir", str(tmp_path), "--report_to", "none", "--dataloader_num_workers", "3"])
-    assert explicit[2].dataloader_num_workers == 3
+    assert explicit.training.dataloader_num_workers == 3
     model, _ = load_model_and_tokenizer(str(tiny_model_dir))
     assert model.config._attn_implementation == "sdpa"  # transformers' default for BERT: checked, not assumed

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from cola_hf.config import build_parser, parse_args
+from cola_hf.config import make_parser, parse_args
 from cola_hf.errors import UsageError
 
 RECIPES = Path(__file__).resolve().parents[1] / "experiments" / "recipes"
@@ -33,7 +33,8 @@ def as_plain(value):
 
 
 def test_defaults_are_the_tutorial_recipe():
-    _, data_args, training_args, _ = parse_args([])
+    options = parse_args([])
+    data_args, training_args = options.data, options.training
     for name, expected in TUTORIAL_HYPERPARAMETERS.items():
         assert as_plain(getattr(training_args, name)) == expected, name
     assert data_args.max_seq_length == 64 and data_args.validation_fraction == 0.1
@@ -41,8 +42,8 @@ def test_defaults_are_the_tutorial_recipe():
 
 def test_tutorial_yaml_only_restates_the_defaults():
     """The recipe file documents the defaults; parsing it must change nothing but output_dir."""
-    defaults = [field_values(group) for group in parse_args([])]
-    from_recipe = [field_values(group) for group in parse_args([str(RECIPES / "tutorial.yaml")])]
+    defaults = [field_values(group) for group in parse_args([]).groups()]
+    from_recipe = [field_values(group) for group in parse_args([str(RECIPES / "tutorial.yaml")]).groups()]
     differing = {
         key
         for default, recipe in zip(defaults, from_recipe, strict=True)
@@ -53,7 +54,7 @@ def test_tutorial_yaml_only_restates_the_defaults():
 
 
 def test_flags_override_the_recipe():
-    _, _, training_args, _ = parse_args([str(RECIPES / "tutorial.yaml"), "--num_train_epochs", "2"])
+    training_args = parse_args([str(RECIPES / "tutorial.yaml"), "--num_train_epochs", "2"]).training
     assert training_args.num_train_epochs == 2
     assert training_args.learning_rate == 2e-5
 
@@ -73,5 +74,5 @@ def test_recipe_values_are_type_checked_like_flags(tmp_path):
 
 
 def test_every_interface_flag_exists():
-    flags = {action.dest for action in build_parser()._actions}
+    flags = {action.dest for action in make_parser()._actions}
     assert {"cola_source", "model_name_or_path", "max_seq_length", "pad_to_max_length", "do_train"} <= flags

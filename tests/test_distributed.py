@@ -247,8 +247,8 @@ def single_process_probabilities(model_dir: Path, sentences: dict[str, list[str]
 
 
 def batch_split(*flags: str) -> tuple[int, int]:
-    groups = parse_args(["--output_dir", "unused", "--report_to", "none", *flags])
-    (args,) = [group for group in groups if isinstance(group, ColaTrainingArguments)]
+    args = parse_args(["--output_dir", "unused", "--report_to", "none", *flags]).training
+    assert isinstance(args, ColaTrainingArguments)
     return args.per_device_train_batch_size, args.gradient_accumulation_steps
 
 

@@ -38,14 +38,14 @@ class RecordLearningRate(TrainerCallback):
 def test_trainer_matches_hand_written_tutorial_loop(tmp_path, cola_dir, tiny_model_dir, optim):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     train = tokenize_cola(load_cola(str(cola_dir)), tokenizer)["train"].select(range(96))
-    _, _, args, _ = parse_args(
+    args = parse_args(
         [
             "--output_dir", str(tmp_path), "--num_train_epochs", str(EPOCHS), "--report_to", "none",
             "--train_sampling_strategy", "sequential", "--eval_strategy", "no", "--save_strategy", "no",
             "--learning_rate", "1e-3",  # large enough that every step moves the weights visibly
             "--optim", optim,
         ]
-    )  # fmt: skip
+    ).training  # fmt: skip
     collator = DataCollatorWithPadding(tokenizer)
     initial = fresh_model(tiny_model_dir)
     state = {name: tensor.clone() for name, tensor in initial.state_dict().items()}
@@ -91,9 +91,9 @@ def test_trainer_matches_hand_written_tutorial_loop(tmp_path, cola_dir, tiny_mod
 def test_default_schedule_is_the_tutorials_2e5_linear_decay(tmp_path, cola_dir, tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     train = tokenize_cola(load_cola(str(cola_dir)), tokenizer)["train"].select(range(64))
-    _, _, args, _ = parse_args(
+    args = parse_args(
         ["--output_dir", str(tmp_path), "--report_to", "none", "--save_strategy", "no", "--eval_strategy", "no"]
-    )
+    ).training
     trainer = TutorialTrainer(
         model=fresh_model(tiny_model_dir),
         args=args,

@@ -23,6 +23,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trai
 from cola_hf import hub
 from cola_hf.config import ColaTrainingArguments
 from cola_hf.errors import UsageError
+from cola_hf.results import RunResults
 from cola_hf.trainer import TutorialTrainer
 
 FAKE_TOKEN = "hf_PlantedFakeToken0123456789abcdefXYZ"
@@ -76,7 +77,9 @@ def test_model_card_metadata_holds_the_three_test_sets(tmp_path):
     (tmp_path / "learning_curve.png").write_bytes(b"png")
     (tmp_path / "mcc_per_batch_glue_dev.png").write_bytes(b"png")
     command = "python experiments/cola.py experiments/recipes/tutorial.yaml --push_to_hub"
-    path = hub.write_model_card(tmp_path, results, "google-bert/bert-base-uncased", command, REPO_ID)
+    path = hub.write_model_card(
+        tmp_path, RunResults.from_dict(results), "google-bert/bert-base-uncased", command, REPO_ID
+    )
 
     card = ModelCard.load(path)  # huggingface_hub's parser: YAML block, then ModelCardData with its checks
     data = card.data
@@ -116,17 +119,24 @@ def test_base_model_and_license_come_from_the_checkpoint(tmp_path):
     local = tmp_path / "my-checkpoint"
     local.mkdir()
     (local / "README.md").write_text("---\nlicense: mit\n---\n# a local model\n", encoding="utf-8")
-    card = hub.build_model_card(tmp_path, results, str(local), "cmd")
+    card = hub.build_model_card(tmp_path, RunResults.from_dict(results), str(local), "cmd")
     assert card.data.license == "mit"  # the base model's license carries over
     assert card.data.base_model is None  # a local directory has no Hub id to name
     assert card.data.model_name == tmp_path.name
 
     snapshot = tmp_path / "hub" / "models--some-org--some-model" / "snapshots" / "0123abc"
-    assert hub.build_model_card(tmp_path, results, str(snapshot), "cmd").data.base_model == "some-org/some-model"
-    explicit = hub.build_model_card(tmp_path, results, str(local), "cmd", base_model="org/base", license="cc-by-4.0")
+    assert (
+        hub.build_model_card(tmp_path, RunResults.from_dict(results), str(snapshot), "cmd").data.base_model
+        == "some-org/some-model"
+    )
+    explicit = hub.build_model_card(
+        tmp_path, RunResults.from_dict(results), str(local), "cmd", base_model="org/base", license="cc-by-4.0"
+    )
     assert (explicit.data.base_model, explicit.data.license) == ("org/base", "cc-by-4.0")
 
-    evaluation_only = hub.build_model_card(tmp_path, {**results, "epochs": []}, "org/fine-tuned", "cmd")
+    evaluation_only = hub.build_model_card(
+        tmp_path, RunResults.from_dict({**results, "epochs": []}), "org/fine-tuned", "cmd"
+    )
     assert "No training in this run" in evaluation_only.text and "| Epoch |" not in evaluation_only.text
 
 
@@ -135,7 +145,7 @@ def test_model_card_never_holds_a_token(tmp_path, monkeypatch):
     command = f"python experiments/cola.py --push_to_hub --hub_token {FAKE_TOKEN} --hub_token=hf_another0123456789abcd"
     results = results_json()
     results["config"]["note"] = f"copied by mistake: {FAKE_TOKEN}"
-    text = str(hub.build_model_card(tmp_path, results, "org/base", command, REPO_ID))
+    text = str(hub.build_model_card(tmp_path, RunResults.from_dict(results), "org/base", command, REPO_ID))
     assert FAKE_TOKEN not in text and "hf_another0123456789abcd" not in text
     assert "--hub_token <HUB_TOKEN> --hub_token=<HUB_TOKEN>" in text
 
@@ -229,7 +239,7 @@ def finished_run(output_dir: Path, model_dir: Path) -> TutorialTrainer:
     (output_dir / "checkpoint-4").mkdir()
     (output_dir / "checkpoint-4" / "optimizer.pt").write_bytes(b"state")
     command = "python experiments/cola.py --push_to_hub"
-    hub.write_model_card(output_dir, results_json(), str(model_dir), command, REPO_ID)
+    hub.write_model_card(output_dir, RunResults.from_dict(results_json()), str(model_dir), command, REPO_ID)
     return trainer
 
 

@@ -155,3 +155,58 @@ def test_console_script_exit_status(tmp_path):
     assert result.stderr.splitlines() == [
         f"cola-predict: error: {tmp_path / 'missing.txt'}: cannot read (No such file or directory)"
     ]
+
+
+def write_glue_test(path: Path, rows: int = 1063, header: str = "index\tsentence") -> Path:
+    """A file in the layout of GLUE's CoLA test.tsv (synthetic sentences)."""
+    sentences = [row[3] for row in synthetic_rows(rows, seed=15)]
+    path.write_text("\n".join([header, *(f"{i}\t{s}" for i, s in enumerate(sentences))]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_glue_submission_writes_index_and_0_1_predictions(model_dir, tmp_path, capsys):
+    test_file = write_glue_test(tmp_path / "test.tsv")
+    submission, labelled = tmp_path / "CoLA.tsv", tmp_path / "predictions.tsv"
+    argv = ["--model", str(model_dir), "--input", str(test_file), "--batch_size", "64"]
+    status, out, err = predict([*argv, "--glue_submission", str(submission), "--output", str(labelled)], capsys)
+    assert status == 0 and out == ""
+    assert f"wrote 1063 predictions to {submission}" in err and "GLUE's test set has" not in err
+    lines = submission.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 1 + 1063
+    rows = [line.split("\t") for line in lines[1:]]
+    assert [index for index, _ in rows] == [str(i) for i in range(1063)]
+    # 1 is acceptable: the same sentences' labels in the usual output say which is which.
+    expected = ["1" if label == "acceptable" else "0" for _, label, _ in read_tsv_output(labelled.read_text())]
+    assert [prediction for _, prediction in rows] == expected
+    assert set(expected) == {"0", "1"}
+
+
+GLUE_BAD_INPUTS = {
+    "no-header": ("idx\tsentence", 3, "test.tsv:1: expected GLUE's CoLA test header 'index<TAB>sentence'"),
+    "cola-train-format": ("src0\t1\t\tthe cat saw it.", 3, "test.tsv:1: expected GLUE's CoLA test header"),
+    "header-only": ("index\tsentence", 0, "test.tsv: no sentences after the header"),
+}
+
+
+@pytest.mark.parametrize(("header", "rows", "message"), GLUE_BAD_INPUTS.values(), ids=GLUE_BAD_INPUTS.keys())
+def test_glue_submission_bad_input_is_one_line_and_exit_2(model_dir, tmp_path, capsys, header, rows, message):
+    test_file = write_glue_test(tmp_path / "test.tsv", rows, header)
+    argv = ["--model", str(model_dir), "--input", str(test_file), "--glue_submission", str(tmp_path / "CoLA.tsv")]
+    status, out, err = predict(argv, capsys)
+    assert status == 2 and out == "" and err.count("\n") == 1, err
+    assert message in err
+    assert not (tmp_path / "CoLA.tsv").exists()
+
+
+def test_glue_submission_extra_column_and_no_input(model_dir, tmp_path, capsys):
+    test_file = write_glue_test(tmp_path / "test.tsv", 5)
+    lines = test_file.read_text().splitlines()
+    test_file.write_text("\n".join([*lines[:3], lines[3] + "\tlabel", *lines[4:]]) + "\n")
+    status, _, err = predict(["--model", str(model_dir), "--input", str(test_file), "--glue_submission", "o"], capsys)
+    assert status == 2
+    assert err == f"cola-predict: error: {test_file}:4: expected 2 tab-separated columns, an index and a sentence\n"
+    status, _, err = predict(["--model", str(model_dir), "A sentence.", "--glue_submission", "o"], capsys)
+    assert (status, err) == (
+        2,
+        "cola-predict: error: --glue_submission needs --input GLUE's CoLA test.tsv (index, sentence)\n",
+    )

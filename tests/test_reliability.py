@@ -253,7 +253,7 @@ def test_recipe_values_are_checked_naming_the_recipe_and_the_key(tmp_path, text,
 
 def test_hub_token_flag_is_refused_even_without_push(tmp_path):
     # The Trainer pickles every argument into training_args.bin and W&B records argv: refuse it before any work.
-    _, _, training_args, _ = parse_args(["--hub_token", "hf_FAKEflag0123456789abcdefgh", "--output_dir", str(tmp_path)])
+    training_args = parse_args(["--hub_token", "hf_FAKEflag0123456789abcdefgh", "--output_dir", str(tmp_path)]).training
     with pytest.raises(UsageError, match="--hub_token: pass the Hub token through the HF_TOKEN environment variable"):
         hub.prepare_push(training_args)
 

@@ -260,6 +260,7 @@ def test_wandb_dying_mid_training_stops_uploads_not_training(tmp_path, tiny_mode
 def test_a_failed_upload_is_named_and_the_rest_still_uploaded(tmp_path, offline_wandb, capsys):
     import matplotlib.pyplot as plt
 
+    from cola_hf.results import RunResults
     from cola_hf.tracking import log_run_outputs
 
     out = tmp_path / "out"
@@ -275,7 +276,7 @@ def test_a_failed_upload_is_named_and_the_rest_still_uploaded(tmp_path, offline_
         "test": {"out_of_domain_dev": {"matthews_correlation": 0.25, "accuracy": 0.7, "positive_ratio": 0.6, "n": 1}},
     }
     run = offline_wandb()
-    log_run_outputs(out, results)
+    log_run_outputs(out, RunResults.from_dict(results))
 
     err = capsys.readouterr().err
     assert "not uploaded: misclassified sentences of out_of_domain_dev" in err
@@ -313,7 +314,7 @@ def test_sweep_file_is_the_18_run_grid_over_flags_that_cola_py_accepts(monkeypat
     from transformers.integrations.integration_utils import rewrite_logs
     from transformers.trainer_utils import EvalPrediction
 
-    from cola_hf.config import build_parser, parse_args
+    from cola_hf.config import make_parser, parse_args
     from cola_hf.metrics import compute_metrics
 
     sweep = yaml.safe_load(SWEEP.read_text())
@@ -330,7 +331,7 @@ def test_sweep_file_is_the_18_run_grid_over_flags_that_cola_py_accepts(monkeypat
         "learning_rate": [5e-5, 3e-5, 2e-5],
         "num_train_epochs": [2, 3, 4],
     }
-    flags = {action.dest for action in build_parser()._actions}
+    flags = {action.dest for action in make_parser()._actions}
     assert set(parameters) <= flags
     assert (REPO / sweep["program"]).is_file()
 
@@ -340,10 +341,11 @@ def test_sweep_file_is_the_18_run_grid_over_flags_that_cola_py_accepts(monkeypat
     for values in combinations:
         command = agent_command(sweep, values)
         assert command[:3] == ["/usr/bin/env", "python", "experiments/cola.py"]
-        _, _, training_args, tracking_args = parse_args(command[3:])
+        options = parse_args(command[3:])
+        training_args = options.training
         # The batch an optimizer step sees: per device x accumulation x processes (here 1).
         batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
         assert batch == values["global_train_batch_size"]
         seen.add((batch, training_args.learning_rate, training_args.num_train_epochs))
-        assert training_args.report_to == ["wandb"] and tracking_args.per_run_output_dir
+        assert training_args.report_to == ["wandb"] and options.study.per_run_output_dir
     assert len(seen) == len(combinations) == 18

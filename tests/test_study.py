@@ -1,26 +1,24 @@
-"""Seed studies and the local grid runner, through experiments/cola.py itself (in this process: one import)."""
+"""Seed studies and the local grid runner, through the run's own entry point (in this process: one import)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 from pathlib import Path
 
 import pytest
-from conftest import SCRIPT
 
-from cola_hf.sweep import Trial, aggregate_seeds
+from cola_hf.results import RunResults
+from cola_hf.study import Trial, aggregate_seeds
 
 SPLITS = ("out_of_domain_dev", "in_domain_dev", "glue_dev")
 
 
 @pytest.fixture(scope="module")
 def cola_main():
-    spec = importlib.util.spec_from_file_location("cola_glue", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    from cola_hf.run import main
+
+    return main
 
 
 @pytest.fixture
@@ -80,7 +78,7 @@ def test_seed_statistics_are_mean_sample_std_min_max():
             "epochs": [{"epoch": 1, "valid_mcc": 0.5}],
             "test": {"out_of_domain_dev": {"matthews_correlation": ood}, "glue_dev": {"matthews_correlation": glue}},
         }
-        return Trial(f"run-{seed}", Path(f"run-{seed}"), {"seed": seed}, results)
+        return Trial(f"run-{seed}", Path(f"run-{seed}"), {"seed": seed}, RunResults.from_dict(results))
 
     summary = aggregate_seeds([trial(1, 0.40, 0.50), trial(2, 0.30, 0.56), trial(3, 0.44, 0.53)], "g")
     ood = [0.40, 0.30, 0.44]

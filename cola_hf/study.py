@@ -1,17 +1,15 @@
 """Many runs of one recipe: `--seeds`, a local `--grid`, and `--per_run_output_dir`.
 
-Every run is the glue's own `run(model_args, data_args, training_args, tracking_args)`, called in this
-process with changed arguments, written to its own sub-directory named after the run
-(OUTPUT_DIR/tutorial-lr2e-05-bs32-ep4-seed43), and tracked as its own W&B run in one group. A run whose
-results.json exists is not run again and one with checkpoints continues from the latest, so an interrupted
-study picks up where it stopped (`--overwrite_output_dir` reruns everything).
+Every run is `cola_hf.run.run(options)`, called in this process with changed options, written to its own
+sub-directory named after the run (OUTPUT_DIR/tutorial-lr2e-05-bs32-ep4-seed43), and tracked as its own W&B
+run in one group. A run whose results.json exists is not run again and one with checkpoints continues from
+the latest, so an interrupted study picks up where it stopped (`--overwrite_output_dir` reruns everything).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import statistics
 from collections.abc import Callable
@@ -21,16 +19,17 @@ from typing import Any
 
 import pandas as pd
 import yaml
-from transformers.trainer_utils import get_last_checkpoint
 
-from cola_hf import compare, tracking
-from cola_hf.config import DataArguments, ModelArguments, TrackingArguments, build_parser
+from cola_hf import compare
+from cola_hf.config import RunOptions, make_parser
 from cola_hf.errors import UsageError
+from cola_hf.output_dir import is_finished, latest_complete_checkpoint
 from cola_hf.reporting import atomic_path, write_json, write_text
+from cola_hf.results import RunResults
 
 logger = logging.getLogger(__name__)
 
-RunFunction = Callable[[ModelArguments, DataArguments, Any, TrackingArguments], dict]
+RunFunction = Callable[[RunOptions], "RunResults | None"]
 
 
 @dataclass
@@ -38,103 +37,72 @@ class Trial:
     name: str
     output_dir: Path
     changes: dict[str, Any]
-    results: dict
+    results: RunResults
 
 
-def run_all(
-    run: RunFunction,
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    training_args: Any,
-    tracking_args: TrackingArguments,
-) -> dict:
-    """The glue's entry point: one run, a seed study or a grid, as the tracking flags say."""
-    if tracking_args.seeds and tracking_args.grid:
+def run_study(run: RunFunction, options: RunOptions) -> Any:
+    """One run, a seed study or a grid, as the study flags say."""
+    study = options.study
+    if study.seeds and study.grid:
         raise UsageError("--seeds and --grid: give one or the other (a grid runs with --seed)")
-    if tracking_args.seeds:
-        return run_seeds(run, model_args, data_args, training_args, tracking_args)
-    if tracking_args.grid:
-        return run_grid(run, model_args, data_args, training_args, tracking_args)
-    if tracking_args.per_run_output_dir:
-        training_args = trial_arguments(training_args, data_args, tracking_args, {})
-    return run(model_args, data_args, training_args, tracking_args)
+    if study.seeds:
+        return run_seeds(run, options)
+    if study.grid:
+        return run_grid(run, options)
+    if study.per_run_output_dir:
+        options = trial_options(options, {})
+    return run(options)
 
 
 # --- one trial -----------------------------------------------------------------------------------------------
-def trial_arguments(
-    training_args: Any, data_args: DataArguments, tracking_args: TrackingArguments, changes: dict[str, Any]
-) -> Any:
-    """The training arguments of one run: `changes` applied, output_dir = OUTPUT_DIR/<run name>.
+def trial_options(options: RunOptions, changes: dict[str, Any]) -> RunOptions:
+    """The options of one run: `changes` applied, output_dir = OUTPUT_DIR/<run name>.
 
     An explicit --run_name stays the name of a single run; runs of a study are named by what they vary.
     """
     single = not changes
-    args = dataclasses.replace(training_args, **changes, **({} if single else {"run_name": None}))
-    name = args.run_name or tracking.run_name(tracking_args.recipe_name or "cola", args, data_args)
-    args.output_dir = str(Path(training_args.output_dir) / name)
+    trial = options.replace(**changes, **({} if single else {"run_name": None}))
+    name = trial.run_name()
+    args = trial.training
+    args.output_dir = str(Path(options.training.output_dir) / name)
     args.run_name = name
-    finished = (Path(args.output_dir) / "results.json").exists()
-    if not finished and not args.overwrite_output_dir and Path(args.output_dir).is_dir():
+    if not is_finished(args.output_dir) and not args.overwrite_output_dir:
         # An interrupted run continues from its latest checkpoint instead of refusing to start.
-        args.resume = get_last_checkpoint(args.output_dir) is not None
-    return args
+        args.resume = latest_complete_checkpoint(args.output_dir) is not None
+    return trial
 
 
-def run_trials(
-    run: RunFunction,
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    training_args: Any,
-    tracking_args: TrackingArguments,
-    all_changes: list[dict[str, Any]],
-    group: str,
-) -> list[Trial]:
+def run_trials(run: RunFunction, options: RunOptions, all_changes: list[dict[str, Any]], group: str) -> list[Trial]:
     """Run each set of changes in turn (skipping finished ones), all in one W&B group."""
-    tracking_args = dataclasses.replace(
-        tracking_args, experiment_name=group, seeds=None, grid=None, per_run_output_dir=False
+    options = dataclasses.replace(
+        options,
+        tracking=dataclasses.replace(options.tracking, experiment_name=group),
+        study=dataclasses.replace(options.study, seeds=None, grid=None, per_run_output_dir=False),
     )
     trials = []
     for number, changes in enumerate(all_changes, start=1):
-        args = trial_arguments(training_args, data_args, tracking_args, changes)
-        results_path = Path(args.output_dir) / "results.json"
-        if results_path.exists() and not args.overwrite_output_dir:
+        trial = trial_options(options, changes)
+        args = trial.training
+        if is_finished(args.output_dir) and not args.overwrite_output_dir:
             logger.info("Run %d/%d %s: finished earlier, not run again", number, len(all_changes), args.run_name)
-            results = json.loads(results_path.read_text(encoding="utf-8"))
+            results = RunResults.load(args.output_dir)
         else:
             logger.info("Run %d/%d %s", number, len(all_changes), args.run_name)
-            results = run(model_args, data_args, args, tracking_args)
+            results = run(trial) or RunResults()  # processes other than the main one get no results
         trials.append(Trial(args.run_name, Path(args.output_dir), changes, results))
     return trials
 
 
-def final_valid_mcc(results: dict) -> float | None:
-    """Validation MCC after the last epoch: the model that was saved and tested."""
-    epochs = results.get("epochs") or []
-    return epochs[-1].get("valid_mcc") if epochs else None
-
-
-def test_mccs(results: dict) -> dict[str, float]:
-    return {split: metrics["matthews_correlation"] for split, metrics in results.get("test", {}).items()}
-
-
 # --- seeds ---------------------------------------------------------------------------------------------------
-def run_seeds(
-    run: RunFunction,
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    training_args: Any,
-    tracking_args: TrackingArguments,
-) -> dict:
+def run_seeds(run: RunFunction, options: RunOptions) -> dict:
     """The recipe once per seed; summary.json and summary.md/.csv: mean, std, min, max of every test MCC."""
-    seeds = list(dict.fromkeys(tracking_args.seeds or []))
-    group = tracking_args.experiment_name or f"{tracking_args.recipe_name or 'cola'}-seeds"
-    trials = run_trials(
-        run, model_args, data_args, training_args, tracking_args, [{"seed": seed} for seed in seeds], group
-    )
-    if training_args.process_index != 0:
+    seeds = list(dict.fromkeys(options.study.seeds or []))
+    group = options.tracking.experiment_name or f"{options.recipe}-seeds"
+    trials = run_trials(run, options, [{"seed": seed} for seed in seeds], group)
+    if options.training.process_index != 0:
         return {}
     summary = aggregate_seeds(trials, group)
-    output_dir = Path(training_args.output_dir)
+    output_dir = Path(options.training.output_dir)
     write_json(output_dir / "summary.json", summary)
     table = seed_table(summary)
     write_text(output_dir / "summary.md", compare.to_markdown(table))
@@ -152,8 +120,8 @@ def aggregate_seeds(trials: list[Trial], group: str) -> dict:
             "seed": trial.changes["seed"],
             "name": trial.name,
             "output_dir": str(trial.output_dir),
-            "valid_mcc": final_valid_mcc(trial.results),
-            "test_mcc": test_mccs(trial.results),
+            "valid_mcc": trial.results.final_valid_mcc,
+            "test_mcc": trial.results.test_mccs(),
         }
         for trial in trials
     ]
@@ -194,7 +162,7 @@ def load_grid(path: str | Path) -> dict[str, list[Any]]:
         raise UsageError(f"--grid {path}: expected a W&B sweep file with a 'parameters' mapping")
     if sweep.get("method", "grid") != "grid":
         raise UsageError(f"--grid {path}: method is {sweep['method']!r}; only a grid can be run locally")
-    actions = {action.dest: action for action in build_parser()._actions}
+    actions = {action.dest: action for action in make_parser()._actions}
     grid: dict[str, list[Any]] = {}
     for name, spec in sweep["parameters"].items():
         if name not in actions:
@@ -215,33 +183,27 @@ def grid_combinations(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
-def run_grid(
-    run: RunFunction,
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    training_args: Any,
-    tracking_args: TrackingArguments,
-) -> dict:
+def run_grid(run: RunFunction, options: RunOptions) -> dict:
     """Every combination of the grid in turn; grid_summary.json names the best by validation MCC."""
-    grid = load_grid(tracking_args.grid)
-    group = tracking_args.experiment_name or f"{tracking_args.recipe_name or 'cola'}-{Path(tracking_args.grid).stem}"
-    trials = run_trials(run, model_args, data_args, training_args, tracking_args, grid_combinations(grid), group)
-    if training_args.process_index != 0:
+    grid = load_grid(options.study.grid)
+    group = options.tracking.experiment_name or f"{options.recipe}-{Path(options.study.grid).stem}"
+    trials = run_trials(run, options, grid_combinations(grid), group)
+    if options.training.process_index != 0:
         return {}
     runs = [
         {
             "name": trial.name,
             "output_dir": str(trial.output_dir),
             **trial.changes,
-            "valid_mcc": final_valid_mcc(trial.results),
-            "test_mcc": test_mccs(trial.results),
+            "valid_mcc": trial.results.final_valid_mcc,
+            "test_mcc": trial.results.test_mccs(),
         }
         for trial in trials
     ]
     scored = [run for run in runs if run["valid_mcc"] is not None]
     best = max(scored, key=lambda run: run["valid_mcc"]) if scored else None
     summary = {"group": group, "grid": grid, "runs": runs, "best": best}
-    output_dir = Path(training_args.output_dir)
+    output_dir = Path(options.training.output_dir)
     write_json(output_dir / "grid_summary.json", summary)
     compare.compare([trial.output_dir for trial in trials], output_dir / "comparison")
     if best is not None:

@@ -1,0 +1,111 @@
+"""results.json, typed: what a finished run measured, read and written by this one description.
+
+The file is the run's record and its "finished" mark (written last, atomically, by
+`reporting.write_results`). Every reader (model card,
+W&B, studies, cola-compare) goes through `RunResults`, so a field is renamed or added here and nowhere else.
+On disk it is plain JSON: `epochs` (one row per epoch), `test` (one entry per test set), `config` (every
+argument of the run).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from cola_hf.errors import UsageError
+
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class EpochStats:
+    """One row of the tutorial's training_stats table: an epoch's training, then its validation."""
+
+    epoch: int
+    training_loss: float | None = None
+    training_time_s: float | None = None
+    valid_loss: float | None = None
+    valid_accuracy: float | None = None
+    valid_mcc: float | None = None
+    validation_time_s: float | None = None
+    valid_predicted_acceptable: int | None = None
+    valid_predicted_unacceptable: int | None = None
+    # Every validation sentence predicted as one class: MCC is 0 for a degenerate reason.
+    collapsed: bool | None = None
+
+
+@dataclass
+class TestSetResults:
+    matthews_correlation: float
+    accuracy: float | None = None
+    positive_ratio: float | None = None  # share of acceptable sentences in the gold labels
+    n: int | None = None
+    mcc_per_batch: list[float] | None = None  # the tutorial's chart: MCC of each batch of 32
+
+
+@dataclass
+class RunResults:
+    epochs: list[EpochStats] = field(default_factory=list)
+    test: dict[str, TestSetResults] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    # --- what readers ask of a run ---
+    @property
+    def valid_mccs(self) -> list[float]:
+        return [row.valid_mcc for row in self.epochs if row.valid_mcc is not None]
+
+    @property
+    def final_valid_mcc(self) -> float | None:
+        """Validation MCC after the last epoch: the model that was saved and tested."""
+        return self.valid_mccs[-1] if self.valid_mccs else None
+
+    @property
+    def best_valid_mcc(self) -> float | None:
+        return max(self.valid_mccs) if self.valid_mccs else None
+
+    @property
+    def training_time_s(self) -> float | None:
+        return sum(row.training_time_s or 0 for row in self.epochs) if self.epochs else None
+
+    def test_mccs(self) -> dict[str, float]:
+        return {split: result.matthews_correlation for split, result in self.test.items()}
+
+    # --- the file ---
+    def to_dict(self) -> dict[str, Any]:
+        # Absent, not null: an evaluation-only epoch has no training columns, a test set may lack its chart.
+        return {
+            "epochs": [_without_none(asdict(row)) for row in self.epochs],
+            "test": {split: _without_none(asdict(result)) for split, result in self.test.items()},
+            "config": self.config,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunResults:
+        return cls(
+            epochs=[_build(EpochStats, row) for row in data.get("epochs") or []],
+            test={split: _build(TestSetResults, result) for split, result in (data.get("test") or {}).items()},
+            config=dict(data.get("config") or {}),
+        )
+
+    @classmethod
+    def load(cls, output_dir: str | Path) -> RunResults:
+        """The results of the run in `output_dir`; one line (UsageError) if there are none or they don't parse."""
+        path = Path(output_dir) / RESULTS_FILE
+        if not path.is_file():
+            raise UsageError(f"{output_dir}: no {RESULTS_FILE} (not a run directory, or the run did not finish)")
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as err:
+            raise UsageError(f"{path}: cannot read ({err})") from err
+
+
+def _without_none(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in row.items() if value is not None}
+
+
+def _build(kind: type, values: dict[str, Any]) -> Any:
+    # Keys this version does not know (a newer writer's) are left out rather than failing the reader.
+    known = {f.name for f in fields(kind)}
+    return kind(**{key: value for key, value in values.items() if key in known})
