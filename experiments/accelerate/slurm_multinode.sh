@@ -58,7 +58,9 @@ stop_training() {
   if [[ $stop_requested -eq 0 ]]; then
     stop_requested=1
     echo "cola-hf: SIGTERM at $(date '+%F %T'); asking every rank to save and stop"
-    scancel --signal=TERM "$SLURM_JOB_ID"
+    # Bounded: while Slurm is itself ending or requeueing the job, scancel retries until the job runs again,
+    # and would then stop the next run.
+    timeout 10 scancel --signal=TERM "$SLURM_JOB_ID"
   fi
 }
 trap stop_training TERM
