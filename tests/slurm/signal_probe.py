@@ -29,7 +29,8 @@ def main() -> int:
     args = parser.parse_args()
 
     rank = int(os.environ.get("RANK", "0"))
-    who = f"probe {os.environ.get('PROBE_TAG', '')} rank {rank} pid {os.getpid()} pgid {os.getpgid(0)} job {os.environ.get('SLURM_JOB_ID', '-')}"
+    job = os.environ.get("SLURM_JOB_ID", "-")
+    who = f"probe {os.environ.get('PROBE_TAG', '')} rank {rank} pid {os.getpid()} pgid {os.getpgid(0)} job {job}"
     signals_received: list[str] = []
 
     def note_signal(signum: int, _frame) -> None:
