@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cola_hf.reporting import atomic_path, save_figure, write_text  # noqa: E402
-from cola_hf.results import RunResults  # noqa: E402
+from cola_hf.results import RESULTS_FILE, RunResults  # noqa: E402
 
 
 def run_labels(run_dirs: list[Path]) -> list[str]:
@@ -111,9 +111,9 @@ def run_groups(paths: list[Path]) -> list[list[Path]]:
     """Each DIR as a list of runs: a run directory alone, or a directory of runs (a seed study) as a group."""
 
     def is_run(path: Path) -> bool:
-        return (path / RESULTS).is_file() or (path / "predictions_glue_dev.tsv").is_file()
+        return (path / RESULTS_FILE).is_file() or (path / "predictions_glue_dev.tsv").is_file()
 
-    # A directory that is neither stays as it is, for load_results to name.
+    # A directory that is neither stays as it is, for RunResults.load to name.
     return [[path] if is_run(path) else sorted(p for p in path.glob("*/") if is_run(p)) or [path] for path in paths]
 
 

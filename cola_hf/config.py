@@ -21,6 +21,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
 from cola_hf.errors import UsageError
+from cola_hf.phenomena import DEFAULT_ANNOTATIONS_URL
 
 COLA_URL = "https://nyu-mll.github.io/CoLA/cola_public_1.1.zip"
 DEFAULT_MODEL = "bert-base-uncased"
@@ -59,6 +60,16 @@ class DataArguments:
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Keep only the first N training sentences (quick trials)."}
     )
+    annotations_source: str | None = field(
+        default=DEFAULT_ANNOTATIONS_URL,
+        metadata={
+            "help": "CoLA's grammatical-phenomena annotation of the GLUE dev set (URL, local zip or directory), "
+            "for the per-phenomenon analysis; 'none' skips it."
+        },
+    )
+    minor_features: bool = field(
+        default=False, metadata={"help": "Analyse the 63 minor grammatical features too, not only the 15 major."}
+    )
 
 
 @dataclass
@@ -70,7 +81,13 @@ class ColaTrainingArguments(TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Write over an output_dir that already holds a finished run."}
     )
-    resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in output_dir."})
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Insist on continuing from the latest complete checkpoint in output_dir (an unfinished run "
+            "continues from it anyway; this makes a missing checkpoint an error)."
+        },
+    )
     # The tutorial: torch AdamW(lr=2e-5, eps=1e-8), no weight decay, linear decay to 0 with no warmup,
     # gradient norm clipped at 1.0, batch 32, 4 epochs, seed 42, validation after every epoch.
     # Fused: torch AdamW's update in one kernel per step instead of a loop over the parameter tensors, and the
@@ -216,13 +233,39 @@ class StudyArguments:
     grid: str | None = field(
         default=None,
         metadata={
-            "help": "Run every combination of a W&B sweep file's grid locally, sequentially and resumably "
-            "(e.g. experiments/sweeps/bert_paper_grid.yaml)."
+            "help": "Run every point of a W&B sweep file's grid: the same as --search FILE for a 'method: grid' "
+            "file (e.g. experiments/sweeps/bert_paper_grid.yaml)."
         },
     )
     per_run_output_dir: bool = field(
         default=False,
         metadata={"help": "Write into OUTPUT_DIR/<run name>, one folder per run (W&B sweeps use it)."},
+    )
+    # The search (cola_hf/search.py, docs/search.md).
+    search: str | None = field(
+        default=None,
+        metadata={
+            "help": "Search a W&B sweep file's space with Optuna (grid/random/bayes); the best trial's model and "
+            "test results go to OUTPUT_DIR/best (e.g. experiments/sweeps/wide.yaml)."
+        },
+    )
+    n_trials: int | None = field(
+        default=None,
+        metadata={"help": "Trials of the search in total, over all its workers (a grid: every point by default)."},
+    )
+    search_storage: str | None = field(
+        default=None,
+        metadata={
+            "help": "Optuna storage URL that the search's workers share (postgresql://..., mysql://...); "
+            "default: a journal file in OUTPUT_DIR/search."
+        },
+    )
+    search_pruner: str = field(
+        default="median",
+        metadata={
+            "help": "Stop hopeless trials early on their per-epoch validation MCC.",
+            "choices": ["none", "median", "hyperband"],
+        },
     )
 
 

@@ -1,19 +1,28 @@
-"""The output-directory rule, for single runs and every run of a study: finished? resumable? what to refuse?
+"""The output-directory rule, for single runs and every run of a study: finished? resumable? in use?
 
-A run is finished when its results.json exists (written last). An unfinished run may hold checkpoint-N
-directories; a complete one has a whole trainer_state.json (the Trainer writes it last).
+- A run is finished when its results.json exists (written last). The same command again refuses it unless
+  --overwrite_output_dir.
+- An unfinished run with a complete checkpoint (a whole trainer_state.json, the Trainer's last write, and no
+  `checkpoint-is-incomplete.txt` marker) continues from the newest one: the same command resumes a run that
+  was preempted or killed. With none, the run starts fresh. --resume insists on a checkpoint.
+- One run at a time per directory: a second one stops at once, naming the holder (`hold_output_dir`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
 import shutil
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import filelock
 from transformers import TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from cola_hf.errors import UsageError
 from cola_hf.reporting import FAILED_MARKER
@@ -21,31 +30,84 @@ from cola_hf.results import RESULTS_FILE
 
 logger = logging.getLogger(__name__)
 
+LOCK_FILE = ".cola.lock"
+HOLDER_FILE = ".cola.lock.holder"  # who holds the lock, for the message of the run that finds it taken
+INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"  # transformers' own marker of a checkpoint being written
+
 
 def is_finished(output_dir: str | Path) -> bool:
     return (Path(output_dir) / RESULTS_FILE).is_file()
 
 
 def prepare_output_dir(output_dir: str | Path, training_args: TrainingArguments) -> str | None:
-    """Refuse to clobber a finished run; return the checkpoint to resume from (None: start fresh)."""
+    """Apply the rule above; return the checkpoint to resume from (None: start fresh)."""
     output_dir = Path(output_dir)
-    checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    resume = getattr(training_args, "resume", False)
-    if resume:
-        checkpoint = latest_complete_checkpoint(output_dir, training_args.should_save) if checkpoint else None
-        if checkpoint is None:
-            raise UsageError(f"{output_dir}: --resume given, but it holds no complete checkpoint-* directory")
-    elif is_finished(output_dir) and not training_args.overwrite_output_dir:
+    overwrite, resume = training_args.overwrite_output_dir, getattr(training_args, "resume", False)
+    checkpoint = None
+    if resume or not overwrite:
+        checkpoint = latest_complete_checkpoint(output_dir, remove_incomplete=training_args.should_save)
+    if resume and checkpoint is None:
+        raise UsageError(f"{output_dir}: --resume given, but it holds no complete checkpoint-* directory")
+    if is_finished(output_dir) and not (resume or overwrite):
         raise UsageError(f"{output_dir}: holds a finished run; pass --overwrite_output_dir or another --output_dir")
-    elif checkpoint is not None and training_args.do_train and not training_args.overwrite_output_dir:
-        raise UsageError(
-            f"{output_dir}: holds checkpoints of an unfinished run; pass --resume or --overwrite_output_dir"
-        )
+    if not training_args.do_train:
+        checkpoint = None
+    if checkpoint is not None:
+        logger.info("%s holds an unfinished run: continuing from %s", output_dir, Path(checkpoint).name)
     if training_args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
         for stale in (RESULTS_FILE, "README.md", FAILED_MARKER):
             (output_dir / stale).unlink(missing_ok=True)
-    return checkpoint if resume else None
+    return checkpoint
+
+
+@contextlib.contextmanager
+def hold_output_dir(output_dir: str | Path, main_process: bool = True) -> Iterator[None]:
+    """Hold the directory's lock for the run; if another run holds it, one line naming it (UsageError).
+
+    An flock held by the operating system: a run killed in any way releases it, so a stale lock never blocks
+    the next run. Only the main process takes it (the other processes of a run are the same run).
+    """
+    if not main_process:
+        yield
+        return
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(output_dir / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        holder = _holder(output_dir)
+        raise UsageError(f"{output_dir}: in use by another run ({holder}); wait for it or stop it") from None
+    holder = output_dir / HOLDER_FILE
+    holder.write_text(
+        json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}),
+        encoding="utf-8",
+    )
+    try:
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
+
+
+def is_held(output_dir: str | Path) -> bool:
+    """Whether a live run holds the directory (a killed run's lock is gone with it)."""
+    lock = filelock.FileLock(Path(output_dir) / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def _holder(output_dir: Path) -> str:
+    try:
+        holder = json.loads((output_dir / HOLDER_FILE).read_text(encoding="utf-8"))
+        return f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
+    except (OSError, ValueError, KeyError):
+        return "holder unknown"
 
 
 def latest_complete_checkpoint(output_dir: str | Path, remove_incomplete: bool = False) -> str | None:
@@ -67,6 +129,8 @@ def latest_complete_checkpoint(output_dir: str | Path, remove_incomplete: bool =
     for _, path in sorted(numbered, reverse=True):
         try:
             json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            if (path / INCOMPLETE_MARKER).exists():
+                raise ValueError(INCOMPLETE_MARKER)
             return str(path)
         except (OSError, ValueError):
             logger.warning("%s is incomplete (the run stopped while saving it); resuming from an earlier one", path)

@@ -1,6 +1,6 @@
 """One CoLA run, start to finish: the code behind `experiments/cola.py`, `cola-train` and `cola_hf.train()`.
 
-    options -> data -> model and Trainer -> train -> test sets -> reports, card, results.json -> W&B, Hub
+    options -> data -> model and Trainer -> train -> test sets -> reports, analysis, card, results.json -> W&B, Hub
 
 `main(argv)` is the command line (one run, or a study of several); `train(...)` is the same for a notebook;
 `run(options)` is one run, built from the small steps below it.
@@ -15,13 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import transformers
 from transformers import set_seed
 
 from cola_hf import data, hub, reporting, study, tracking
+from cola_hf.analysis import analyze_run, phenomena_markdown
 from cola_hf.config import RunOptions, make_parser, parse_args
-from cola_hf.errors import HubPushError, RunFailed, UsageError
-from cola_hf.output_dir import prepare_output_dir
+from cola_hf.errors import HubPushError, RunFailed, StoppedBySignal, UsageError
+from cola_hf.output_dir import hold_output_dir, prepare_output_dir
+from cola_hf.phenomena import load_annotations
+from cola_hf.preemption import handling_sigterm
 from cola_hf.results import RunResults
 from cola_hf.trainer import TutorialTrainer, build_trainer, load_model_and_tokenizer, predict_split
 
@@ -34,9 +38,16 @@ def run(options: RunOptions, tokenized_files: datasets.DatasetDict | None = None
     """Train (unless --do_train False), test, and write every output; the results on the main process, else None.
 
     `tokenized_files` (read_cola's files after tokenize_cola) lets a study tokenize once for all its runs.
+    SIGTERM saves a checkpoint and raises `StoppedBySignal`; the same call again continues the run.
     """
+    with hold_output_dir(options.training.output_dir, main_process=options.training.process_index == 0):
+        return _run(options, tokenized_files)
+
+
+def _run(options: RunOptions, tokenized_files: datasets.DatasetDict | None) -> RunResults | None:
     args = options.training
     checkpoint = prepare_output_dir(args.output_dir, args)
+    annotations = check_annotations(options)
     set_seed(args.seed)
     if args.do_train:
         logger.info(args.batch_layout())  # world size x per-device batch x accumulation = global
@@ -56,14 +67,41 @@ def run(options: RunOptions, tokenized_files: datasets.DatasetDict | None = None
     trainer = build_trainer(options, tokenized, model, tokenizer)
     tracking.start_run(trainer, options, data.file_hashes(files))  # before training: the callback logs into it
 
-    # --- train ---
-    if args.do_train:
-        trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()
-        trainer.save_state()
+    with handling_sigterm(trainer):
+        try:
+            # --- train ---
+            if args.do_train:
+                trainer.train(resume_from_checkpoint=checkpoint)
+                trainer.save_model()
+                trainer.save_state()
+            # --- test sets and validation predictions ---
+            predictions = predict_splits(trainer, tokenized)
+        except StoppedBySignal:
+            tracking.stop_run_preempted()
+            raise
+    # --- reports, sharing ---
+    return finish_run(trainer, options, tokenized, predictions, annotations)
 
-    # --- test sets, reports, sharing ---
-    return finish_run(trainer, options, tokenized)
+
+# The test sets, and the validation split whose predictions choose the analysis's decision threshold.
+PREDICTED_SPLITS = (*data.TEST_SPLITS, "validation")
+
+
+def predict_splits(
+    trainer: TutorialTrainer, tokenized: datasets.DatasetDict
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(labels, probability of 'acceptable') of every sentence of PREDICTED_SPLITS, in order."""
+    return {split: predict_split(trainer, tokenized[split]) for split in PREDICTED_SPLITS}
+
+
+def check_annotations(options: RunOptions) -> str | None:
+    """The phenomena annotations' source; a local one is read now, so a wrong path fails before training."""
+    source = options.data.annotations_source
+    if source is None or source.lower() == "none":
+        return None
+    if not data.is_url(source):
+        load_annotations(source, options.data.minor_features, options.model.cache_dir)
+    return source
 
 
 def tokenize_files(options: RunOptions, files: datasets.DatasetDict, tokenizer: Any) -> datasets.DatasetDict:
@@ -79,24 +117,39 @@ def split_data(options: RunOptions, files: datasets.DatasetDict) -> datasets.Dat
     return tokenized
 
 
-def finish_run(trainer: TutorialTrainer, options: RunOptions, tokenized: datasets.DatasetDict) -> RunResults | None:
-    """Score the test sets with the trainer's model, then write the reports, card and results.json; push last."""
-    output_dir = Path(options.training.output_dir)
-    test = {split: predict_split(trainer, tokenized[split]) for split in data.TEST_SPLITS}
+def finish_run(
+    trainer: TutorialTrainer,
+    options: RunOptions,
+    tokenized: datasets.DatasetDict,
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]],
+    annotations_source: str | None,
+) -> RunResults | None:
+    """Write the reports, the analysis, the card and results.json from the predictions; push last."""
     if not trainer.is_world_process_zero():
         return None
+    output_dir = Path(options.training.output_dir)
     epochs = reporting.epoch_table(trainer.state.log_history)
     if epochs:
         reporting.write_epoch_outputs(output_dir, epochs)
     results = RunResults(
         epochs=epochs,
         test={
-            split: reporting.report_test_split(output_dir, split, tokenized[split], labels, probabilities)
-            for split, (labels, probabilities) in test.items()
+            split: reporting.report_test_split(output_dir, split, tokenized[split], *predictions[split])
+            for split in data.TEST_SPLITS
         },
         config=options.config(),
     )
+    labels, probabilities = predictions["validation"]
+    reporting.write_predictions(
+        output_dir / "predictions_validation.tsv",
+        tokenized["validation"],
+        (probabilities > 0.5).astype(int),
+        probabilities,
+    )
     logger.info("Test sets:\n%s", reporting.format_test_summary(results.test))
+    analysis = analyze_run(
+        output_dir, annotations_source, minor_features=options.data.minor_features, cache_dir=options.model.cache_dir
+    )
     hub.write_model_card(
         output_dir,
         results,
@@ -104,9 +157,10 @@ def finish_run(trainer: TutorialTrainer, options: RunOptions, tokenized: dataset
         shlex.join(["python", *sys.argv]),
         options.training.hub_model_id,
         base_model=options.model.base_model,
+        phenomena=phenomena_markdown(analysis),
     )
     reporting.write_results(output_dir, results)  # last: its presence means "finished"
-    tracking.log_run_outputs(output_dir, results, log_model=options.tracking.log_model)
+    tracking.log_run_outputs(output_dir, results, log_model=options.tracking.log_model, analysis=analysis)
     if options.training.push_to_hub:
         hub.push_trainer_output(trainer)  # after results.json: a failed upload leaves a finished local run
     return results
@@ -127,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except HubPushError as err:  # the local run is complete: no RUN_FAILED marker
         print(f"cola: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except StoppedBySignal as err:  # not a failure: the checkpoint is complete, the same command continues
+        print(f"cola: {err}", file=sys.stderr, flush=True)
         return err.exit_code
     except (UsageError, RunFailed) as err:
         if debug:

@@ -1,15 +1,15 @@
-"""Many runs of one recipe: `--seeds`, a local `--grid`, and `--per_run_output_dir`.
+"""Many runs of one recipe: `--seeds` and `--per_run_output_dir` here; `--search` and `--grid` in cola_hf/search.py.
 
 Every run is `cola_hf.run.run(options)`, called in this process with changed options, written to its own
 sub-directory named after the run (OUTPUT_DIR/tutorial-lr2e-05-bs32-ep4-seed43), and tracked as its own W&B
 run in one group. A run whose results.json exists is not run again and one with checkpoints continues from
-the latest, so an interrupted study picks up where it stopped (`--overwrite_output_dir` reruns everything).
+the latest (cola_hf/output_dir.py), so an interrupted or preempted study picks up at the run it was in
+(`--overwrite_output_dir` reruns everything).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import statistics
 from collections.abc import Callable
@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from cola_hf import compare
-from cola_hf.config import RunOptions, make_parser
+from cola_hf.config import RunOptions
 from cola_hf.errors import UsageError
-from cola_hf.output_dir import is_finished, latest_complete_checkpoint
+from cola_hf.output_dir import is_finished
 from cola_hf.reporting import atomic_path, write_json, write_text
 from cola_hf.results import RunResults
 
@@ -45,10 +44,16 @@ def run_study(run: RunFunction, options: RunOptions) -> Any:
     study = options.study
     if study.seeds and study.grid:
         raise UsageError("--seeds and --grid: give one or the other (a grid runs with --seed)")
+    if study.search and (study.seeds or study.grid):
+        raise UsageError("--search with --seeds or --grid: give one (confirm a search's best_params.yaml over seeds)")
+    if study.search or study.grid:
+        # --grid FILE is --search FILE for a grid: one mechanism, an Optuna study. Imported here: the search
+        # imports cola_hf.run, which imports this module.
+        from cola_hf.search import run_search
+
+        return run_search(options)
     if study.seeds:
         return run_seeds(run, options)
-    if study.grid:
-        return run_grid(run, options)
     if study.per_run_output_dir:
         options = trial_options(options, {})
     return run(options)
@@ -66,9 +71,6 @@ def trial_options(options: RunOptions, changes: dict[str, Any]) -> RunOptions:
     args = trial.training
     args.output_dir = str(Path(options.training.output_dir) / name)
     args.run_name = name
-    if not is_finished(args.output_dir) and not args.overwrite_output_dir:
-        # An interrupted run continues from its latest checkpoint instead of refusing to start.
-        args.resume = latest_complete_checkpoint(args.output_dir) is not None
     return trial
 
 
@@ -148,71 +150,3 @@ def seed_table(summary: dict) -> pd.DataFrame:
     for statistic in ("mean", "std", "min", "max"):
         rows.append({"seed": statistic, **{split: summary["test_mcc"][split][statistic] for split in splits}})
     return pd.DataFrame(rows)
-
-
-# --- the grid ------------------------------------------------------------------------------------------------
-def load_grid(path: str | Path) -> dict[str, list[Any]]:
-    """The `parameters` of a W&B grid sweep file, each value converted by the flag's own type."""
-    path = Path(path)
-    try:
-        sweep = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise UsageError(f"--grid {path}: cannot read ({err})") from err
-    if not isinstance(sweep, dict) or not isinstance(sweep.get("parameters"), dict):
-        raise UsageError(f"--grid {path}: expected a W&B sweep file with a 'parameters' mapping")
-    if sweep.get("method", "grid") != "grid":
-        raise UsageError(f"--grid {path}: method is {sweep['method']!r}; only a grid can be run locally")
-    actions = {action.dest: action for action in make_parser()._actions}
-    grid: dict[str, list[Any]] = {}
-    for name, spec in sweep["parameters"].items():
-        if name not in actions:
-            raise UsageError(f"--grid {path}: '{name}' is not an option of experiments/cola.py")
-        values = spec.get("values", [spec["value"]] if "value" in spec else None) if isinstance(spec, dict) else None
-        if not values:
-            raise UsageError(f"--grid {path}: parameter '{name}' needs 'values: [...]' (or 'value')")
-        # str() first, like the W&B agent's --name=value flags, so both paths parse a value the same way.
-        convert = actions[name].type or str
-        try:
-            grid[name] = [convert(str(value)) for value in values]
-        except (TypeError, ValueError) as err:
-            raise UsageError(f"--grid {path}: bad value for '{name}' ({err})") from err
-    return grid
-
-
-def grid_combinations(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-
-
-def run_grid(run: RunFunction, options: RunOptions) -> dict:
-    """Every combination of the grid in turn; grid_summary.json names the best by validation MCC."""
-    grid = load_grid(options.study.grid)
-    group = options.tracking.experiment_name or f"{options.recipe}-{Path(options.study.grid).stem}"
-    trials = run_trials(run, options, grid_combinations(grid), group)
-    if options.training.process_index != 0:
-        return {}
-    runs = [
-        {
-            "name": trial.name,
-            "output_dir": str(trial.output_dir),
-            **trial.changes,
-            "valid_mcc": trial.results.final_valid_mcc,
-            "test_mcc": trial.results.test_mccs(),
-        }
-        for trial in trials
-    ]
-    scored = [run for run in runs if run["valid_mcc"] is not None]
-    best = max(scored, key=lambda run: run["valid_mcc"]) if scored else None
-    summary = {"group": group, "grid": grid, "runs": runs, "best": best}
-    output_dir = Path(options.training.output_dir)
-    write_json(output_dir / "grid_summary.json", summary)
-    compare.compare([trial.output_dir for trial in trials], output_dir / "comparison")
-    if best is not None:
-        tests = ", ".join(f"{split} {mcc:.3f}" for split, mcc in best["test_mcc"].items())
-        logger.info(
-            "Best of %d by validation MCC: %s (validation MCC %.3f); test MCC: %s",
-            len(runs),
-            best["name"],
-            best["valid_mcc"],
-            tests,
-        )
-    return summary

@@ -33,13 +33,15 @@ from typing import TYPE_CHECKING, Any
 
 from transformers.integrations import WandbCallback
 
+from cola_hf.analysis import wandb_tables
 from cola_hf.config import model_short_name
-from cola_hf.errors import one_line
+from cola_hf.errors import StoppedBySignal, one_line
 from cola_hf.reporting import EPOCH_COLUMNS
 
 if TYPE_CHECKING:
     from transformers import Trainer
 
+    from cola_hf.analysis import RunAnalysis
     from cola_hf.config import RunOptions
     from cola_hf.results import RunResults
 
@@ -59,6 +61,7 @@ MODEL_FILE_PATTERNS = (
     "added_tokens.json",
     "README.md",
 )
+RUN_ID_FILE = ".wandb_run_id"
 SERVER_TIMEOUT_S = 3.0
 # wandb waits 90 s by default for a server it cannot reach; after our reachability probe passed, a
 # shorter wait still covers a slow server without stalling a run that lost its network.
@@ -198,6 +201,9 @@ def start_run(trainer: Trainer, options: RunOptions, data_sha256: dict[str, str]
         "config": provenance(options, data_sha256),
         # Next to the run's other outputs, unless the user chose a place with WANDB_DIR.
         "dir": os.environ.get("WANDB_DIR") or args.output_dir,
+        # The same W&B run for every start of the same unfinished run (preempted, then resumed): one curve.
+        "id": stable_run_id(args.output_dir, fresh=not args.resume and args.overwrite_output_dir),
+        "resume": "allow",
     }
     Path(init["dir"]).mkdir(parents=True, exist_ok=True)
     try:
@@ -225,8 +231,36 @@ def start_run(trainer: Trainer, options: RunOptions, data_sha256: dict[str, str]
     return run
 
 
+def stable_run_id(output_dir: str | Path, fresh: bool = False) -> str:
+    """The W&B run id of the run in `output_dir`, kept in the directory so that a resumed run logs into it."""
+    from wandb.sdk.lib.runid import generate_id
+
+    path = Path(output_dir) / RUN_ID_FILE
+    if not fresh and path.is_file() and (run_id := path.read_text(encoding="utf-8").strip()):
+        return run_id
+    run_id = generate_id()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n", encoding="utf-8")
+    return run_id
+
+
+def stop_run_preempted() -> None:
+    """Mark the open W&B run as preempted (the run resumes later into the same W&B run) and close it."""
+    import wandb
+
+    if wandb.run is None:
+        return
+    try:
+        wandb.run.mark_preempting()
+        wandb.run.finish(exit_code=StoppedBySignal.exit_code)
+    except Exception as err:  # W&B failing must not hide the stop
+        _warn(f"W&B: could not mark the run preempted ({one_line(err)})")
+
+
 # --- after the run -------------------------------------------------------------------------------------------
-def log_run_outputs(output_dir: str | Path, results: RunResults, log_model: bool = False) -> None:
+def log_run_outputs(
+    output_dir: str | Path, results: RunResults, log_model: bool = False, analysis: RunAnalysis | None = None
+) -> None:
     """Upload what reporting wrote, then finish the run: summary, tables, charts and (optionally) the model.
 
     Each upload is tried on its own: whatever fails is named in one message, the rest still goes up, and the
@@ -262,6 +296,12 @@ def log_run_outputs(output_dir: str | Path, results: RunResults, log_model: bool
             f"misclassified sentences of {split}",
             lambda split=split, tsv=predictions: media.__setitem__(f"misclassified/{split}", _misclassified_table(tsv)),
         )
+    if analysis is not None:
+        for name, frame in wandb_tables(analysis).items():
+            attempt(
+                f"analysis table {name}",
+                lambda name=name, frame=frame: media.__setitem__(f"analysis/{name}", wandb.Table(dataframe=frame)),
+            )
     if media:
         attempt("tables and charts", functools.partial(run.log, media))
     # Not WANDB_LOG_MODEL=end: the callback uploads at the end of training, before the test sets are scored and

@@ -11,6 +11,7 @@ What the subclass changes, and why:
 - A loss that turns NaN or infinite stops the run, naming the step, instead of training on garbage.
 - A collapsed classifier (every validation sentence predicted as one class, so MCC is 0) is warned about at
   the epoch it happens, with the class counts and the usual remedies.
+- SIGTERM, while the run handles it, saves a checkpoint and stops (cola_hf/preemption.py).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from transformers.trainer_utils import has_length
 
 from cola_hf.errors import TrainingDiverged, UsageError, one_line
 from cola_hf.metrics import compute_metrics
+from cola_hf.preemption import StopOnSignal
 
 if TYPE_CHECKING:
     from cola_hf.config import RunOptions
@@ -60,6 +62,8 @@ class TutorialTrainer(Trainer):
         self._epoch_loss_sum: torch.Tensor | None = None
         self._first_nonfinite_step: torch.Tensor | None = None
         self._epoch_statistics = _EpochStatistics(self)
+        # Before the epoch statistics: a stop's save on an epoch's last step is then moved after its validation.
+        self.add_callback(StopOnSignal(self))
         self.add_callback(self._epoch_statistics)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:

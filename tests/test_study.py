@@ -1,4 +1,4 @@
-"""Seed studies and the local grid runner, through the run's own entry point (in this process: one import)."""
+"""Seed studies, through the run's own entry point (in this process: one import)."""
 
 from __future__ import annotations
 
@@ -93,38 +93,3 @@ def test_seed_statistics_are_mean_sample_std_min_max():
     )
     assert summary["test_mcc"]["glue_dev"]["mean"] == pytest.approx(0.53)
     assert [run["valid_mcc"] for run in summary["runs"]] == [0.5, 0.5, 0.5]
-
-
-def test_grid_runs_every_combination_once_and_skips_finished_ones_when_rerun(tmp_path, quick_args, cola_main, capsys):
-    grid = tmp_path / "grid.yaml"
-    grid.write_text(
-        "method: grid\nmetric: {name: eval/matthews_correlation, goal: maximize}\n"
-        "parameters:\n  learning_rate:\n    values: [2.0e-5, 1.0e-4]\n  global_train_batch_size:\n    value: 16\n"
-    )
-    out = tmp_path / "grid"
-    argv = [*quick_args, "--output_dir", str(out), "--report_to", "none", "--grid", str(grid)]
-    assert cola_main(argv) == 0
-
-    names = ["cola-lr2e-05-bs16-ep1-seed42-n64", "cola-lr0.0001-bs16-ep1-seed42-n64"]
-    results = {name: read_json(out / name / "results.json") for name in names}
-    assert [results[name]["config"]["learning_rate"] for name in names] == [2e-5, 1e-4]
-    summary = read_json(out / "grid_summary.json")
-    assert [run["name"] for run in summary["runs"]] == names
-    valid = {name: result["epochs"][-1]["valid_mcc"] for name, result in results.items()}
-    best = max(names, key=valid.get)
-    assert summary["best"]["name"] == best
-    assert summary["best"]["test_mcc"] == {
-        split: results[best]["test"][split]["matthews_correlation"] for split in SPLITS
-    }
-
-    # Rerun after the second combination was interrupted: only that one runs again.
-    finished_at = (out / names[0] / "results.json").stat().st_mtime_ns
-    (out / names[1] / "results.json").unlink()
-    capsys.readouterr()
-    assert cola_main(argv) == 0
-    log = capsys.readouterr().err  # the glue logs to stderr
-    assert (out / names[0] / "results.json").stat().st_mtime_ns == finished_at
-    assert (out / names[1] / "results.json").is_file()
-    assert f"Run 1/2 {names[0]}: finished earlier, not run again" in log
-    assert f"Run 2/2 {names[1]}: finished earlier" not in log
-    assert len(read_json(out / "grid_summary.json")["runs"]) == 2

@@ -1,0 +1,116 @@
+"""Runs that survive a cluster: SIGTERM saves a checkpoint and stops the run; the same command continues it.
+
+Slurm preempts a job, or ends it at its time limit, with SIGTERM and, after a grace period, SIGKILL. From the
+signal on, the run finishes the optimizer step it is in, saves a complete `checkpoint-<step>` exactly where
+the Trainer's own step-end checkpoints are saved (so the resumed run takes the same steps as an
+uninterrupted one), and raises `StoppedBySignal` (exit status 75): never a results.json for a half-trained
+model. A signal during validation lets the validation finish and saves right after it; one while the test
+sets are scored stops at the next batch (the final checkpoint is already on disk). A second SIGTERM during
+the save changes nothing.
+
+Why not transformers' own `TrainingArguments.enable_jit_checkpoint` (transformers/trainer_jit_checkpoint.py),
+which falls short on four counts here:
+- it saves from `on_pre_optimizer_step` / `on_step_begin`, in the middle of a step: the random state has moved
+  on and the step's gradients are dropped, so a run resumed from it no longer matches an uninterrupted one;
+- it waits 3 s after the signal, and each process acts on its own signal: on several processes the ranks can
+  stop at different steps and hang in the next collective; here they agree (an all-reduce of the flag at
+  every step end) and stop at one step together;
+- it does not watch validation or prediction;
+- `train()` then returns normally, so a caller would go on to test and report a half-trained model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import TrainerCallback
+
+from cola_hf.errors import StoppedBySignal
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+logger = logging.getLogger(__name__)
+
+
+class StopOnSignal(TrainerCallback):
+    """Turns a received SIGTERM into a checkpoint at the next step end (or after validation), then a stop.
+
+    The Trainer owns one from the start; it acts only while `handling_sigterm` has installed the handler.
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.installed = False
+        self.received: str | None = None  # the signal's name, once one arrived on this process
+        self.stopping = False
+        self.training = False
+
+    # --- the signal ---
+    def on_signal(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            return  # a second SIGTERM (Slurm, a user pressing twice) must not cut the save short
+        self.received = signal.Signals(signum).name
+        print(f"cola: {self.received} received; saving a checkpoint at the next step", file=sys.stderr, flush=True)
+
+    def agreed(self) -> bool:
+        """Whether any process received the signal; every process must ask at the same point."""
+        if not self.installed:
+            return False
+        if self.trainer.args.world_size == 1:
+            return self.received is not None
+        flag = torch.tensor([1.0 if self.received else 0.0], device=self.trainer.args.device)
+        return bool(self.trainer.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    # --- where the Trainer asks ---
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training = True
+        if self.agreed():  # before any step: nothing to save
+            raise self._stopped(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.stopping and self.agreed():
+            # Saved where --save_steps would save: the Trainer's own checkpoint, at the Trainer's own point.
+            self.stopping = control.should_save = True
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        # Validation runs to its end (a checkpoint now would come before the epoch's validation, and a resumed
+        # run would skip it); the checkpoint follows it.
+        if self.training and not self.stopping and self.agreed():
+            self.stopping = control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.stopping:
+            raise self._stopped(state, checkpoint=f"checkpoint-{state.global_step}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if not self.training and self.agreed():  # scoring the test sets: stop, the checkpoint is on disk
+            raise self._stopped(state, during="while scoring the test sets")
+
+    def _stopped(self, state: Any, checkpoint: str | None = None, during: str | None = None) -> StoppedBySignal:
+        self.stopping = True
+        return StoppedBySignal(
+            self.received or "SIGTERM", state.global_step, state.max_steps, checkpoint=checkpoint, during=during
+        )
+
+
+@contextlib.contextmanager
+def handling_sigterm(trainer: Trainer) -> Iterator[StopOnSignal]:
+    """While inside, SIGTERM asks the trainer's `StopOnSignal` to save and stop instead of killing the process."""
+    (stopper,) = [callback for callback in trainer.callback_handler.callbacks if isinstance(callback, StopOnSignal)]
+    previous = signal.signal(signal.SIGTERM, stopper.on_signal)
+    stopper.installed = True
+    try:
+        yield stopper
+    finally:
+        stopper.installed = False
+        signal.signal(signal.SIGTERM, previous)

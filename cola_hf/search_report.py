@@ -1,0 +1,330 @@
+"""What a search writes for people, from the study itself (so any worker can write it, at any time):
+
+OUTPUT_DIR/search/trials.csv, trials.md     one row per trial: state as Optuna names it, parameters,
+                                            best validation MCC and its epoch, training time
+OUTPUT_DIR/search/best_params.yaml          the best trial as a recipe: `experiments/cola.py FILE --seeds ...`
+OUTPUT_DIR/search/*.png                     Optuna's optimization history, parameter importances, curves
+OUTPUT_DIR/search/overhead.md               where the time went: epochs vs the search's own work
+OUTPUT_DIR/search/comparison/               cola-compare over the trials that reported epochs
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+import pandas as pd
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from cola_hf import compare
+from cola_hf.config import RunOptions, make_parser, parse_args
+from cola_hf.reporting import atomic_path, save_figure, write_json, write_text
+from cola_hf.results import RESULTS_FILE
+
+if TYPE_CHECKING:
+    from cola_hf.search import Search
+
+logger = logging.getLogger(__name__)
+
+# The options a recipe spells out even at their defaults (those of experiments/recipes/tutorial.yaml);
+# any other option is written only where the search's command changed it.
+RECIPE_OPTIONS = (
+    "model_name_or_path",
+    "cola_source",
+    "validation_fraction",
+    "max_seq_length",
+    "pad_to_max_length",
+    "max_train_samples",
+    "optim",
+    "learning_rate",
+    "adam_epsilon",
+    "adam_beta1",
+    "adam_beta2",
+    "weight_decay",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "max_grad_norm",
+    "global_train_batch_size",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "num_train_epochs",
+    "seed",
+    "eval_strategy",
+    "save_strategy",
+    "load_best_model_at_end",
+    "metric_for_best_model",
+    "greater_is_better",
+    "train_sampling_strategy",
+)
+# Set per run by whoever runs the recipe, or only meaningful inside a search.
+NOT_IN_RECIPE = frozenset(
+    {
+        "output_dir",
+        "overwrite_output_dir",
+        "resume",
+        "run_name",
+        "logging_dir",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_token",
+        "save_only_model",
+        "save_total_limit",
+        "experiment_name",
+        "recipe_name",
+        "seeds",
+        "grid",
+        "search",
+        "n_trials",
+        "search_storage",
+        "search_pruner",
+        "per_run_output_dir",
+    }
+)
+
+
+def write_reports(search: Search, best: FrozenTrial | None, best_options: RunOptions | None) -> dict:
+    """Every report of the search as the study stands now; returns the summary also written as summary.json.
+
+    `best` is the best finished trial, `best_options` its options as a recipe runs them (None: no trial yet).
+    """
+    search_dir = search.output_dir / "search"
+    search.study.set_user_attr(f"worker_time_s:{os.uname().nodename}:{os.getpid()}", worker_times(search))
+    table = trials_table(search)
+    with atomic_path(search_dir / "trials.csv") as temporary:
+        table.to_csv(temporary, index=False)
+    overhead = overhead_table(search)
+    saved = pruning_savings(search)
+    write_text(search_dir / "trials.md", trials_markdown(search, table, best, overhead, saved))
+    write_text(search_dir / "overhead.md", compare.to_markdown(overhead))
+    if best is not None and best_options is not None:
+        write_best_params(search, best, best_options, search_dir / "best_params.yaml")
+    write_plots(search.study, search_dir)
+    finished_dirs = [
+        search.trial_dir(trial.number)
+        for trial in search.study.get_trials(deepcopy=False)
+        if (search.trial_dir(trial.number) / RESULTS_FILE).is_file()
+    ]
+    if finished_dirs:
+        compare.compare(finished_dirs, search_dir / "comparison")
+    states = table["state"].value_counts().to_dict() if len(table) else {}
+    summary = {
+        "study": search.study.study_name,
+        "sweep": str(search.space.path),
+        "method": search.space.method,
+        "n_trials": search.n_trials,
+        "states": states,
+        "best": None
+        if best is None
+        else {"trial": best.number, "best_valid_mcc": best.value, "params": search.space.option_values(best.params)},
+        "pruning_saved_epochs": saved["epochs"],
+        "pruning_saved_s": saved["seconds"],
+    }
+    write_json(search_dir / "summary.json", summary)
+    return summary
+
+
+# --- the trials table --------------------------------------------------------------------------------------------
+def trials_table(search: Search) -> pd.DataFrame:
+    """One row per trial, in order: number, state (Optuna's name), each parameter, what it reached."""
+    trials = search.study.get_trials(deepcopy=False)
+    rerun_as = {history[-1]: trial.number for trial in trials if (history := trial.system_attrs.get("retry_history"))}
+    rows = []
+    for trial in trials:
+        params = search.space.option_values(trial.params)
+        rows.append(
+            {
+                "number": trial.number,
+                "state": trial.state.name,
+                **{name: params.get(name) for name in search.space.parameters},
+                "best_valid_mcc": reached(trial),
+                "best_epoch": trial.user_attrs.get("best_epoch"),
+                "epochs_run": trial.user_attrs.get("epochs_run"),
+                "training_time_s": trial.user_attrs.get("training_time_s"),
+                "note": note(trial, rerun_as),
+            }
+        )
+    columns = ["number", "state", *search.space.parameters, "best_valid_mcc", "best_epoch", "epochs_run"]
+    return pd.DataFrame(rows, columns=[*columns, "training_time_s", "note"])
+
+
+def reached(trial: FrozenTrial) -> float | None:
+    """A finished trial's objective; a pruned one's best before it stopped (what it reported last)."""
+    if trial.state == TrialState.COMPLETE:
+        return trial.value
+    if trial.intermediate_values:
+        return trial.intermediate_values[max(trial.intermediate_values)]
+    return None
+
+
+def note(trial: FrozenTrial, rerun_as: dict[int, int]) -> str:
+    if trial.number in rerun_as:
+        return f"interrupted; run again as trial {rerun_as[trial.number]}"
+    if "retry_history" in trial.system_attrs:
+        return f"rerun of trial {trial.system_attrs['retry_history'][-1]}"
+    if trial.user_attrs.get("pruned_at") is not None:
+        return f"pruned after epoch {trial.user_attrs['pruned_at']}"
+    return trial.user_attrs.get("error", "")
+
+
+def trials_markdown(
+    search: Search, table: pd.DataFrame, best: FrozenTrial | None, overhead: pd.DataFrame, saved: dict
+) -> str:
+    lines = [
+        f"# Search {search.study.study_name}",
+        "",
+        f"{search.space.method} search over `{search.space.path}`, {search.n_trials} trials; objective: the best "
+        "validation MCC over a trial's epochs. States are Optuna's.",
+        "",
+        compare.to_markdown(table),
+    ]
+    if best is not None:
+        params = ", ".join(f"{name}={value}" for name, value in search.space.option_values(best.params).items())
+        lines += [
+            f"Best: trial {best.number}, validation MCC {best.value:.4f} at epoch "
+            f"{best.user_attrs.get('best_epoch')} ({params}).",
+            "",
+        ]
+    if saved["trials"]:
+        lines += [
+            f"Pruning stopped {saved['trials']} trials early and saved {saved['epochs']} epochs "
+            f"(about {saved['seconds']:.0f} s of training).",
+            "",
+        ]
+    lines += ["## Where the time went", "", compare.to_markdown(overhead)]
+    return "\n".join(lines)
+
+
+# --- best_params.yaml ------------------------------------------------------------------------------------------
+def recipe_values(options: RunOptions) -> dict[str, Any]:
+    """The options a recipe must hold to run as `options` do: RECIPE_OPTIONS, plus every changed one."""
+    defaults = option_values(parse_args([]))
+    values = option_values(options)
+    return {
+        name: value
+        for name, value in values.items()
+        if name not in NOT_IN_RECIPE and (name in RECIPE_OPTIONS or value != defaults.get(name))
+    }
+
+
+def option_values(options: RunOptions) -> dict[str, Any]:
+    """Every option that a recipe can hold, by name, in the parser's order, as YAML scalars."""
+    fields = {
+        **vars(options.model),
+        **vars(options.data),
+        **options.training.to_dict(),
+        **vars(options.tracking),
+    }
+    values = {}
+    for action in make_parser()._actions:
+        if action.dest not in fields or action.dest in values:
+            continue
+        value = fields[action.dest]
+        if isinstance(value, list) and len(value) <= 1 and action.nargs in (None, "?"):
+            value = value[0] if value else "none"  # report_to: ['wandb'] is the flag's 'wandb', [] its 'none'
+        if value is None or isinstance(value, bool | int | float | str):
+            values[action.dest] = value
+    return values
+
+
+def write_best_params(search: Search, best: FrozenTrial, options: RunOptions, path: Path) -> None:
+    """The best trial as a recipe that runs as is, its own outputs beside the search's."""
+    recipe = recipe_values(options)
+    recipe["output_dir"] = str(search.output_dir / "confirmation")
+    header = [
+        f"# The best trial of the search {search.study.study_name} ({search.space.method} over {search.space.path}):",
+        f"# trial {best.number} of {search.n_trials}, best validation MCC {best.value:.4f} at epoch "
+        f"{best.user_attrs.get('best_epoch')}. Its model is in {search.output_dir / 'best'}.",
+        "# Confirm it over seeds (each seed its own run, summary.md aggregates the test MCCs):",
+        f"#   python experiments/cola.py {path} --seeds 42 43 44",
+        "# load_best_model_at_end: the search ranked trials by their best epoch, so this recipe keeps its best",
+        "# epoch (by validation MCC) too.",
+    ]
+    write_text(path, "\n".join(header) + "\n" + yaml.safe_dump(recipe, sort_keys=False))
+
+
+def add_search_to_card(best_dir: Path, search: Search, best: FrozenTrial) -> None:
+    """A section of best/README.md naming the search and the parameters it chose."""
+    card = best_dir / "README.md"
+    params = search.space.option_values(best.params)
+    rows = "\n".join(f"| `{name}` | `{value}` |" for name, value in params.items())
+    section = (
+        "\n## Hyperparameter search\n\n"
+        f"This model is the best of a {search.space.method} search (Optuna) of {search.n_trials} trials over "
+        f"`{search.space.path.name}`: trial {best.number}, chosen by its validation MCC "
+        f"({best.value:.4f}, at epoch {best.user_attrs.get('best_epoch')}); the test sets above were scored once, "
+        "after the search. Its parameters:\n\n"
+        f"| Parameter | Value |\n|---|---|\n{rows}\n\n"
+        "Every trial is in `search/trials.md`; `search/best_params.yaml` is this recipe, to confirm over seeds.\n"
+    )
+    write_text(card, card.read_text(encoding="utf-8") + section)
+
+
+# --- plots -----------------------------------------------------------------------------------------------------
+PLOTS: dict[str, Callable[[optuna.Study], Any]] = {
+    "optimization_history.png": lambda study: optuna.visualization.matplotlib.plot_optimization_history(study),
+    "param_importances.png": lambda study: optuna.visualization.matplotlib.plot_param_importances(study),
+    "intermediate_values.png": lambda study: optuna.visualization.matplotlib.plot_intermediate_values(study),
+}
+
+
+def write_plots(study: optuna.Study, search_dir: Path) -> None:
+    """Optuna's own matplotlib plots; one that cannot be drawn yet (importances need 2 finished trials) waits."""
+    for name, plot in PLOTS.items():
+        with warnings.catch_warnings():
+            # Experimental-API notices, and importance's "all trials alike" while few trials have finished.
+            warnings.simplefilter("ignore")
+            try:
+                axes = plot(study)
+            except (ValueError, RuntimeError, ZeroDivisionError) as err:
+                logger.info("search/%s not drawn yet (%s)", name, err)
+                continue
+        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        save_figure(figure, search_dir / name)
+
+
+# --- time ------------------------------------------------------------------------------------------------------
+def worker_times(search: Search) -> dict[str, float]:
+    return {"bookkeeping_s": search.bookkeeping_s, "data_s": search.data_s}
+
+
+def overhead_table(search: Search) -> pd.DataFrame:
+    """Seconds spent on epochs (training and validation) against everything the search adds around them."""
+    trials = search.study.get_trials(deepcopy=False)
+
+    def total(name: str) -> float:
+        return sum(trial.user_attrs.get(name) or 0.0 for trial in trials)
+
+    workers = [value for key, value in search.study.user_attrs.items() if key.startswith("worker_time_s:")]
+    parts = {
+        "epochs: training and validation": total("epochs_s"),
+        "inside train(), between epochs: checkpoint saves, best-epoch reload": total("train_s") - total("epochs_s"),
+        "trial setup: model re-initialisation, Trainer, W&B run": total("setup_s"),
+        "trial end: keeping the best model, reports, W&B": total("finish_s"),
+        "study bookkeeping: locks, stale-trial check, ask, tell, sampler": sum(w["bookkeeping_s"] for w in workers),
+        "reading and tokenizing CoLA (once per worker)": sum(w["data_s"] for w in workers),
+    }
+    overall = sum(parts.values()) or math.nan
+    rows = [{"part": part, "seconds": seconds, "share": seconds / overall} for part, seconds in parts.items()]
+    return pd.DataFrame(rows)
+
+
+def pruning_savings(search: Search) -> dict:
+    """Epochs the pruned trials would still have trained, and about how long those would have taken."""
+    epochs, seconds, count = 0, 0.0, 0
+    base_epochs = search.options.training.num_train_epochs
+    for trial in search.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
+        run = trial.user_attrs.get("epochs_run")
+        if not run:
+            continue
+        planned = math.ceil(search.space.option_values(trial.params).get("num_train_epochs", base_epochs))
+        count += 1
+        epochs += planned - run
+        seconds += (planned - run) * (trial.user_attrs.get("epochs_s") or 0.0) / run
+    return {"trials": count, "epochs": epochs, "seconds": seconds}

@@ -1,0 +1,458 @@
+"""`--search`: the sweep file as an Optuna space, bad input, and whole searches with the tiny model.
+
+The searches train on CoLA-format files whose label follows the verb ("saw": acceptable, "praised": not), a
+rule the tiny random BERT learns within an epoch at a high learning rate and not at all at a tiny one, so
+trials differ in validation MCC and the best one is the one that learned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from conftest import REPO, SCRIPT, write_tsv
+
+from cola_hf.config import make_parser
+from cola_hf.errors import UsageError
+from cola_hf.search_space import load_space
+
+SUBJECTS = ["the cat", "a dog", "john", "mary", "the students", "every linguist", "she", "they"]
+OBJECTS = ["the book", "a paper", "the homework problem", "it", "the analysis", "them"]
+WIDE = REPO / "experiments" / "sweeps" / "wide.yaml"
+GRID = REPO / "experiments" / "sweeps" / "bert_paper_grid.yaml"
+
+
+def verb_rule_rows(count: int, seed: int) -> list[tuple]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        label = int(rng.random() < 0.6)
+        verb = "saw" if label else "praised"
+        rows.append(
+            (
+                f"src{rng.randrange(4)}",
+                label,
+                "" if label else "*",
+                f"{rng.choice(SUBJECTS)} {verb} {rng.choice(OBJECTS)}.",
+            )
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def verb_cola_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("verb-cola")
+    write_tsv(root / "in_domain_train.tsv", verb_rule_rows(200, seed=1))
+    write_tsv(root / "in_domain_dev.tsv", verb_rule_rows(40, seed=2))
+    write_tsv(root / "out_of_domain_dev.tsv", verb_rule_rows(36, seed=3))
+    return root
+
+
+@pytest.fixture(scope="module")
+def cola_main():
+    from cola_hf.run import main
+
+    return main
+
+
+@pytest.fixture
+def base_args(verb_cola_dir, tiny_model_dir, monkeypatch) -> list[str]:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    return [
+        "--cola_source", str(verb_cola_dir), "--model_name_or_path", str(tiny_model_dir),
+        "--max_seq_length", "16", "--global_train_batch_size", "8", "--report_to", "none", "--disable_tqdm", "true",
+    ]  # fmt: skip
+
+
+def write_sweep(path: Path, method: str, parameters: dict) -> Path:
+    sweep = {"method": method, "metric": {"name": "eval/matthews_correlation", "goal": "maximize"}}
+    path.write_text(yaml.safe_dump({**sweep, "parameters": parameters}))
+    return path
+
+
+def load_study(out: Path) -> optuna.Study:
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "search" / "study.journal"))
+    )
+    (name,) = optuna.get_all_study_names(storage)
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def states(out: Path) -> dict[int, str]:
+    return {trial.number: trial.state.name for trial in load_study(out).get_trials(deepcopy=False)}
+
+
+# --- the sweep file as a search space ------------------------------------------------------------------------------
+def test_shipped_sweep_files_are_optuna_spaces_over_options_of_the_run():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    wide = load_space(WIDE, make_parser())
+    assert wide.method == "bayes"
+    assert {name: parameter.distribution for name, parameter in wide.parameters.items()} == {
+        "learning_rate": FloatDistribution(1e-5, 3e-4, log=True),
+        "warmup_steps": FloatDistribution(0.0, 0.2),
+        "weight_decay": CategoricalDistribution([0.0, 0.01]),
+        "num_train_epochs": IntDistribution(2, 5),
+        "global_train_batch_size": CategoricalDistribution([16, 32]),
+    }
+    # Each drawn value becomes the option's own type, as the flag would give it.
+    values = wide.option_values({"num_train_epochs": 3, "global_train_batch_size": 32, "learning_rate": 1e-4})
+    assert values == {"num_train_epochs": 3.0, "global_train_batch_size": 32, "learning_rate": 1e-4}
+    assert type(values["num_train_epochs"]) is float and type(values["global_train_batch_size"]) is int
+
+    grid = load_space(GRID, make_parser(), method="grid")
+    assert grid.grid() == {
+        "global_train_batch_size": [16, 32],
+        "learning_rate": [5e-5, 3e-5, 2e-5],
+        "num_train_epochs": [2.0, 3.0, 4.0],
+    }
+    assert grid.grid_size() == 18
+
+
+def test_wide_sweep_runs_under_the_wandb_agent_too(monkeypatch):
+    """One file for both: the agent's command line for a point of wide.yaml parses as a run's options."""
+    from test_tracking import agent_command
+
+    from cola_hf.config import parse_args
+
+    sweep = yaml.safe_load(WIDE.read_text())
+    monkeypatch.chdir(REPO)
+    point = {
+        "learning_rate": 1.2e-4,
+        "warmup_steps": 0.1,
+        "weight_decay": 0.01,
+        "num_train_epochs": 3,
+        "global_train_batch_size": 16,
+    }
+    options = parse_args(agent_command(sweep, point)[3:])
+    args = options.training
+    assert (args.learning_rate, args.warmup_steps, args.weight_decay, args.num_train_epochs) == (1.2e-4, 0.1, 0.01, 3)
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 16
+    assert args.get_warmup_steps(100) == 10  # below 1, warmup_steps is a fraction of the training steps
+
+
+def test_every_wandb_distribution_with_an_optuna_equivalent(tmp_path):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    path = write_sweep(
+        tmp_path / "kinds.yaml",
+        "random",
+        {
+            "learning_rate": {"distribution": "log_uniform", "min": -11.5, "max": -8.1},
+            "adam_beta1": {"distribution": "q_uniform", "min": 0.8, "max": 0.9, "q": 0.05},
+            "weight_decay": {"min": 0.0, "max": 0.1},  # floats: W&B infers uniform
+            "max_seq_length": {"min": 16, "max": 64},  # integers: W&B infers int_uniform
+            "pad_to_max_length": {"values": [True, False]},
+            "seed": {"value": 7},
+        },
+    )
+    space = load_space(path, make_parser())
+    kinds = {name: parameter.distribution for name, parameter in space.parameters.items()}
+    assert kinds["learning_rate"].log and kinds["learning_rate"].low == pytest.approx(1.01e-5, rel=1e-2)
+    assert kinds["adam_beta1"] == FloatDistribution(0.8, 0.9, step=0.05)
+    assert kinds["weight_decay"] == FloatDistribution(0.0, 0.1)
+    assert kinds["max_seq_length"] == IntDistribution(16, 64)
+    assert kinds["pad_to_max_length"] == CategoricalDistribution([True, False])
+    assert kinds["seed"] == CategoricalDistribution([7])
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    values = space.suggest(study.ask())
+    assert 0.8 <= values["adam_beta1"] <= 0.9 and type(values["max_seq_length"]) is int and values["seed"] == 7
+
+
+BAD_SPACES = {
+    "unknown option": ({"learnin_rate": {"values": [1e-5]}}, "'learnin_rate' is not an option of experiments/cola.py"),
+    "empty values": ({"learning_rate": {"values": []}}, "'values' must be a non-empty list"),
+    "min above max": (
+        {"learning_rate": {"distribution": "uniform", "min": 3e-4, "max": 1e-5}},
+        "min 0.0003 is greater than max 1e-05",
+    ),
+    "log range from 0": (
+        {"learning_rate": {"distribution": "log_uniform_values", "min": 0, "max": 1e-4}},
+        "a log range needs min > 0",
+    ),
+    "wrong type": ({"global_train_batch_size": {"values": [16, "big"]}}, "does not take 'big'"),
+    "fractions for an integer option": (
+        {"global_train_batch_size": {"distribution": "uniform", "min": 8, "max": 32}},
+        "the option takes integers",
+    ),
+    "set by the search": ({"output_dir": {"values": ["a", "b"]}}, "'output_dir' cannot be searched"),
+    "no Optuna equivalent": (
+        {"learning_rate": {"distribution": "normal", "mu": 0, "sigma": 1}},
+        "distribution 'normal' has no Optuna equivalent",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SPACES))
+def test_a_bad_sweep_file_is_one_line_and_exit_2(case, tmp_path, base_args, cola_main, capsys):
+    parameters, message = BAD_SPACES[case]
+    path = write_sweep(tmp_path / "bad.yaml", "random", parameters)
+    argv = [*base_args, "--output_dir", str(tmp_path / "out"), "--search", str(path), "--n_trials", "2"]
+    assert cola_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cola: error: {path}: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bad_sweep_file_shapes(tmp_path):
+    parser = make_parser()
+    cases = {
+        "method: hyperopt\nparameters: {seed: {value: 1}}\n": "method is 'hyperopt'",
+        "method: grid\nparameters: {learning_rate: {distribution: uniform, min: 0.1, max: 0.2}}\n": "finitely many",
+        "method: random\nmetric: {name: eval/loss, goal: minimize}\nparameters: {seed: {value: 1}}\n": "maximises",
+        "method: random\nparameters: {}\n": "non-empty 'parameters'",
+        "method: random\nparameters: [\n": "not valid YAML",
+    }
+    for text, message in cases.items():
+        path = tmp_path / "sweep.yaml"
+        path.write_text(text)
+        with pytest.raises(UsageError, match=message):
+            load_space(path, parser)
+    with pytest.raises(UsageError, match="--grid runs a grid"):
+        load_space(WIDE, parser, method="grid")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--search", str(WIDE), "--n_trials", "0"], "--n_trials must be at least 1"),
+        (["--search", str(WIDE)], "needs --n_trials N"),
+        (["--search", str(WIDE), "--n_trials", "2", "--seeds", "1", "2"], "--search with --seeds or --grid"),
+        (["--search", str(WIDE), "--n_trials", "2", "--grid", str(GRID)], "--search with --seeds or --grid"),
+        (["--search", str(WIDE), "--n_trials", "2", "--search_storage", "no such url"], "not a storage URL"),
+        (
+            ["--search", str(WIDE), "--n_trials", "2", "--search_storage", "sqlite:////no/such/dir/study.db"],
+            "cannot open",
+        ),
+        (
+            ["--search", str(WIDE), "--n_trials", "2", "--search_storage", "postgresql://me:secret@127.0.0.1:9/db"],
+            "cannot open",
+        ),
+        (["--search", str(WIDE), "--n_trials", "2", "--search_pruner", "asha"], "invalid choice: 'asha'"),
+    ],
+)
+def test_bad_search_flags_are_one_line_and_exit_2(flags, message, tmp_path, base_args, cola_main, capsys):
+    assert cola_main([*base_args, "--output_dir", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cola: error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "secret" not in err
+
+
+# --- a whole search --------------------------------------------------------------------------------------------
+def test_search_end_to_end_keeps_only_the_best_model_and_never_scores_a_test_set(
+    tmp_path, base_args, tiny_model_dir, verb_cola_dir, cola_main, capsys
+):
+    from transformers import pipeline
+
+    from cola_hf import data
+    from cola_hf.config import parse_args
+    from cola_hf.run import tokenize_files
+    from cola_hf.search import run_search
+    from cola_hf.trainer import load_model_and_tokenizer
+
+    space = write_sweep(
+        tmp_path / "space.yaml",
+        "grid",
+        {"learning_rate": {"values": [1e-7, 5e-3, 2e-3]}, "num_train_epochs": {"value": 2}},
+    )
+    out = tmp_path / "search"
+    argv = [*base_args, "--output_dir", str(out), "--search", str(space)]
+
+    # Every read of a test file's rows is timed: none may come before the last trial ended.
+    options = parse_args(argv)
+    _, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
+    files = tokenize_files(options, data.read_cola(str(verb_cola_dir)), tokenizer)
+    reads: list[datetime] = []
+
+    def timed(batch: dict) -> dict:
+        reads.append(datetime.now())
+        return batch
+
+    for split in ("in_domain_dev", "out_of_domain_dev"):
+        files[split] = files[split].with_transform(timed)
+    run_search(options, files)
+
+    study = load_study(out)
+    trials = study.get_trials(deepcopy=False)
+    assert [trial.state.name for trial in trials] == ["COMPLETE"] * 3
+    assert reads and min(reads) > max(trial.datetime_complete for trial in trials)
+
+    table = pd.read_csv(out / "search" / "trials.csv")
+    assert list(table.columns[:4]) == ["number", "state", "learning_rate", "num_train_epochs"]
+    assert {"best_valid_mcc", "best_epoch", "training_time_s"} <= set(table.columns)
+    best = study.best_trial
+    assert best.params["learning_rate"] in (5e-3, 2e-3) and best.value == 1.0  # the trial that learned
+    for trial in trials:
+        trial_dir = out / "trials" / f"trial-{trial.number:03d}"
+        results = json.loads((trial_dir / "results.json").read_text())
+        # The objective is the trial's best validation MCC; no test set was scored for it.
+        assert trial.value == max(epoch["valid_mcc"] for epoch in results["epochs"])
+        assert results["test"] == {} and not list(trial_dir.glob("predictions_*"))
+        # Disk: no checkpoints left, and a model only in the best trial.
+        assert not list(trial_dir.glob("checkpoint-*"))
+        assert (trial_dir / "model").is_dir() == (trial.number == best.number)
+
+    best_dir = out / "best"
+    results = json.loads((best_dir / "results.json").read_text())
+    assert results["config"]["learning_rate"] == best.params["learning_rate"]
+    assert results["config"]["search"]["trial"] == best.number
+    assert (
+        results["epochs"]
+        == json.loads((out / "trials" / f"trial-{best.number:03d}" / "results.json").read_text())["epochs"]
+    )
+    assert results["test"]["glue_dev"]["matthews_correlation"] == 1.0  # the rule holds on the test sets too
+    assert (best_dir / "predictions_glue_dev.tsv").is_file() and (best_dir / "learning_curve.png").is_file()
+    card = (best_dir / "README.md").read_text()
+    assert "## Hyperparameter search" in card and f"trial {best.number}" in card
+    classifier = pipeline("text-classification", model=str(best_dir))
+    assert classifier("mary saw it.")[0]["label"] == "acceptable"
+    for plot in ("optimization_history.png", "param_importances.png"):
+        assert (out / "search" / plot).is_file()
+
+    # The same command again: nothing to add, nothing rebuilt.
+    built = (best_dir / "results.json").stat().st_mtime_ns
+    assert cola_main(argv) == 0
+    assert len(load_study(out).get_trials()) == 3 and (best_dir / "results.json").stat().st_mtime_ns == built
+
+    # best_params.yaml is a recipe that runs as is.
+    recipe = out / "search" / "best_params.yaml"
+    assert cola_main([str(recipe), "--seeds", "42", "--output_dir", str(tmp_path / "confirm")]) == 0
+    (confirm,) = (tmp_path / "confirm").glob("*/results.json")
+    config = json.loads(confirm.read_text())["config"]
+    assert config["learning_rate"] == best.params["learning_rate"] and config["load_best_model_at_end"]
+
+    # cola-compare reads the trials.
+    from cola_hf.cli import compare_main
+
+    trial_dirs = sorted(str(path) for path in (out / "trials").iterdir())
+    assert compare_main([*trial_dirs, "--output", str(tmp_path / "comparison")]) == 0
+
+
+def test_a_hopeless_trial_is_pruned_after_its_second_epoch(tmp_path, base_args, cola_main, monkeypatch):
+    """With five trials that reached MCC 0.9 by epoch 2, one still at 0 there is stopped and recorded as pruned."""
+    from test_tracking import offline_runs, stored_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    space_file = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"value": 1e-7}})
+    out = tmp_path / "search"
+    argv = [*base_args, "--output_dir", str(out), "--search", str(space_file), "--n_trials", "6"]
+    argv += ["--num_train_epochs", "4", "--experiment_name", "pruning", "--report_to", "wandb"]
+    (out / "search").mkdir(parents=True)
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "search" / "study.journal"))
+    )
+    study = optuna.create_study(study_name="pruning", storage=storage, direction="maximize")
+    study.set_user_attr("space", load_space(space_file, make_parser()).fingerprint())
+    distributions = {"learning_rate": optuna.distributions.CategoricalDistribution([1e-7])}
+    for _ in range(5):  # finished earlier by other workers
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"learning_rate": 1e-7},
+                distributions=distributions,
+                value=0.9,
+                intermediate_values={1: 0.5, 2: 0.9, 3: 0.9, 4: 0.9},
+            )
+        )
+    assert cola_main(argv) == 0
+
+    trial = load_study(out).get_trials(deepcopy=False)[-1]
+    assert (trial.number, trial.state.name, sorted(trial.intermediate_values)) == (5, "PRUNED", [1, 2])
+    trial_dir = out / "trials" / "trial-005"
+    assert len(json.loads((trial_dir / "results.json").read_text())["epochs"]) == 2
+    assert not (trial_dir / "model").exists()
+    row = pd.read_csv(out / "search" / "trials.csv").iloc[-1]
+    assert (row["state"], row["note"]) == ("PRUNED", "pruned after epoch 2")
+    assert "saved 2 epochs" in (out / "search" / "trials.md").read_text()
+    # Every trial is a W&B run of the search's group.
+    (run_dir,) = offline_runs(trial_dir / "wandb")
+    stored = stored_run(run_dir)
+    assert (stored["run"].display_name, stored["run"].run_group) == ("pruning-trial-005", "pruning")
+    assert [row["eval/matthews_correlation"] for row in stored["history"] if "eval/matthews_correlation" in row] == [
+        0.0,
+        0.0,
+    ]
+
+
+def cola_command(*args: str) -> list[str]:
+    return [sys.executable, str(SCRIPT), *map(str, args)]
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def test_two_workers_on_one_storage_run_exactly_n_trials_between_them(tmp_path, base_args):
+    space = write_sweep(
+        tmp_path / "space.yaml",
+        "random",
+        {"learning_rate": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}},
+    )
+    out = tmp_path / "search"
+    command = cola_command(*base_args, "--output_dir", out, "--search", space, "--n_trials", "4")
+    command += ["--num_train_epochs", "3"]
+    workers = [
+        subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(2)
+    ]
+    logs = [worker.communicate(timeout=300)[0].decode() for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert sorted(states(out).items()) == [(number, "COMPLETE") for number in range(4)]
+    assert len(list((out / "trials").iterdir())) == 4
+    assert (out / "best" / "results.json").is_file()
+
+
+def test_sigkill_mid_trial_then_the_same_command_fails_and_reruns_only_the_interrupted_trial(tmp_path, base_args):
+    space = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"values": [5e-3, 2e-3, 1e-3]}})
+    out = tmp_path / "search"
+    command = cola_command(*base_args, "--output_dir", out, "--search", space, "--n_trials", "3")
+    command += ["--num_train_epochs", "4"]
+    worker = subprocess.Popen(
+        command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and worker.poll() is None:
+        # Mid-trial: trial 1 has a checkpoint of its first epoch and is still running.
+        if list((out / "trials" / "trial-001").glob("checkpoint-*")) and states(out).get(1) == "RUNNING":
+            worker.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    worker.wait(timeout=60)
+    assert worker.returncode == -signal.SIGKILL
+    assert states(out) == {0: "COMPLETE", 1: "RUNNING"}
+    first = (out / "trials" / "trial-000" / "results.json").stat().st_mtime_ns
+    interrupted_params = load_study(out).get_trials()[1].params
+
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = load_study(out).get_trials()
+    assert [trial.state.name for trial in after] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert after[2].params == interrupted_params and after[2].system_attrs["retry_history"] == [1]
+    assert (out / "trials" / "trial-000" / "results.json").stat().st_mtime_ns == first  # not run again
+    table = pd.read_csv(out / "search" / "trials.csv")
+    assert list(table["note"].fillna(""))[:3] == ["", "interrupted; run again as trial 2", "rerun of trial 1"]
+    assert "interrupted" in result.stderr
+
+
+def test_grid_is_a_grid_search_of_the_same_mechanism(tmp_path, base_args, cola_main):
+    grid = write_sweep(
+        tmp_path / "grid.yaml", "grid", {"learning_rate": {"values": [5e-3, 2e-3]}, "num_train_epochs": {"value": 1}}
+    )
+    out = tmp_path / "grid"
+    assert cola_main([*base_args, "--output_dir", str(out), "--grid", str(grid)]) == 0
+    trials = load_study(out).get_trials()
+    assert [trial.state.name for trial in trials] == ["COMPLETE", "COMPLETE"]
+    assert sorted(trial.params["learning_rate"] for trial in trials) == [2e-3, 5e-3]  # every point, once
+    assert (out / "best" / "predictions_glue_dev.tsv").is_file()
