@@ -93,5 +93,6 @@ def test_job_stopped_mid_training_saves_requeues_itself_and_finishes(tmp_path, t
     assert stopped, text[-4000:]
     step, total, checkpoint = map(int, stopped.groups())
     assert 0 < step < total and checkpoint == step  # stopped mid-training, at the step it saved
+    assert f"holds an unfinished run: continuing from checkpoint-{step}" in text  # the requeued job went on from it
     assert f"training stopped with exit status 75; requeueing job {job_id}" in text
     assert (output_dir / "results.json").exists()
