@@ -85,7 +85,15 @@ status=$?
 
 # torchrun reports a stop by signal as exit status 1, not the ranks' 75, hence the stop_requested check.
 if [[ $status -eq $EXIT_STOPPED || ($stop_requested -eq 1 && $status -ne 0) ]]; then
-  echo "cola-hf: training stopped with exit status $status; requeueing job $SLURM_JOB_ID to continue"
-  scontrol requeue "$SLURM_JOB_ID"   # on preemption Slurm is already requeueing it, and says so here
+  # Requeue only a job Slurm is not ending itself: after `scancel <job>` or `scontrol requeue <job>` it is
+  # COMPLETING, and a requeue here would undo the cancel. Running: the time-limit warning, or preemption
+  # (Slurm signals the steps and requeues too, whichever comes first; the job is requeued once).
+  job_state="$(scontrol show job --oneliner "$SLURM_JOB_ID" | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)"
+  if [[ $job_state == RUNNING ]]; then
+    echo "cola-hf: training stopped with exit status $status; requeueing job $SLURM_JOB_ID to continue"
+    scontrol requeue "$SLURM_JOB_ID"
+  else
+    echo "cola-hf: training stopped with exit status $status; job $SLURM_JOB_ID is $job_state, not requeued here"
+  fi
 fi
 exit "$status"
