@@ -32,7 +32,7 @@
 set -uo pipefail   # no -e: the training's exit status is examined below
 
 # Run from the repository root (sbatch copies the script elsewhere; SLURM_SUBMIT_DIR is where you ran it).
-cd "${SLURM_SUBMIT_DIR:-.}"
+cd "${SLURM_SUBMIT_DIR:-.}" || exit 1
 PYTHON="${PYTHON:-python}"
 EXIT_STOPPED=75   # experiments/cola.py: stopped by SIGTERM after saving a checkpoint; run again to continue
 echo "cola-hf: job ${SLURM_JOB_ID:-?} start $((${SLURM_RESTART_COUNT:-0} + 1)) on $(hostname) at $(date '+%F %T')"

@@ -29,7 +29,7 @@
 set -uo pipefail   # no -e: the launch's exit status is examined below
 
 # Run from the repository root (sbatch copies the script elsewhere; SLURM_SUBMIT_DIR is where you ran it).
-cd "${SLURM_SUBMIT_DIR:-.}"
+cd "${SLURM_SUBMIT_DIR:-.}" || exit 1
 
 ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-experiments/accelerate/multi_node.yaml}"
 GPUS_PER_NODE="${SLURM_GPUS_ON_NODE:-8}"
