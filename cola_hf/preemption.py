@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -39,29 +38,52 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+class SigtermLatch:
+    """SIGTERM's handler while a run handles it: records the signal instead of dying from it."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None  # the signal's name, once one arrived on this process
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            return  # a second SIGTERM (Slurm, a user pressing twice) must not cut the save short
+        self.received = signal.Signals(signum).name
+        logger.warning("%s received: the run stops at the next step, after saving a checkpoint", self.received)
+
+
+@contextlib.contextmanager
+def catching_sigterm() -> Iterator[SigtermLatch]:
+    """While inside, SIGTERM is recorded in the latch (from data loading on), for the Trainer to act on."""
+    latch = SigtermLatch()
+    previous = signal.signal(signal.SIGTERM, latch)
+    try:
+        yield latch
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class StopOnSignal(TrainerCallback):
     """Turns a received SIGTERM into a checkpoint at the next step end (or after validation), then a stop.
 
-    The Trainer owns one from the start; it acts only while `handling_sigterm` has installed the handler.
+    The Trainer owns one from the start; it acts once `watch(latch)` gave it the run's latch.
     """
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
-        self.installed = False
-        self.received: str | None = None  # the signal's name, once one arrived on this process
+        self.latch: SigtermLatch | None = None
         self.stopping = False
         self.training = False
 
-    # --- the signal ---
-    def on_signal(self, signum: int, frame: Any) -> None:
-        if self.received is not None:
-            return  # a second SIGTERM (Slurm, a user pressing twice) must not cut the save short
-        self.received = signal.Signals(signum).name
-        print(f"cola: {self.received} received; saving a checkpoint at the next step", file=sys.stderr, flush=True)
+    def watch(self, latch: SigtermLatch) -> None:
+        self.latch = latch
+
+    @property
+    def received(self) -> str | None:
+        return self.latch.received if self.latch is not None else None
 
     def agreed(self) -> bool:
         """Whether any process received the signal; every process must ask at the same point."""
-        if not self.installed:
+        if self.latch is None:
             return False
         if self.trainer.args.world_size == 1:
             return self.received is not None
@@ -105,12 +127,11 @@ class StopOnSignal(TrainerCallback):
 
 @contextlib.contextmanager
 def handling_sigterm(trainer: Trainer) -> Iterator[StopOnSignal]:
-    """While inside, SIGTERM asks the trainer's `StopOnSignal` to save and stop instead of killing the process."""
+    """SIGTERM saves and stops `trainer` instead of killing the process, while inside."""
     (stopper,) = [callback for callback in trainer.callback_handler.callbacks if isinstance(callback, StopOnSignal)]
-    previous = signal.signal(signal.SIGTERM, stopper.on_signal)
-    stopper.installed = True
-    try:
-        yield stopper
-    finally:
-        stopper.installed = False
-        signal.signal(signal.SIGTERM, previous)
+    with catching_sigterm() as latch:
+        stopper.watch(latch)
+        try:
+            yield stopper
+        finally:
+            stopper.latch = None

@@ -25,7 +25,7 @@ from cola_hf.config import RunOptions, make_parser, parse_args
 from cola_hf.errors import HubPushError, RunFailed, StoppedBySignal, UsageError
 from cola_hf.output_dir import hold_output_dir, prepare_output_dir
 from cola_hf.phenomena import load_annotations
-from cola_hf.preemption import handling_sigterm
+from cola_hf.preemption import SigtermLatch, catching_sigterm
 from cola_hf.results import RunResults
 from cola_hf.trainer import TutorialTrainer, build_trainer, load_model_and_tokenizer, predict_split
 
@@ -40,11 +40,14 @@ def run(options: RunOptions, tokenized_files: datasets.DatasetDict | None = None
     `tokenized_files` (read_cola's files after tokenize_cola) lets a study tokenize once for all its runs.
     SIGTERM saves a checkpoint and raises `StoppedBySignal`; the same call again continues the run.
     """
-    with hold_output_dir(options.training.output_dir, main_process=options.training.process_index == 0):
-        return _run(options, tokenized_files)
+    with (
+        hold_output_dir(options.training.output_dir, main_process=options.training.process_index == 0),
+        catching_sigterm() as sigterm,  # from the start: a signal while the data or model load stops it too
+    ):
+        return _run(options, tokenized_files, sigterm)
 
 
-def _run(options: RunOptions, tokenized_files: datasets.DatasetDict | None) -> RunResults | None:
+def _run(options: RunOptions, tokenized_files: datasets.DatasetDict | None, sigterm: SigtermLatch) -> RunResults | None:
     args = options.training
     checkpoint = prepare_output_dir(args.output_dir, args)
     annotations = check_annotations(options)
@@ -67,18 +70,18 @@ def _run(options: RunOptions, tokenized_files: datasets.DatasetDict | None) -> R
     trainer = build_trainer(options, tokenized, model, tokenizer)
     tracking.start_run(trainer, options, data.file_hashes(files))  # before training: the callback logs into it
 
-    with handling_sigterm(trainer):
-        try:
-            # --- train ---
-            if args.do_train:
-                trainer.train(resume_from_checkpoint=checkpoint)
-                trainer.save_model()
-                trainer.save_state()
-            # --- test sets and validation predictions ---
-            predictions = predict_splits(trainer, tokenized)
-        except StoppedBySignal:
-            tracking.stop_run_preempted()
-            raise
+    trainer.stop_on_signal.watch(sigterm)  # SIGTERM from now on: a checkpoint at the next step, then a stop
+    try:
+        # --- train ---
+        if args.do_train:
+            trainer.train(resume_from_checkpoint=checkpoint)
+            trainer.save_model()
+            trainer.save_state()
+        # --- test sets and validation predictions ---
+        predictions = predict_splits(trainer, tokenized)
+    except StoppedBySignal:
+        tracking.stop_run_preempted()
+        raise
     # --- reports, sharing ---
     return finish_run(trainer, options, tokenized, predictions, annotations)
 
@@ -183,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cola: error: {err}", file=sys.stderr)
         return err.exit_code
     except StoppedBySignal as err:  # not a failure: the checkpoint is complete, the same command continues
-        print(f"cola: {err}", file=sys.stderr, flush=True)
+        if options is None or options.training.process_index == 0:  # one line for the run, not one per process
+            print(f"cola: {err}", file=sys.stderr, flush=True)
         return err.exit_code
     except (UsageError, RunFailed) as err:
         if debug:

@@ -63,7 +63,8 @@ class TutorialTrainer(Trainer):
         self._first_nonfinite_step: torch.Tensor | None = None
         self._epoch_statistics = _EpochStatistics(self)
         # Before the epoch statistics: a stop's save on an epoch's last step is then moved after its validation.
-        self.add_callback(StopOnSignal(self))
+        self.stop_on_signal = StopOnSignal(self)
+        self.add_callback(self.stop_on_signal)
         self.add_callback(self._epoch_statistics)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
