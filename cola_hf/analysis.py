@@ -30,6 +30,7 @@ import pandas as pd  # noqa: E402
 from cola_hf.errors import UsageError  # noqa: E402
 from cola_hf.phenomena import DEFAULT_ANNOTATIONS_URL, HOW_TO_PROVIDE, check_rows, load_annotations  # noqa: E402
 from cola_hf.reporting import PREDICTION_COLUMNS, atomic_path, write_text  # noqa: E402
+from cola_hf.textfiles import read_text  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -174,12 +175,7 @@ class Predictions:
 def read_predictions(path: str | Path) -> Predictions:
     """Read a predictions TSV (header PREDICTION_COLUMNS, no quoting); a bad row raises naming file and row."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError as err:
-        raise UsageError(f"{path}: no such file") from err
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"{path}: cannot read ({err})") from err
+    text = read_text(path)
     lines = text.rstrip("\n").split("\n")
     if lines[0].rstrip("\r").split("\t") != list(PREDICTION_COLUMNS):
         raise UsageError(f"{path}:1: wrong header; expected {chr(9).join(PREDICTION_COLUMNS)!r}")

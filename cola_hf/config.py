@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
 from cola_hf.errors import UsageError
 from cola_hf.phenomena import DEFAULT_ANNOTATIONS_URL
+from cola_hf.textfiles import read_yaml
 
 COLA_URL = "https://nyu-mll.github.io/CoLA/cola_public_1.1.zip"
 DEFAULT_MODEL = "bert-base-uncased"
@@ -270,6 +270,8 @@ class StudyArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, ColaTrainingArguments, TrackingArguments, StudyArguments)
+# How many runs and where they come from, not what one run does: a recipe or a search space never sets these.
+STUDY_OPTIONS = frozenset(f.name for f in dataclasses.fields(StudyArguments))
 
 
 @dataclass
@@ -349,14 +351,7 @@ def recipe_to_argv(recipe_path: str | Path, parser: HfArgumentParser) -> list[st
     Recipe values come first in argv, so flags given on the command line override them.
     """
     path = Path(recipe_path)
-    try:
-        recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as err:
-        raise UsageError(f"{path}: cannot read recipe ({err.strerror})") from err
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UsageError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from err
+    recipe = read_yaml(path, "recipe") or {}
     if not isinstance(recipe, dict):
         raise UsageError(f"{path}: a recipe is a mapping of option: value, found {type(recipe).__name__}")
     known = {action.dest for action in parser._actions}

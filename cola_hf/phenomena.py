@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cola_hf.errors import UsageError
+from cola_hf.textfiles import read_text
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +103,7 @@ def annotations_dir(source: str | None, cache_dir: str | None = None) -> Path | 
 
 def read_annotation_file(path: Path, features: tuple[str, ...] | None = None) -> Annotations:
     """Read one annotation TSV; `features` are the columns it must have after the leading four (None: any)."""
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError as err:
-        raise UsageError(f"{path}: no such file (--annotations_source)") from err
-    except OSError as err:
-        raise UsageError(f"{path}: cannot read ({err.strerror})") from err
-    except UnicodeDecodeError as err:
-        raise UsageError(f"{path}: not UTF-8 text") from err
+    text = read_text(path, "--annotations_source")
     lines = [line.rstrip("\r") for line in text.split("\n")]
     header = lines[0].split("\t")
     names = tuple(header[len(LEADING_COLUMNS) :])

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cola_hf.errors import UsageError, one_line
+from cola_hf.textfiles import read_text
 
 if TYPE_CHECKING:
     from transformers import Pipeline
@@ -55,12 +56,7 @@ def from_arguments(sentences: Sequence[str]) -> Sentences:
 def read_input(path: str | Path) -> Sentences:
     """One sentence per line (blank lines skipped), or a CoLA-format TSV (4 columns, label 0/1) with its labels."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except OSError as err:
-        raise UsageError(f"{path}: cannot read ({err.strerror})") from err
-    except UnicodeDecodeError as err:
-        raise UsageError(f"{path}: not UTF-8 text") from err
+    text = read_text(path)
     lines = [line.rstrip("\r") for line in text.split("\n")]
     if text.endswith("\n"):
         lines.pop()  # the final newline ends the last line; it does not start an empty one
@@ -169,12 +165,7 @@ class GlueTest:
 def read_glue_test(path: str | Path) -> GlueTest:
     """Read GLUE's CoLA test.tsv (header `index<TAB>sentence`); anything else raises naming file and line."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except OSError as err:
-        raise UsageError(f"{path}: cannot read ({err.strerror})") from err
-    except UnicodeDecodeError as err:
-        raise UsageError(f"{path}: not UTF-8 text") from err
+    text = read_text(path)
     lines = [line.rstrip("\r") for line in text.split("\n")]
     if tuple(lines[0].split("\t")) != GLUE_TEST_HEADER:
         raise UsageError(f"{path}:1: expected GLUE's CoLA test header 'index<TAB>sentence', found {lines[0][:60]!r}")

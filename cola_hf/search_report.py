@@ -24,7 +24,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from cola_hf import compare
-from cola_hf.config import RunOptions, make_parser, parse_args
+from cola_hf.config import STUDY_OPTIONS, RunOptions, make_parser, parse_args
 from cola_hf.reporting import atomic_path, save_figure, write_json, write_text
 from cola_hf.results import RESULTS_FILE
 
@@ -78,13 +78,7 @@ NOT_IN_RECIPE = frozenset(
         "save_total_limit",
         "experiment_name",
         "recipe_name",
-        "seeds",
-        "grid",
-        "search",
-        "n_trials",
-        "search_storage",
-        "search_pruner",
-        "per_run_output_dir",
+        *STUDY_OPTIONS,
     }
 )
 

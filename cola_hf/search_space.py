@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
@@ -34,7 +33,9 @@ from optuna.distributions import (
 )
 from optuna.trial import Trial
 
+from cola_hf.config import STUDY_OPTIONS
 from cola_hf.errors import UsageError
+from cola_hf.textfiles import read_yaml
 
 METHODS = ("grid", "random", "bayes")
 # The name the Trainer's W&B callback logs our validation MCC under; the local search always maximises it.
@@ -50,13 +51,7 @@ NOT_SEARCHABLE = frozenset(
         "push_to_hub",
         "hub_model_id",
         "report_to",
-        "seeds",
-        "grid",
-        "search",
-        "n_trials",
-        "search_storage",
-        "search_pruner",
-        "per_run_output_dir",
+        *STUDY_OPTIONS,
         "experiment_name",
         "recipe_name",
     }
@@ -152,14 +147,7 @@ def load_space(path: str | Path, parser: argparse.ArgumentParser, method: str | 
     """
     path = Path(path)
     where = f"{path}:"
-    try:
-        sweep = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise UsageError(f"{path}: cannot read the sweep file ({err.strerror})") from err
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UsageError(f"{at}: not valid YAML ({getattr(err, 'problem', err)})") from err
+    sweep = read_yaml(path, "the sweep file")
     if not isinstance(sweep, dict) or not isinstance(sweep.get("parameters"), dict) or not sweep["parameters"]:
         raise UsageError(f"{where} expected a W&B sweep file: a mapping with a non-empty 'parameters' mapping")
     sweep_method = sweep.get("method")

@@ -9,6 +9,7 @@ Trainer's checkpoint write so that the test can signal it mid-save. Nothing of c
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -127,7 +128,7 @@ def stop_line(output: str) -> str:
 
 
 def predictions(output_dir: Path, split: str) -> pd.DataFrame:
-    return pd.read_csv(output_dir / f"predictions_{split}.tsv", sep="\t", quoting=3, keep_default_na=False)
+    return pd.read_csv(output_dir / f"predictions_{split}.tsv", sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False)
 
 
 def assert_same_predictions(run: Path, reference: Path) -> None:

@@ -5,6 +5,7 @@ Every run here is `experiments/cola.py` in a subprocess, offline, on a tiny rand
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -282,7 +283,7 @@ def logged_training_steps(result: subprocess.CompletedProcess) -> int:
 
 
 def read_predictions(output_dir: Path, split: str) -> pd.DataFrame:
-    return pd.read_csv(output_dir / f"predictions_{split}.tsv", sep="\t", quoting=3, keep_default_na=False)
+    return pd.read_csv(output_dir / f"predictions_{split}.tsv", sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False)
 
 
 def kill_at_checkpoint(command: list[str], checkpoint: Path, log: Path) -> None:

@@ -6,6 +6,7 @@ what `wandb sync` would upload.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import http.server
 import importlib.metadata
@@ -188,7 +189,9 @@ def test_run_without_api_key_goes_offline_and_wandb_stores_metrics_config_summar
     for chart in ("learning_curve", "mcc_per_batch_out_of_domain_dev", "mcc_per_batch_glue_dev"):
         assert summary[f"charts/{chart}._type"] == "image-file"
         assert (run_dir / "files" / summary[f"charts/{chart}.path"]).is_file()
-    predictions = pd.read_csv(out / "predictions_in_domain_dev.tsv", sep="\t", quoting=3, keep_default_na=False)
+    predictions = pd.read_csv(
+        out / "predictions_in_domain_dev.tsv", sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False
+    )
     wrong = predictions[predictions["label"] != predictions["prediction"]]
     table = json.loads((run_dir / "files" / summary["misclassified/in_domain_dev.path"]).read_text())
     assert table["columns"] == ["sentence_source", "sentence", "label", "prob_acceptable"]
