@@ -86,15 +86,13 @@ def _run(options: RunOptions, tokenized_files: datasets.DatasetDict | None, sigt
     return finish_run(trainer, options, tokenized, predictions, annotations)
 
 
-# The test sets, and the validation split whose predictions choose the analysis's decision threshold.
-PREDICTED_SPLITS = (*data.TEST_SPLITS, "validation")
-
-
 def predict_splits(
     trainer: TutorialTrainer, tokenized: datasets.DatasetDict
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(labels, probability of 'acceptable') of every sentence of PREDICTED_SPLITS, in order."""
-    return {split: predict_split(trainer, tokenized[split]) for split in PREDICTED_SPLITS}
+    """(labels, probability of 'acceptable') of every sentence of the test sets and of the validation split (whose
+    predictions choose the analysis's decision threshold), in order."""
+    predictions = {split: predict_split(trainer, tokenized[split]) for split in data.TEST_SPLITS}
+    return {**predictions, "validation": trainer.validation_predictions(tokenized["validation"])}
 
 
 def check_annotations(options: RunOptions) -> str | None:

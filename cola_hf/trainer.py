@@ -38,7 +38,7 @@ from transformers import (
     TrainerCallback,
 )
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import has_length
+from transformers.trainer_utils import EvalLoopOutput, PredictionOutput, has_length
 
 from cola_hf.errors import TrainingDiverged, UsageError, one_line
 from cola_hf.metrics import compute_metrics
@@ -63,6 +63,8 @@ class TutorialTrainer(Trainer):
         self._first_nonfinite_step: torch.Tensor | None = None
         self._epoch_statistics = _EpochStatistics(self)
         # Before the epoch statistics: a stop's save on an epoch's last step is then moved after its validation.
+        # The last validation's output and the step it was taken at (see validation_predictions).
+        self.last_validation: tuple[int, EvalLoopOutput] | None = None
         self.stop_on_signal = StopOnSignal(self)
         self.add_callback(self.stop_on_signal)
         self.add_callback(self._epoch_statistics)
@@ -79,6 +81,26 @@ class TutorialTrainer(Trainer):
         nonfinite_first_time = ~torch.isfinite(loss) & (self._first_nonfinite_step < 0)
         self._first_nonfinite_step = torch.where(nonfinite_first_time, step, self._first_nonfinite_step)
         return loss
+
+    def evaluation_loop(self, *args, **kwargs) -> EvalLoopOutput:
+        output = super().evaluation_loop(*args, **kwargs)
+        if kwargs.get("metric_key_prefix") == "eval":
+            self.last_validation = (self.state.global_step, output)
+        return output
+
+    def validation_predictions(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+        """predict_split of the validation split, reusing the validation after the last step when there was one.
+
+        That validation scored the final model on the same sentences in the same order: a second pass would
+        only repeat it (a few seconds of a CPU run). Otherwise (no training, a best model loaded back), predict.
+        """
+        if (
+            self.last_validation is not None
+            and self.last_validation[0] == self.state.global_step
+            and not self.args.load_best_model_at_end
+        ):
+            return _labels_and_probabilities(self.last_validation[1], dataset)
+        return predict_split(self, dataset)
 
     def _get_train_sampler(self, train_dataset=None):
         # Length grouping over the GLOBAL batch (stock Trainer uses the per-device one), so the sentences
@@ -206,7 +228,12 @@ def collapse_counts(eval_metrics: dict) -> dict[str, int] | None:
 
 def predict_split(trainer: Trainer, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
     """(labels, probability of 'acceptable') for every sentence, in the dataset's order, gathered once each."""
-    output = trainer.predict(dataset, metric_key_prefix="test")
+    return _labels_and_probabilities(trainer.predict(dataset, metric_key_prefix="test"), dataset)
+
+
+def _labels_and_probabilities(
+    output: EvalLoopOutput | PredictionOutput, dataset: Dataset
+) -> tuple[np.ndarray, np.ndarray]:
     if not np.array_equal(output.label_ids, np.asarray(dataset["label"])):
         # Predictions are written next to their sentences: a sampler that reorders them must never pass silently.
         raise RuntimeError(f"predictions for {len(dataset)} sentences came back in another order or count")

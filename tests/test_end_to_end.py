@@ -124,3 +124,18 @@ def test_synthetic_run_with_tutorial_padding(tmp_path, cola_dir, tiny_model_dir)
         results["test"]["out_of_domain_dev"]["matthews_correlation"]
     )
     assert reported[("validation", "accuracy")] == pytest.approx(results["test"]["glue_dev"]["accuracy"])
+
+
+def test_validation_predictions_are_the_final_models_and_feed_the_analysis(real_run):
+    """predictions_validation.tsv (reused from the last validation, not predicted twice) is the saved model's:
+    its MCC is the last epoch's validation MCC; the analysis reads it and every test set."""
+    output_dir, _ = real_run
+    results = json.loads((output_dir / "results.json").read_text())
+    validation = read_predictions(output_dir / "predictions_validation.tsv")
+    assert len(validation) == 856
+    assert (validation["prediction"] == (validation["prob_acceptable"] > 0.5)).all()
+    assert matthews_corrcoef(validation["label"], validation["prediction"]) == pytest.approx(
+        results["epochs"][-1]["valid_mcc"], abs=1e-12
+    )
+    analysis = json.loads((output_dir / "analysis.json").read_text())
+    assert set(analysis["test_sets"]) == set(TEST_SPLITS) and analysis["threshold"] is not None
