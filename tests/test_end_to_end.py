@@ -139,3 +139,20 @@ def test_validation_predictions_are_the_final_models_and_feed_the_analysis(real_
     )
     analysis = json.loads((output_dir / "analysis.json").read_text())
     assert set(analysis["test_sets"]) == set(TEST_SPLITS) and analysis["threshold"] is not None
+
+
+def test_train_from_python_returns_the_results_it_writes(tmp_path, cola_dir, tiny_model_dir, monkeypatch):
+    """The notebook call: the command line's options as keyword arguments, the typed results back."""
+    from cola_hf import train
+    from cola_hf.results import RunResults
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    output_dir = tmp_path / "run"
+    results = train(
+        cola_source=str(cola_dir), model_name_or_path=str(tiny_model_dir), output_dir=str(output_dir),
+        num_train_epochs=1, max_seq_length=16, report_to="none", disable_tqdm=True, annotations_source="none",
+    )  # fmt: skip
+    assert isinstance(results, RunResults)
+    assert json.loads(json.dumps(results.to_dict())) == json.loads((output_dir / "results.json").read_text())
+    assert results.test["out_of_domain_dev"].n == 36 and len(results.epochs) == 1
