@@ -56,16 +56,15 @@ def _run(options: RunOptions, tokenized_files: datasets.DatasetDict | None, sigt
         logger.info(args.batch_layout())  # world size x per-device batch x accumulation = global
 
     # --- data, model, Trainer ---
-    if tokenized_files is None:
-        raw_files = data.read_cola(options.data.cola_source)  # bad data fails before the model loads
+    # Bad data fails before the model loads.
+    raw_files = data.read_cola(options.data.cola_source) if tokenized_files is None else None
     model, tokenizer = load_model_and_tokenizer(
         options.model.model_name_or_path, options.model.cache_dir, options.model.trust_remote_code
     )
-    if tokenized_files is None:
+    files = tokenized_files
+    if files is None:
         with args.main_process_first(desc="tokenizing"):
             files = tokenize_files(options, raw_files, tokenizer)
-    else:
-        files = tokenized_files
     tokenized = split_data(options, files)
     trainer = build_trainer(options, tokenized, model, tokenizer)
     tracking.start_run(trainer, options, data.file_hashes(files))  # before training: the callback logs into it
