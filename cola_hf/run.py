@@ -17,7 +17,7 @@ from typing import Any
 import datasets
 import numpy as np
 import transformers
-from transformers import set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from cola_hf import data, hub, reporting, study, tracking
 from cola_hf.analysis import analyze_run, phenomena_markdown
@@ -51,16 +51,13 @@ def _run(options: RunOptions, tokenized_files: datasets.DatasetDict | None, sigt
     args = options.training
     checkpoint = prepare_output_dir(args.output_dir, args)
     annotations = check_annotations(options)
-    set_seed(args.seed)
     if args.do_train:
         logger.info(args.batch_layout())  # world size x per-device batch x accumulation = global
 
     # --- data, model, Trainer ---
     # Bad data fails before the model loads.
     raw_files = data.read_cola(options.data.cola_source) if tokenized_files is None else None
-    model, tokenizer = load_model_and_tokenizer(
-        options.model.model_name_or_path, options.model.cache_dir, options.model.trust_remote_code
-    )
+    model, tokenizer = load_model(options)
     files = tokenized_files
     if files is None:
         with args.main_process_first(desc="tokenizing"):
@@ -102,6 +99,15 @@ def check_annotations(options: RunOptions) -> str | None:
     if not data.is_url(source):
         load_annotations(source, options.data.minor_features, options.model.cache_dir)
     return source
+
+
+def load_model(options: RunOptions) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The checkpoint, its new classifier head drawn from the run's seed: a search trial and a run of its recipe
+    with the same seed start from the same weights."""
+    set_seed(options.training.seed)
+    return load_model_and_tokenizer(
+        options.model.model_name_or_path, options.model.cache_dir, options.model.trust_remote_code
+    )
 
 
 def tokenize_files(options: RunOptions, files: datasets.DatasetDict, tokenizer: Any) -> datasets.DatasetDict:

@@ -439,9 +439,7 @@ def run_trial(search: Search, trial: optuna.Trial, trial_dir: Path) -> float:
     options = trial_options(search, changes, trial_dir, f"{search.group}-trial-{trial.number:03d}")
     logger.info("Trial %d: %s", trial.number, ", ".join(f"{name}={value}" for name, value in changes.items()))
     timer = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(
-        options.model.model_name_or_path, options.model.cache_dir, options.model.trust_remote_code
-    )
+    model, tokenizer = runner.load_model(options)
     files = tokenized_files(search, options, tokenizer)
     splits = runner.split_data(options, files)
     # Training and validation only: a trial's Trainer cannot score a test set, it never sees one.

@@ -66,12 +66,23 @@ def cola_main():
     return main
 
 
+@pytest.fixture(scope="module")
+def encoder_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny BERT without its classifier head, like a pretrained checkpoint: each run draws a new head."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    directory = tmp_path_factory.mktemp("tiny-encoder")
+    BertForSequenceClassification.from_pretrained(tiny_model_dir).bert.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture
-def base_args(verb_cola_dir, tiny_model_dir, monkeypatch) -> list[str]:
+def base_args(verb_cola_dir, encoder_dir, monkeypatch) -> list[str]:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("WANDB_MODE", "disabled")
     return [
-        "--cola_source", str(verb_cola_dir), "--model_name_or_path", str(tiny_model_dir),
+        "--cola_source", str(verb_cola_dir), "--model_name_or_path", str(encoder_dir),
         "--max_seq_length", "16", "--global_train_batch_size", "8", "--report_to", "none", "--disable_tqdm", "true",
     ]  # fmt: skip
 
@@ -253,7 +264,7 @@ def test_bad_search_flags_are_one_line_and_exit_2(flags, message, tmp_path, base
 
 # --- a whole search --------------------------------------------------------------------------------------------
 def test_search_end_to_end_keeps_only_the_best_model_and_never_scores_a_test_set(
-    tmp_path, base_args, tiny_model_dir, verb_cola_dir, cola_main, capsys
+    tmp_path, base_args, encoder_dir, verb_cola_dir, cola_main, capsys
 ):
     from transformers import pipeline
 
@@ -273,7 +284,7 @@ def test_search_end_to_end_keeps_only_the_best_model_and_never_scores_a_test_set
 
     # Every read of a test file's rows is timed: none may come before the last trial ended.
     options = parse_args(argv)
-    _, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
+    _, tokenizer = load_model_and_tokenizer(str(encoder_dir))
     files = tokenize_files(options, data.read_cola(str(verb_cola_dir)), tokenizer)
     reads: list[datetime] = []
 
@@ -327,12 +338,18 @@ def test_search_end_to_end_keeps_only_the_best_model_and_never_scores_a_test_set
     assert cola_main(argv) == 0
     assert len(load_study(out).get_trials()) == 3 and (best_dir / "results.json").stat().st_mtime_ns == built
 
-    # best_params.yaml is a recipe that runs as is.
+    # best_params.yaml is a recipe that runs as is, and with the search's seed it retraces the best trial:
+    # the same new classifier head, the same batches, the same epochs to the last digit.
     recipe = out / "search" / "best_params.yaml"
     assert cola_main([str(recipe), "--seeds", "42", "--output_dir", str(tmp_path / "confirm")]) == 0
     (confirm,) = (tmp_path / "confirm").glob("*/results.json")
-    config = json.loads(confirm.read_text())["config"]
-    assert config["learning_rate"] == best.params["learning_rate"] and config["load_best_model_at_end"]
+    confirmed = json.loads(confirm.read_text())
+    assert confirmed["config"]["learning_rate"] == best.params["learning_rate"]
+    assert confirmed["config"]["load_best_model_at_end"]
+    retraced = ("training_loss", "valid_loss", "valid_accuracy", "valid_mcc")
+    assert [{name: epoch[name] for name in retraced} for epoch in confirmed["epochs"]] == [
+        {name: epoch[name] for name in retraced} for epoch in results["epochs"]
+    ]
 
     # cola-compare reads the trials.
     from cola_hf.cli import compare_main
