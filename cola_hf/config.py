@@ -197,12 +197,16 @@ class ColaTrainingArguments(TrainingArguments):
         )
         self.per_device_train_batch_size, self.gradient_accumulation_steps = share // accumulation, accumulation
 
+    @property
+    def global_batch(self) -> int:
+        """Sentences per optimizer step over all processes, however they are laid out."""
+        return self.world_size * self.per_device_train_batch_size * self.gradient_accumulation_steps
+
     def batch_layout(self) -> str:
         """One log line: how the global batch is split over processes and accumulation steps."""
         return (
             f"batch: world size {self.world_size} x per-device batch {self.per_device_train_batch_size} x "
-            f"gradient accumulation {self.gradient_accumulation_steps} = global batch "
-            f"{self.world_size * self.per_device_train_batch_size * self.gradient_accumulation_steps}"
+            f"gradient accumulation {self.gradient_accumulation_steps} = global batch {self.global_batch}"
         )
 
 
@@ -314,11 +318,30 @@ class RunOptions:
         if self.training.run_name:
             return self.training.run_name
         args = self.training
-        batch = args.per_device_train_batch_size * max(1, args.world_size) * args.gradient_accumulation_steps
-        name = f"{self.recipe}-lr{args.learning_rate:g}-bs{batch}-ep{args.num_train_epochs:g}-seed{args.seed}"
+        name = f"{self.recipe}-lr{args.learning_rate:g}-bs{args.global_batch}-ep{args.num_train_epochs:g}"
+        name += f"-seed{args.seed}"
         if self.data.max_train_samples is not None:
             name += f"-n{self.data.max_train_samples}"
         return name
+
+    def trajectory(self) -> dict[str, Any]:
+        """The options that decide what training computes, step by step. A checkpoint continues only under the
+        same ones: the Trainer restores the optimizer and schedule from it, so a changed learning rate would be
+        recorded but not used. Paths are left out (a cluster may mount the same data elsewhere), and so is
+        the layout of the batch (the same global batch on other devices is the same run)."""
+        args = self.training.to_dict()  # enums as their values, as JSON keeps them
+        names = (
+            "seed", "learning_rate", "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps",
+            "weight_decay", "optim", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+            "train_sampling_strategy",
+        )  # fmt: skip
+        return {
+            "validation_fraction": self.data.validation_fraction,
+            "max_seq_length": self.data.max_seq_length,
+            "max_train_samples": self.data.max_train_samples,
+            "global_batch": self.training.global_batch,
+            **{name: args[name] for name in names},
+        }
 
     def config(self) -> dict[str, Any]:
         """The run's arguments as results.json records them (hub tokens come out redacted)."""

@@ -5,6 +5,8 @@
 - An unfinished run with a complete checkpoint (a whole trainer_state.json, the Trainer's last write, and no
   `checkpoint-is-incomplete.txt` marker) continues from the newest one: the same command resumes a run that
   was preempted or killed. With none, the run starts fresh. --resume insists on a checkpoint.
+- A checkpoint continues only under the options it was trained with (`RunOptions.trajectory`, recorded in
+  `.cola.run_options.json` when the run starts): other ones are refused, naming what changed.
 - One run at a time per directory: a second one stops at once, naming the holder (`hold_output_dir`).
 """
 
@@ -20,12 +22,13 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import filelock
 from transformers import TrainingArguments
 
 from cola_hf.errors import UsageError
-from cola_hf.reporting import FAILED_MARKER
+from cola_hf.reporting import FAILED_MARKER, write_json
 from cola_hf.results import RESULTS_FILE
 
 logger = logging.getLogger(__name__)
@@ -33,14 +36,20 @@ logger = logging.getLogger(__name__)
 LOCK_FILE = ".cola.lock"
 HOLDER_FILE = ".cola.lock.holder"  # who holds the lock, for the message of the run that finds it taken
 INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"  # transformers' own marker of a checkpoint being written
+RUN_OPTIONS_FILE = ".cola.run_options.json"  # hidden, like the lock: bookkeeping, not pushed to the Hub
 
 
 def is_finished(output_dir: str | Path) -> bool:
     return (Path(output_dir) / RESULTS_FILE).is_file()
 
 
-def prepare_output_dir(output_dir: str | Path, training_args: TrainingArguments) -> str | None:
-    """Apply the rule above; return the checkpoint to resume from (None: start fresh)."""
+def prepare_output_dir(
+    output_dir: str | Path, training_args: TrainingArguments, trajectory: dict[str, Any] | None = None
+) -> str | None:
+    """Apply the rule above; return the checkpoint to resume from (None: start fresh).
+
+    `trajectory`: the options a checkpoint must have been trained with to be continued (recorded for the next
+    time when given)."""
     output_dir = Path(output_dir)
     overwrite, resume = training_args.overwrite_output_dir, getattr(training_args, "resume", False)
     checkpoint = None
@@ -53,12 +62,34 @@ def prepare_output_dir(output_dir: str | Path, training_args: TrainingArguments)
     if not training_args.do_train:
         checkpoint = None
     if checkpoint is not None:
+        if trajectory is not None:
+            check_same_trajectory(output_dir, trajectory)
         logger.info("%s holds an unfinished run: continuing from %s", output_dir, Path(checkpoint).name)
     if training_args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
         for stale in (RESULTS_FILE, "README.md", FAILED_MARKER):
             (output_dir / stale).unlink(missing_ok=True)
+        if trajectory is not None:
+            write_json(output_dir / RUN_OPTIONS_FILE, trajectory)
     return checkpoint
+
+
+def check_same_trajectory(output_dir: Path, trajectory: dict[str, Any]) -> None:
+    """Refuse to continue a checkpoint under options other than those it was trained with (one line each)."""
+    try:
+        recorded = json.loads((output_dir / RUN_OPTIONS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # written by an older version, or lost: nothing to compare with
+    changed = [
+        f"{name} {recorded[name]} there, {value} now"
+        for name, value in trajectory.items()
+        if name in recorded and recorded[name] != value
+    ]
+    if changed:
+        raise UsageError(
+            f"{output_dir}: holds an unfinished run with other options ({'; '.join(changed)}); give the same "
+            "options to continue it, or --overwrite_output_dir to start over"
+        )
 
 
 @contextlib.contextmanager

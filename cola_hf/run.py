@@ -49,7 +49,7 @@ def run(options: RunOptions, tokenized_files: datasets.DatasetDict | None = None
 
 def _run(options: RunOptions, tokenized_files: datasets.DatasetDict | None, sigterm: SigtermLatch) -> RunResults | None:
     args = options.training
-    checkpoint = prepare_output_dir(args.output_dir, args)
+    checkpoint = prepare_output_dir(args.output_dir, args, options.trajectory())
     annotations = check_annotations(options)
     if args.do_train:
         logger.info(args.batch_layout())  # world size x per-device batch x accumulation = global

@@ -187,8 +187,8 @@ def trials_markdown(
         ]
     if saved["trials"]:
         lines += [
-            f"Pruning stopped {saved['trials']} trials early and saved {saved['epochs']} epochs "
-            f"(about {saved['seconds']:.0f} s of training).",
+            f"Pruning stopped {plural(saved['trials'], 'trial')} early and saved {plural(saved['epochs'], 'epoch')} "
+            f"(about {saved['seconds']:.0f} s of training and validation).",
             "",
         ]
     lines += ["## Where the time went", "", compare.to_markdown(overhead)]
@@ -322,3 +322,7 @@ def pruning_savings(search: Search) -> dict:
         epochs += planned - run
         seconds += (planned - run) * (trial.user_attrs.get("epochs_s") or 0.0) / run
     return {"trials": count, "epochs": epochs, "seconds": seconds}
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -337,6 +338,31 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, resume_data, tiny_mode
     assert [[row[c] for c in same] for row in got["epochs"]] == [[row[c] for c in same] for row in expected["epochs"]]
     training_losses = [row["training_loss"] for row in got["epochs"]]
     assert training_losses == pytest.approx([row["training_loss"] for row in expected["epochs"]], rel=1e-12)
+
+
+def test_a_checkpoint_continues_only_under_the_options_it_was_trained_with(
+    tmp_path, resume_data, tiny_model_dir, uninterrupted
+):
+    """Killed after training, before the test sets: a command with another learning rate or seed is refused
+    (the Trainer would restore the old optimizer and schedule and record the new values); the same one goes on."""
+    reference, _ = uninterrupted
+    output_dir = tmp_path / "run"
+    shutil.copytree(reference, output_dir)
+    (output_dir / "results.json").unlink()
+    (checkpoint,) = output_dir.glob("checkpoint-*")
+    command = ["--model_name_or_path", tiny_model_dir, "--cola_source", resume_data, "--output_dir", output_dir,
+               *RESUME_RUN]  # fmt: skip
+
+    changed = run_cola(*command, "--learning_rate", "5e-3", "--seed", "7", env=ENV, check=False)
+    assert changed.returncode == 2
+    line = error_line(changed)
+    assert "seed 42 there, 7 now" in line and "learning_rate 0.01 there, 0.005 now" in line
+    assert checkpoint.is_dir() and not (output_dir / "results.json").exists()
+
+    same = run_cola(*command, env=ENV)
+    assert f"continuing from {checkpoint.name}" in same.stderr
+    expected = json.loads((reference / "results.json").read_text())
+    assert json.loads((output_dir / "results.json").read_text())["test"] == expected["test"]
 
 
 # --- secrets, and the Hub failing after training ---------------------------------------------------------------
