@@ -274,6 +274,14 @@ class StudyArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, ColaTrainingArguments, TrackingArguments, StudyArguments)
+# A checkpoint continues only under the same values of these: the Trainer restores the optimizer and schedule
+# from it, so a changed learning rate would be recorded but not used. Paths are left out (a cluster may mount the
+# same data elsewhere), and so is the batch's layout over devices (RunOptions.trajectory adds the global batch).
+TRAJECTORY_OPTIONS = (
+    "validation_fraction", "max_seq_length", "max_train_samples", "seed", "learning_rate", "num_train_epochs",
+    "max_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "adam_beta1", "adam_beta2",
+    "adam_epsilon", "max_grad_norm", "train_sampling_strategy",
+)  # fmt: skip
 # How many runs and where they come from, not what one run does: a recipe or a search space never sets these.
 STUDY_OPTIONS = frozenset(f.name for f in dataclasses.fields(StudyArguments))
 
@@ -325,23 +333,10 @@ class RunOptions:
         return name
 
     def trajectory(self) -> dict[str, Any]:
-        """The options that decide what training computes, step by step. A checkpoint continues only under the
-        same ones: the Trainer restores the optimizer and schedule from it, so a changed learning rate would be
-        recorded but not used. Paths are left out (a cluster may mount the same data elsewhere), and so is
-        the layout of the batch (the same global batch on other devices is the same run)."""
-        args = self.training.to_dict()  # enums as their values, as JSON keeps them
-        names = (
-            "seed", "learning_rate", "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps",
-            "weight_decay", "optim", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
-            "train_sampling_strategy",
-        )  # fmt: skip
-        return {
-            "validation_fraction": self.data.validation_fraction,
-            "max_seq_length": self.data.max_seq_length,
-            "max_train_samples": self.data.max_train_samples,
-            "global_batch": self.training.global_batch,
-            **{name: args[name] for name in names},
-        }
+        """The options that decide what training computes, step by step (`TRAJECTORY_OPTIONS`), as results.json
+        records them, and the global batch however it is laid out over devices."""
+        config = self.config()
+        return {"global_batch": self.training.global_batch, **{name: config[name] for name in TRAJECTORY_OPTIONS}}
 
     def config(self) -> dict[str, Any]:
         """The run's arguments as results.json records them (hub tokens come out redacted)."""

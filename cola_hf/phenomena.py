@@ -8,6 +8,7 @@ anything else is a `UsageError` naming the file and row.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -170,6 +171,9 @@ def check_rows(
     )
 
 
+# Once per process: a run reads them before training (a wrong path fails early) and again for its analysis,
+# and a study analyses every run. Nothing changes an Annotations after reading.
+@functools.lru_cache(maxsize=8)
 def load_annotations(
     source: str | None, minor_features: bool = False, cache_dir: str | None = None
 ) -> tuple[Annotations, Annotations | None] | None:

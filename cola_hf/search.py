@@ -456,7 +456,7 @@ def run_trial(search: Search, trial: optuna.Trial, trial_dir: Path) -> float:
     except RunFailed as err:  # diverged: these parameters fail, the search goes on
         trial.set_user_attr("error", str(err))
         logger.warning("Trial %d failed: %s", trial.number, err)
-        finish_tracking(trial_dir, RunResults(epochs=reporting.epoch_table(trainer.state.log_history)))
+        tracking.log_run_outputs(trial_dir, RunResults(epochs=reporting.epoch_table(trainer.state.log_history)))
         remove_checkpoints(trial_dir)
         return math.nan
     train_s = time.perf_counter() - timer
@@ -483,7 +483,7 @@ def run_trial(search: Search, trial: optuna.Trial, trial_dir: Path) -> float:
     if epochs:
         reporting.write_epoch_outputs(trial_dir, epochs)
     reporting.write_results(trial_dir, results)
-    finish_tracking(trial_dir, results)
+    tracking.log_run_outputs(trial_dir, results)
     for name, value in {
         "setup_s": setup_s,
         "train_s": train_s,
@@ -525,10 +525,6 @@ def keep_if_best(search: Search, trainer: Any, trial_dir: Path, value: float) ->
         best = best_trial(search.study)
     if best is None or value > best.value:
         trainer.save_model(str(trial_dir / MODEL_DIR))
-
-
-def finish_tracking(trial_dir: Path, results: RunResults) -> None:
-    tracking.log_run_outputs(trial_dir, results)
 
 
 # --- the best trial --------------------------------------------------------------------------------------------
