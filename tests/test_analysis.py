@@ -362,6 +362,7 @@ def test_welch_test_of_seed_groups():
 
 
 # --- cola-compare ---------------------------------------------------------------------------------------------
+@pytest.mark.lowest
 def test_compare_phenomena_and_paired_significance(tmp_path, glue_rows, capsys):
     first = write_synthetic_run(tmp_path / "a", glue_rows, seed=1)
     second = write_synthetic_run(tmp_path / "b", glue_rows, seed=2)
@@ -388,6 +389,7 @@ def test_compare_phenomena_and_paired_significance(tmp_path, glue_rows, capsys):
     assert "Significance on glue_dev (against a)" in capsys.readouterr().out
 
 
+@pytest.mark.lowest
 def test_compare_groups_of_seeds_use_welch(tmp_path, glue_rows, capsys):
     for group, seeds in (("recipe-a", (1, 2, 3)), ("recipe-b", (4, 5))):
         for seed in seeds:

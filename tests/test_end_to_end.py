@@ -100,6 +100,7 @@ def test_saved_model_works_with_pipeline_and_evaluation_only_mode(real_run, tmp_
         assert after["prob_acceptable"].to_numpy() == pytest.approx(before["prob_acceptable"].to_numpy(), abs=2e-6)
 
 
+@pytest.mark.lowest
 def test_synthetic_run_with_tutorial_padding(tmp_path, cola_dir, tiny_model_dir):
     output_dir = tmp_path / "run"
     run_cola(

@@ -34,6 +34,7 @@ class RecordLearningRate(TrainerCallback):
 
 
 # The default (fused: one kernel per step) and the unfused loop both follow the tutorial's unfused optimizer.
+@pytest.mark.lowest
 @pytest.mark.parametrize("optim", ["adamw_torch_fused", "adamw_torch"])
 def test_trainer_matches_hand_written_tutorial_loop(tmp_path, cola_dir, tiny_model_dir, optim):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -88,6 +89,7 @@ def test_trainer_matches_hand_written_tutorial_loop(tmp_path, cola_dir, tiny_mod
     assert any(not torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
 
 
+@pytest.mark.lowest
 def test_default_schedule_is_the_tutorials_2e5_linear_decay(tmp_path, cola_dir, tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     train = tokenize_cola(load_cola(str(cola_dir)), tokenizer)["train"].select(range(64))

@@ -1,8 +1,11 @@
 """The step's loss: each sentence weighs 1 / (sentences in the step), however the step is split."""
 
+import pytest
 import torch
 
 from cola_hf.training.loss import sentence_mean_loss
+
+pytestmark = pytest.mark.lowest
 
 
 def test_micro_batches_of_a_step_sum_to_the_mean_over_the_whole_step():

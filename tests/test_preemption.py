@@ -150,6 +150,7 @@ def resume(tiny_model_dir: Path, data: Path, output_dir: Path, *extra: str) -> s
     return run_cola(*command(tiny_model_dir, data, output_dir, *extra)[2:], env={"OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.lowest
 def test_sigterm_mid_epoch_saves_stops_and_the_same_command_finishes_the_run(
     tmp_path, tiny_model_dir, data, uninterrupted
 ):
@@ -321,6 +322,7 @@ def test_sigterm_to_the_launcher_stops_every_process_at_one_step_and_the_same_co
 
 
 # --- W&B: one run, one curve --------------------------------------------------------------------------------------
+@pytest.mark.lowest
 def test_a_preempted_run_continues_the_same_wandb_run(tmp_path, tiny_model_dir, data):
     from test_tracking import offline_runs, read_records, stored_run
 

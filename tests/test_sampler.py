@@ -10,6 +10,8 @@ from accelerate.data_loader import SeedableRandomSampler
 
 from cola_hf.training.sampler import ORDERS, GlobalBatchSampler
 
+pytestmark = pytest.mark.lowest
+
 # A spread of lengths like CoLA's (3 to 40 tokens), 110 sentences: 3 full steps of 32 and a last one of 14.
 _draw = random.Random(0)
 LENGTHS = [_draw.randint(3, 40) for _ in range(110)]

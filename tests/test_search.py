@@ -263,6 +263,7 @@ def test_bad_search_flags_are_one_line_and_exit_2(flags, message, tmp_path, base
 
 
 # --- a whole search --------------------------------------------------------------------------------------------
+@pytest.mark.lowest
 def test_search_end_to_end_keeps_only_the_best_model_and_never_scores_a_test_set(
     tmp_path, base_args, encoder_dir, verb_cola_dir, cola_main, capsys
 ):
@@ -401,6 +402,20 @@ def test_a_hopeless_trial_is_pruned_after_its_second_epoch(tmp_path, base_args, 
         0.0,
         0.0,
     ]
+
+
+@pytest.mark.lowest
+def test_a_search_on_a_database_url_runs_its_trials_there(tmp_path, base_args, cola_main):
+    """--search_storage URL: Optuna's RDB storage, with heartbeats and the stale-trial retry (SQLite here)."""
+    space = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"values": [5e-3, 1e-7]}})
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    argv = [*base_args, "--output_dir", str(tmp_path / "search"), "--search", str(space), "--n_trials", "2"]
+    assert cola_main([*argv, "--num_train_epochs", "1", "--search_storage", url]) == 0
+    (name,) = optuna.get_all_study_names(url)
+    trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+    assert [trial.state.name for trial in trials] == ["COMPLETE", "COMPLETE"]
+    assert not (tmp_path / "search" / "search" / "study.journal").exists()  # the URL's database, not the journal
+    assert json.loads((tmp_path / "search" / "best" / "results.json").read_text())["config"]["search"]["n_trials"] == 2
 
 
 def cola_command(*args: str) -> list[str]:
