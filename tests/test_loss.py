@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cola_hf.training.loss import sentence_mean_loss
+from cola_hf.training.trainer import sentence_mean_loss
 
 pytestmark = pytest.mark.lowest
 

@@ -5,6 +5,12 @@ What the subclass changes, and why:
   exactly the tutorial's torch AdamW(lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0) and
   `get_linear_schedule_with_warmup(0, batches_per_epoch * epochs)`, and clips the gradient norm at 1.0;
   tests/test_exactness.py checks it parameter by parameter against a hand-written tutorial loop.
+- The batches. Each epoch's order is a function of (seed, epoch) only, cut into global batches that every
+  layout trains alike (1 process or N, with or without accumulation), an epoch's short last batch split evenly
+  instead of filled up with repeats (cola_hf/training/sampler.py). A run resumed at any step, and every process
+  of a multi-process run, trains the batches of an uninterrupted single-process run.
+- The loss. Each sentence of an optimizer step weighs 1 / (sentences in the step), however the step is split over
+  micro-batches and processes (`sentence_mean_loss`, through transformers' `num_items_in_batch`).
 - Per-epoch training statistics. The tutorial reports the mean loss over each epoch's batches and the epoch's
   wall time; Trainer only logs running means over logging windows. The loss is summed on the device (no
   host sync per step) and logged once per epoch as `train_epoch_loss` and `train_epoch_time_s`.
@@ -25,6 +31,7 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 from scipy.special import softmax
+from torch.nn import functional
 from torch.utils.data import SequentialSampler
 from transformers import (
     DataCollatorWithPadding,
@@ -33,13 +40,13 @@ from transformers import (
     Trainer,
     TrainerCallback,
 )
-from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import EvalLoopOutput, PredictionOutput, has_length
 
-from cola_hf.errors import TrainingDiverged
+from cola_hf.errors import TrainingDiverged, UsageError
 from cola_hf.metrics import compute_metrics
 from cola_hf.results import EpochStats
 from cola_hf.training.preemption import StopOnSignal
+from cola_hf.training.sampler import ORDERS, GlobalBatchSampler
 
 if TYPE_CHECKING:
     from cola_hf.config import RunOptions
@@ -47,15 +54,30 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def sentence_mean_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None):
+    """The step's loss, each sentence weighing 1 / (sentences in the optimizer step): the tutorial's batch mean.
+
+    The model's own loss is its micro-batch's mean; the Trainer divides it by the accumulation steps and DDP
+    averages it over processes: a mean of means, under which the sentences of an uneven split (an epoch's short last
+    batch, 15 sentences as 8 + 7 or over 2 processes) weigh unequally. Given a `compute_loss_func`, the Trainer
+    instead counts the labels of every micro-batch of the step on every process (`average_tokens_across_devices`,
+    on by default) into `num_items_in_batch`, multiplies the returned loss by the number of processes (undoing
+    DDP's average) and does not divide it by the accumulation steps. So: the micro-batch's summed cross-entropy
+    over that count. Without a count (evaluation outside the Trainer), the batch mean.
+    """
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    total = functional.cross_entropy(logits.view(-1, logits.shape[-1]).float(), labels.view(-1), reduction="sum")
+    return total / (num_items_in_batch if num_items_in_batch is not None else labels.numel())
+
+
 class TutorialTrainer(Trainer):
     def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("compute_loss_func", sentence_mean_loss)
         super().__init__(*args, **kwargs)
-        # Scale-out. Sequence-classification heads take **kwargs, so Trainer assumes their loss is
-        # a sum normalised by `num_items_in_batch`: it then multiplies the loss by the number of processes
-        # and skips the division by the accumulation steps. Their loss is a plain batch mean, so that
-        # doubles the loss and gradients on 2 processes or with 2 accumulation steps. A plain mean is what
-        # the tutorial optimises: say so, and DDP's gradient average gives the global batch's mean.
+        # Sequence-classification heads take **kwargs, so the Trainer would hand them `num_items_in_batch`, which
+        # their own loss ignores. The loss is sentence_mean_loss's: the model only computes the logits.
         self.model_accepts_loss_kwargs = False
+        self.train_batches: GlobalBatchSampler | None = None  # the training sampler, once train() has built it
         self._epoch_loss_sum: torch.Tensor | None = None
         self._first_nonfinite_step: torch.Tensor | None = None
         self._epoch_statistics = _EpochStatistics(self)
@@ -65,14 +87,15 @@ class TutorialTrainer(Trainer):
         self.stop_on_signal = StopOnSignal(self)
         self.add_callback(self.stop_on_signal)
         self.add_callback(self._epoch_statistics)
+        self.add_callback(_EpochOfTheBatches(self))
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self._epoch_loss_sum is None:
             self._epoch_loss_sum = torch.zeros((), dtype=torch.float64, device=loss.device)
             self._first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=loss.device)
-        # The loss comes back divided by the accumulation steps, so the sum over an epoch is the sum of
-        # per-optimizer-step mean losses.
+        # Each micro-batch's loss is its share of the step's mean (times the processes, which the reduction over
+        # processes divides out), so the sum over an epoch is the sum of per-optimizer-step mean losses.
         self._epoch_loss_sum += loss.double()
         step = self.state.global_step + 1
         nonfinite_first_time = ~torch.isfinite(loss) & (self._first_nonfinite_step < 0)
@@ -100,16 +123,24 @@ class TutorialTrainer(Trainer):
         return predict_split(self, dataset)
 
     def _get_train_sampler(self, train_dataset=None):
-        # Length grouping over the GLOBAL batch (stock Trainer uses the per-device one), so the sentences
-        # that make up each optimizer step don't depend on the number of processes: each process takes its
-        # consecutive per-device slice, and 2 x 16 sees exactly the batches of 1 x 32.
-        if self.args.train_sampling_strategy != "group_by_length":
+        args = self.args
+        if args.train_sampling_strategy not in ORDERS:  # batch_rebalance: the Trainer's own
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        column = self.args.length_column_name
-        lengths = dataset[column] if column in getattr(dataset, "column_names", ()) else None
-        global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-        return LengthGroupedSampler(global_batch, dataset=dataset, lengths=lengths, model_input_name="input_ids")
+        try:
+            self.train_batches = GlobalBatchSampler(
+                _lengths(dataset, self.train_dataset, args.length_column_name),
+                per_device_batch=args.per_device_train_batch_size,
+                accumulation=args.gradient_accumulation_steps,
+                processes=args.world_size,
+                rank=args.process_index,
+                seed=args.data_seed if args.data_seed is not None else args.seed,
+                order=args.train_sampling_strategy,
+                drop_last=args.dataloader_drop_last,
+            )
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+        return self.train_batches
 
     def _get_eval_sampler(self, eval_dataset):
         # Stock Trainer also length-groups (shuffles) evaluation when training groups by length; predictions
@@ -147,6 +178,35 @@ class TutorialTrainer(Trainer):
         if not float(self.state.epoch or 0).is_integer():
             self.state.stateful_callbacks[EPOCH_SO_FAR] = self._epoch_statistics.so_far(self.state.global_step)
         super()._save_checkpoint(model, trial)
+
+
+def _lengths(dataset: Dataset, given: Dataset | None, column: str) -> list[int]:
+    """Each training sentence's length in tokens: the tokenizer's `length` column, else measured.
+
+    The Trainer hands the sampler the dataset without the columns the model does not take, `length` among them;
+    the dataset it was given still has it, row for row.
+    """
+    for source in (dataset, given):
+        if source is not None and column in getattr(source, "column_names", ()) and len(source) == len(dataset):
+            return list(source[column])
+    return [len(ids) for ids in dataset["input_ids"]]
+
+
+class _EpochOfTheBatches(TrainerCallback):
+    """Sets the training sampler's epoch as each epoch begins, from the step the run is at.
+
+    The Trainer calls `set_epoch` through accelerate's wrappers, but not through the one a run resumed mid-epoch on
+    several processes gets (skip_first_batches around the per-process shard): that sampler would replay epoch 0's
+    order for the rest of the epoch.
+    """
+
+    def __init__(self, trainer: TutorialTrainer) -> None:
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        batches = self.trainer.train_batches
+        if batches is not None:
+            batches.set_epoch(state.global_step // batches.steps_per_epoch)  # how the Trainer counts its epochs
 
 
 # The key of the partial epoch's statistics in a checkpoint's trainer_state.json ("stateful_callbacks").
