@@ -95,6 +95,8 @@ def command(tiny_model_dir: Path, data: Path, output_dir: Path, *extra: str) -> 
 
 
 def environment(**extra: str) -> dict:
+    if "PYTHONPATH" in extra:  # the hooks in front of the caller's path (which may name the cola_hf under test)
+        extra["PYTHONPATH"] = os.pathsep.join(filter(None, [extra["PYTHONPATH"], os.environ.get("PYTHONPATH")]))
     # Unbuffered: the test reads the run's step logs as they come.
     return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1", **extra}  # fmt: skip
@@ -314,6 +316,14 @@ def test_sigterm_to_the_launcher_stops_every_process_at_one_step_and_the_same_co
     assert (checkpoint / "trainer_state.json").is_file()
     assert {path.name for path in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
     assert not (output_dir / "results.json").exists()
+
+    # On another number of processes it would be another run (each process continues its own random state).
+    one = subprocess.run(command(tiny_model_dir, data, output_dir), capture_output=True, text=True, env=environment())
+    assert one.returncode == 2 and "Traceback" not in one.stderr, one.stderr[-3000:]
+    assert [line for line in one.stderr.splitlines() if line.startswith("cola: error:")] == [
+        f"cola: error: {checkpoint}: saved by 2 processes, and this run has 1; each process continues its own random "
+        "state, so it continues exactly only on 2: launch 2, or pass --overwrite_output_dir to start over"
+    ]
 
     again = subprocess.run(launch(tiny_model_dir, data, output_dir), capture_output=True, text=True, env=environment())
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

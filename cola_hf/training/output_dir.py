@@ -7,6 +7,8 @@
   was preempted or killed. With none, the run starts fresh. --resume insists on a checkpoint.
 - A checkpoint continues only under the options it was trained with (`RunOptions.trajectory`, recorded in
   `.cola.run_options.json` when the run starts): other ones are refused, naming what changed.
+- ... and on as many processes as saved it: each process continues its own random state (its dropout masks), and
+  no mapping of N states onto M processes continues the run that was stopped, so another number is refused.
 - One run at a time per directory: a second one stops at once, naming the holder (`hold_output_dir`).
 """
 
@@ -70,6 +72,7 @@ def prepare_output_dir(
     if checkpoint is not None:
         if trajectory is not None:
             check_same_trajectory(output_dir, trajectory)
+        check_same_processes(Path(checkpoint), training_args.world_size)
         logger.info("%s holds an unfinished run: continuing from %s", output_dir, Path(checkpoint).name)
     if training_args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -95,6 +98,20 @@ def check_same_trajectory(output_dir: Path, trajectory: dict[str, Any]) -> None:
         raise UsageError(
             f"{output_dir}: holds an unfinished run with other options ({'; '.join(changed)}); give the same "
             "options to continue it, or --overwrite_output_dir to start over"
+        )
+
+
+def check_same_processes(checkpoint: Path, processes: int) -> None:
+    """Refuse to continue a checkpoint on another number of processes than saved it (its rng_state files)."""
+    states = [path.name for path in checkpoint.glob("rng_state*.pth")]
+    if not states:
+        return  # saved without random states (--save_only_model): nothing to continue exactly
+    saved = 1 if states == ["rng_state.pth"] else len(states)
+    if saved != processes:
+        raise UsageError(
+            f"{checkpoint}: saved by {saved} process{'es' if saved > 1 else ''}, and this run has {processes}; "
+            f"each process continues its own random state, so it continues exactly only on {saved}: launch "
+            f"{saved}, or pass --overwrite_output_dir to start over"
         )
 
 
