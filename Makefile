@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 COLA_SOURCE ?= https://nyu-mll.github.io/CoLA/cola_public_1.1.zip
 MODEL ?= bert-base-uncased
 
-.PHONY: install test tutorial style quality
+.PHONY: install test test-lowest tutorial style quality
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +21,11 @@ install: $(VENV)/.installed
 # Two pytest workers, one thread each: on 2 cores this beats one worker with two threads.
 test: install
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -n 2 --dist loadfile
+
+# setup.cfg's lower bounds, proven: a second environment (.venv-lowest) with every direct dependency at its bound
+# runs the suite's `lowest` subset.
+test-lowest:
+	TORCH="$(TORCH)" bash .ci/lowest_versions.sh
 
 # accelerate sets one thread per process on a CPU; a single CPU process should use every core.
 tutorial: install
