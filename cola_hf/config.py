@@ -293,7 +293,8 @@ GROUPS = ("model", "data", "training", "tracking", "study")
 #   trajectory    decides what training computes, step by step: a checkpoint continues only under the same values
 #                 (the Trainer restores the optimizer and schedule from it, so a changed learning rate would be
 #                 recorded but not used). Paths are left out (a cluster may mount the same data elsewhere), and so is
-#                 the batch's layout over devices: RunOptions.trajectory adds the global batch instead.
+#                 the batch's layout over devices: RunOptions.trajectory adds the global batch instead (every layout
+#                 trains the same steps; the number of processes is checked against the checkpoint's random states).
 #   tokenization  changes the tokenized files: a search tokenizes once per distinct combination
 #   local         where and how this one run is kept or shared, not what it computes: never in a recipe written
 #                 for others, never searched (the search sets it for every trial)

@@ -4,9 +4,9 @@ Slurm preempts a job, or ends it at its time limit, with SIGTERM and, after a gr
 signal on, the run finishes the optimizer step it is in, saves a complete `checkpoint-<step>` exactly where
 the Trainer's own step-end checkpoints are saved (so the resumed run takes the same steps as an
 uninterrupted one), and raises `StoppedBySignal` (exit status 75): never a results.json for a half-trained
-model. A signal during validation lets the validation finish and saves right after it; one while the test
-sets are scored stops at the next batch (the final checkpoint is already on disk). A second SIGTERM during
-the save changes nothing.
+model. A signal during validation lets the validation finish and saves right after it; one during a save stops
+on that checkpoint once it is complete; one while the test sets are scored stops at the next batch (the final
+checkpoint is already on disk). A second SIGTERM during the save changes nothing.
 
 Why not transformers' own `enable_jit_checkpoint`: docs/architecture.md.
 """
@@ -100,7 +100,8 @@ class StopOnSignal(TrainerCallback):
             self.stopping = control.should_save = True
 
     def on_save(self, args, state, control, **kwargs):
-        if self.stopping:
+        # A signal that came during this save stops on it too: the checkpoint is complete, no step need follow.
+        if self.stopping or (self.training and self.agreed()):
             raise self._stopped(state, checkpoint=f"checkpoint-{state.global_step}")
 
     def on_train_end(self, args, state, control, **kwargs):
