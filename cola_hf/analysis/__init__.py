@@ -1,0 +1,1 @@
+"""Reads predictions and annotations, never a model: analyses, comparisons, reports."""

@@ -1,0 +1,1 @@
+"""CoLA and BLiMP: sources in, `datasets` out."""

@@ -1,0 +1,1 @@
+"""Models: loading, the Trainer, inference."""
