@@ -79,6 +79,8 @@ def score_texts(
     **options: object,
 ) -> np.ndarray:
     """P(acceptable) of every sentence, in order: one batched tokenizer call, then `acceptable_probabilities`."""
+    if not texts:  # the tokenizer refuses an empty batch
+        return np.zeros(0)
     encoded = tokenizer(
         list(texts), truncation=True, max_length=max_length, return_attention_mask=False, return_token_type_ids=False
     )
