@@ -1,1 +1,1 @@
-"""Reads predictions and annotations, never a model: analyses, comparisons, reports."""
+"""What a model gets wrong, from a run's predictions: the analysis, the tutorial's reports, comparisons, tests."""

@@ -1,1 +1,1 @@
-"""CoLA and BLiMP: sources in, `datasets` out."""
+"""Data sources and the data sets read from them (CoLA, BLiMP)."""
