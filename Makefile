@@ -31,4 +31,4 @@ style: install
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
 quality: install
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports
