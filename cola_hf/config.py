@@ -23,6 +23,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
 from cola_hf.data.annotations import ANNOTATIONS_URL
+from cola_hf.data.blimp import BLIMP_URL
 from cola_hf.data.cola import COLA_URL
 from cola_hf.errors import UsageError
 from cola_hf.files import read_yaml
@@ -72,6 +73,13 @@ class DataArguments:
     )
     minor_features: bool = field(
         default=False, metadata={"help": "Analyse the 63 minor grammatical features too, not only the 15 major."}
+    )
+    blimp_source: str | None = field(
+        default=BLIMP_URL,
+        metadata={
+            "help": "BLiMP's 67,000 minimal pairs, scored after the test sets (the authors' zip by URL, a local "
+            "copy, or a directory of its .jsonl files); 'none' skips them."
+        },
     )
 
 

@@ -11,7 +11,6 @@ import csv
 import json
 import math
 import os
-import random
 import re
 import subprocess
 import sys
@@ -21,70 +20,20 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pandas as pd
 import pytest
 import torch
-from conftest import OBJECTS, REPO, SUBJECTS, VERBS
+from conftest import BLIMP_PAIRS as PAIRS
+from conftest import BLIMP_PARADIGMS as PARADIGMS
+from conftest import REPO, paradigm_lines, run_cola, write_blimp_dir
 from scipy import stats
 from sklearn.metrics import matthews_corrcoef
 
 from cola_hf.analysis import blimp as analysis
+from cola_hf.config import parse_args
 from cola_hf.data import blimp
 from cola_hf.errors import UsageError
 from cola_hf.training.inference import acceptable_probabilities, score_texts
-
-BLIMP_ZIP = os.environ.get("BLIMP_ZIP")
-# Real paradigm names with their data's linguistics_term and field (both spellings of syntax_semantics, and one
-# s-selection paradigm, which the paper counts as argument_structure); one made-up paradigm the reference lacks.
-PARADIGMS = {
-    "anaphor_gender_agreement": ("anaphor_agreement", "morphology"),
-    "animate_subject_passive": ("s-selection", "syntax_semantics"),
-    "causative": ("argument_structure", "syntax"),
-    "wh_island": ("island_effects", "syntax/semantics"),
-    "made_up_paradigm": ("island_effects", "syntax"),
-}
-PAIRS = 30
-
-
-def synthetic_pair(rng: random.Random) -> tuple[str, str]:
-    words = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}".split()
-    shuffled = words[:]
-    while shuffled == words:
-        rng.shuffle(shuffled)
-    return " ".join(words) + ".", " ".join(shuffled) + "."
-
-
-def paradigm_lines(uid: str, pairs: int = PAIRS, seed: int = 0) -> list[str]:
-    term, field = PARADIGMS[uid]
-    rng = random.Random(f"{uid}{seed}")
-    lines = []
-    for pair_id in range(pairs):
-        good, bad = synthetic_pair(rng)
-        record = {
-            "sentence_good": good,
-            "sentence_bad": bad,
-            "field": field,
-            "linguistics_term": term,
-            "UID": uid,
-            "simple_LM_method": True,
-            "one_prefix_method": False,
-            "two_prefix_method": False,
-            "lexically_identical": False,
-            "pairID": str(pair_id),
-        }
-        lines.append(json.dumps(record))
-    return lines
-
-
-def write_blimp_dir(root: Path, lines: dict[str, list[str]] | None = None) -> Path:
-    """data/<UID>.jsonl for PARADIGMS (or the given lines), with the release's macOS litter beside them."""
-    data = root / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    for uid, content in (lines or {uid: paradigm_lines(uid) for uid in PARADIGMS}).items():
-        (data / f"{uid}.jsonl").write_text("\n".join(content) + "\n", encoding="utf-8")
-    (data / ".DS_Store").write_bytes(b"\0Bud1\0")
-    (root / "__MACOSX" / "data").mkdir(parents=True, exist_ok=True)
-    (root / "__MACOSX" / "data" / "._causative.jsonl").write_bytes(b"\0\x05\x16\x07 not json")
-    return root
 
 
 def zip_dir(directory: Path, path: Path) -> Path:
@@ -92,11 +41,6 @@ def zip_dir(directory: Path, path: Path) -> Path:
         for file in sorted(directory.rglob("*")):
             archive.write(file, file.relative_to(directory))
     return path
-
-
-@pytest.fixture(scope="module")
-def blimp_dir(tmp_path_factory) -> Path:
-    return write_blimp_dir(tmp_path_factory.mktemp("blimp"))
 
 
 @pytest.fixture(scope="module")
@@ -519,15 +463,8 @@ def test_the_published_figures_shipped_with_the_package():
     assert reference.phenomena["anaphor_agreement"]["human"] == pytest.approx(0.975)
 
 
-@pytest.fixture(scope="module")
-def real_zip() -> Path:
-    if not BLIMP_ZIP or not Path(BLIMP_ZIP).is_file():
-        pytest.skip("BLIMP_ZIP is not set to BLiMP's release (../shared/data/BLiMP.zip)")
-    return Path(BLIMP_ZIP)
-
-
-def test_the_real_release_reads_as_the_paper_describes_it(real_zip, cache_dir):
-    pairs = blimp.read_blimp(str(real_zip), cache_dir)
+def test_the_real_release_reads_as_the_paper_describes_it(blimp_zip, cache_dir):
+    pairs = blimp.read_blimp(str(blimp_zip), cache_dir)
     assert len(pairs) == 67_000
     uids = pairs.unique("UID")
     assert len(uids) == 67 and all(count == 1000 for count in np.unique(pairs["UID"], return_counts=True)[1])
@@ -585,3 +522,108 @@ def test_the_gpu_check_stops_at_once_without_a_gpu(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().startswith("gpu_check: no CUDA GPU") and "\n" not in result.stderr.strip()
     assert not output.exists()  # nothing started
+
+
+# --- in a run -------------------------------------------------------------------------------------------------
+FAST = ["--report_to", "none", "--learning_rate", "1e-3", "--disable_tqdm", "true", "--max_seq_length", "16"]
+
+
+@pytest.fixture(scope="module")
+def blimp_run(tmp_path_factory, cola_dir, tiny_model_dir, blimp_dir):
+    output_dir = tmp_path_factory.mktemp("blimp-run") / "run"
+    result = run_cola(
+        "--model_name_or_path", tiny_model_dir, "--cola_source", cola_dir, "--output_dir", output_dir,
+        "--blimp_source", blimp_dir, "--num_train_epochs", "1", *FAST,
+    )  # fmt: skip
+    return output_dir, result
+
+
+def test_a_run_scores_every_pair_with_its_final_model_at_its_threshold(blimp_run, blimp_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    output_dir, result = blimp_run
+    predictions = analysis.read_blimp_predictions(output_dir / analysis.PREDICTIONS_FILE)
+    assert len(predictions.uids) == len(PARADIGMS) * PAIRS
+    # The saved model, each sentence alone, gives the probabilities the run wrote, pair by pair.
+    model = AutoModelForSequenceClassification.from_pretrained(output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    lines = {uid: [json.loads(line) for line in paradigm_lines(uid)] for uid in PARADIGMS}
+    rows = [0, 31, 149]
+    pairs = [lines[predictions.uids[row]][int(predictions.pair_ids[row])] for row in rows]
+    encode = [
+        tokenizer(p[k], truncation=True, max_length=16)["input_ids"]
+        for p in pairs
+        for k in ("sentence_good", "sentence_bad")
+    ]
+    alone = one_by_one(model, encode)
+    np.testing.assert_allclose(predictions.prob_good[rows], alone[0::2], atol=1e-6)
+    np.testing.assert_allclose(predictions.prob_bad[rows], alone[1::2], atol=1e-6)
+    saved = analysis.BlimpAnalysis.load(output_dir / analysis.BLIMP_JSON)
+    threshold = json.loads((output_dir / "analysis.json").read_text())["threshold"]
+    assert (saved.sentences.threshold, saved.sentences.threshold_chosen_on) == (threshold["threshold"], "validation")
+    assert (output_dir / analysis.BLIMP_CHART).is_file() and (output_dir / analysis.BLIMP_MARKDOWN).is_file()
+    card = (output_dir / "README.md").read_text()
+    assert "### BLiMP: 67,000 minimal pairs" in card and analysis.phenomena_markdown(saved) in card
+    assert f"BLiMP: {2 * len(predictions.uids)} sentences scored" in result.stderr
+
+
+def test_an_evaluation_only_run_scores_the_same_and_cola_compare_tests_the_two(blimp_run, blimp_dir, tmp_path):
+    from cola_hf.cli.compare import main as compare_main
+
+    trained, _ = blimp_run
+    evaluated = tmp_path / "eval"
+    cola_source = json.loads((trained / "results.json").read_text())["config"]["cola_source"]
+    run_cola("--do_train", "False", "--model_name_or_path", trained, "--cola_source", cola_source,
+             "--output_dir", evaluated, "--blimp_source", blimp_dir, *FAST)  # fmt: skip
+    before = analysis.read_blimp_predictions(trained / analysis.PREDICTIONS_FILE)
+    after = analysis.read_blimp_predictions(evaluated / analysis.PREDICTIONS_FILE)
+    assert after.keys() == before.keys()
+    np.testing.assert_allclose(after.prob_good, before.prob_good, atol=2e-6)
+    np.testing.assert_allclose(after.prob_bad, before.prob_bad, atol=2e-6)
+    assert np.array_equal(after.correct, before.correct)
+
+    output = tmp_path / "comparison"
+    assert compare_main([str(trained), str(evaluated), "--blimp", "--output", str(output)]) == 0
+    table = (output / "blimp_comparison.md").read_text()
+    assert "exact McNemar" in table
+    overall = pd.read_csv(output / "blimp_comparison.csv").iloc[-1]
+    assert overall["phenomenon"] == "overall" and overall["difference"] == 0 and overall["p_value"] == 1.0
+
+    # Again over the same directory, offline with the default URL and no copy in the cache: the run completes
+    # without BLiMP, says in one line how to point at a copy, and leaves none of the earlier run's BLiMP files.
+    assert blimp.BLIMP_URL == parse_args([]).data.blimp_source
+    result = run_cola(
+        "--do_train", "False", "--model_name_or_path", trained, "--cola_source", cola_source,
+        "--output_dir", evaluated, "--overwrite_output_dir", "true", "--blimp_source", blimp.BLIMP_URL, *FAST,
+        env={"HF_DATASETS_CACHE": str(tmp_path / "empty-cache")},
+    )  # fmt: skip
+    said = [line for line in result.stderr.splitlines() if "BLiMP skipped" in line]
+    assert len(said) == 1 and blimp.HOW_TO_PROVIDE in said[0]
+    assert (evaluated / "results.json").is_file()
+    assert not [name for name in analysis.OUTPUTS if (evaluated / name).exists()]
+    assert "### BLiMP" not in (evaluated / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("broken", "data/causative.jsonl:3: not valid JSON"),
+        ("s3://bucket/BLiMP.zip", "s3://bucket/BLiMP.zip: unknown --blimp_source"),
+        ("missing", "no such file or directory (--blimp_source)"),
+    ],
+)
+def test_a_bad_blimp_source_stops_the_run_before_training(source, message, tmp_path, cola_dir, tiny_model_dir):
+    if source == "broken":
+        source = str(write_blimp_dir(tmp_path / "broken", bad_line("causative", 3, '{"UID": ')))
+    elif source == "missing":
+        source = str(tmp_path / "nowhere" / "BLiMP.zip")
+    output_dir = tmp_path / "run"
+    result = run_cola(
+        "--model_name_or_path", tiny_model_dir, "--cola_source", cola_dir, "--output_dir", output_dir,
+        "--blimp_source", source, "--num_train_epochs", "1", *FAST, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("cola: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Longest tokenized sentence" not in result.stderr  # CoLA was not even tokenized
+    assert not (output_dir / "trainer_state.json").exists() and not list(output_dir.glob("checkpoint-*"))

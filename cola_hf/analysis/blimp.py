@@ -19,8 +19,6 @@ import json
 import logging
 import math
 import time
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -30,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cola_hf.analysis.run_analysis import BOOTSTRAP_SEED, RESAMPLES, confusion_cells, mcc_from_counts
+from cola_hf.analysis.significance import SeedGroupTest, welch_test
 from cola_hf.errors import UsageError
-from cola_hf.reporting import save_figure, write_text
-from cola_hf.textfiles import read_text
+from cola_hf.files import dataclass_from_json, pyplot, read_text, save_figure, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +41,6 @@ BLIMP_JSON = "blimp.json"
 BLIMP_MARKDOWN = "blimp.md"
 BLIMP_CHART = "blimp.png"
 SCHEMA_VERSION = 1
-RESAMPLES = 1000  # per interval; percentile intervals, seeded so a rerun gives the same figures
-BOOTSTRAP_SEED = 0
 # The paper's 12 phenomena: the data's two s-selection paradigms are argument structure there.
 PHENOMENON_OF_TERM = {"s-selection": "argument_structure"}
 # The published figures, by their key in models_summary.jsonl (and "human"); the four the tables show first.
@@ -213,7 +210,7 @@ class BlimpAnalysis:
 
     @classmethod
     def from_json(cls, text: str) -> BlimpAnalysis:
-        return _from_dict(cls, json.loads(text))
+        return dataclass_from_json(cls, json.loads(text))
 
     @classmethod
     def load(cls, path: str | Path) -> BlimpAnalysis:
@@ -222,25 +219,6 @@ class BlimpAnalysis:
             return cls.from_json(path.read_text(encoding="utf-8"))
         except (OSError, ValueError, TypeError, KeyError) as err:
             raise UsageError(f"{path}: cannot read ({type(err).__name__}: {err})") from err
-
-
-def _from_dict(kind: typing.Any, value: typing.Any) -> typing.Any:
-    """Rebuild a value of type `kind` (dataclass, dict[str, X], list[X], X | None) from its JSON form."""
-    if value is None:
-        return None
-    if dataclasses.is_dataclass(kind):
-        hints = typing.get_type_hints(kind)
-        return kind(
-            **{f.name: _from_dict(hints[f.name], value[f.name]) for f in dataclasses.fields(kind) if f.name in value}
-        )
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, types.UnionType):
-        return _from_dict(next(arg for arg in args if arg is not type(None)), value)
-    if origin is dict:
-        return {key: _from_dict(args[1], item) for key, item in value.items()}
-    if origin is list:
-        return [_from_dict(args[0], item) for item in value]
-    return value
 
 
 # --- scores ---------------------------------------------------------------------------------------------------
@@ -255,12 +233,7 @@ def bootstrap_interval(
 
 def matthews_correlation(labels: np.ndarray, predicted: np.ndarray) -> float:
     """MCC of 0/1 arrays; 0 where a margin is empty, as sklearn defines it."""
-    tp = float(np.sum((labels == 1) & (predicted == 1)))
-    tn = float(np.sum((labels == 0) & (predicted == 0)))
-    fp = float(np.sum((labels == 0) & (predicted == 1)))
-    fn = float(np.sum((labels == 1) & (predicted == 0)))
-    denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return (tp * tn - fp * fn) / denominator if denominator else 0.0
+    return float(mcc_from_counts(np.bincount(confusion_cells(labels, predicted), minlength=4)))
 
 
 def _pair_score(predictions: BlimpPredictions, rows: np.ndarray, threshold: float) -> PairScore:
@@ -330,6 +303,15 @@ def analyze_blimp(
         )
     analysis.seconds = round(time.perf_counter() - started, 3)
     return analysis
+
+
+OUTPUTS = (PREDICTIONS_FILE, BLIMP_JSON, BLIMP_MARKDOWN, BLIMP_CHART)
+
+
+def remove_blimp_outputs(output_dir: str | Path) -> None:
+    """An earlier run's BLiMP files, gone: a run without BLiMP must not look as if it had scored it."""
+    for name in OUTPUTS:
+        (Path(output_dir) / name).unlink(missing_ok=True)
 
 
 def analyze_blimp_run(output_dir: str | Path, threshold: float | None = None) -> BlimpAnalysis:
@@ -506,6 +488,16 @@ def blimp_markdown(analysis: BlimpAnalysis, reference: Reference | None = None) 
     return "\n".join(lines) + "\n"
 
 
+def summary_metrics(analysis: BlimpAnalysis) -> dict[str, float]:
+    """The run's BLiMP figures for W&B's summary (runs side by side): overall, per phenomenon, sentence level."""
+    return {
+        "blimp/pair_accuracy": analysis.overall.pair_accuracy,
+        **{f"blimp/{name}/pair_accuracy": score.pair_accuracy for name, score in analysis.phenomena.items()},
+        "blimp/sentence_matthews_correlation": analysis.sentences.matthews_correlation,
+        "blimp/sentence_accuracy": analysis.sentences.accuracy,
+    }
+
+
 def wandb_tables(analysis: BlimpAnalysis) -> dict[str, pd.DataFrame]:
     """Frames to log as `wandb.Table(dataframe=...)`: phenomena (with `overall`) and paradigms, references beside."""
     return {"blimp_phenomena": phenomena_frame(analysis), "blimp_paradigms": paradigms_frame(analysis)}
@@ -521,14 +513,9 @@ REFERENCE_STYLE = {  # marker, colour
 
 def plot_blimp(analysis: BlimpAnalysis, reference: Reference, path: Path) -> None:
     """Pair accuracy per phenomenon (A to Z, then overall): the model with its interval, the published beside."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
     frame = phenomena_frame(analysis, reference).iloc[::-1]  # the first row at the top
     rows = np.arange(len(frame))
-    figure, axes = plt.subplots(figsize=(9, 0.42 * len(frame) + 1.4))
+    figure, axes = pyplot().subplots(figsize=(9, 0.42 * len(frame) + 1.4))
     for key in SHOWN_REFERENCES:
         marker, color = REFERENCE_STYLE[key]
         size = 14 if marker == "|" else 6
@@ -562,21 +549,6 @@ class PairedTest:
     only_a_right: int
     only_b_right: int
     p_value: float
-
-
-@dataclass
-class SeedGroupsTest:
-    """Group b against group a: Welch's t-test on the seeds' pair accuracies (the seeds are the samples)."""
-
-    test: str
-    n_a: int
-    n_b: int
-    mean_a: float
-    std_a: float
-    mean_b: float
-    std_b: float
-    difference: float
-    p_value: float | None
 
 
 def aligned(a: BlimpPredictions, b: BlimpPredictions) -> tuple[BlimpPredictions, BlimpPredictions]:
@@ -614,33 +586,9 @@ def mcnemar(right_a: np.ndarray, right_b: np.ndarray) -> PairedTest:
     )
 
 
-def welch(accuracies_a: list[float], accuracies_b: list[float]) -> SeedGroupsTest:
-    from scipy import stats
-
-    if len(accuracies_a) < 2 or len(accuracies_b) < 2:
-        raise UsageError(
-            f"Welch's t-test needs at least 2 seeds per group; found {len(accuracies_a)} and {len(accuracies_b)}"
-        )
-    a, b = np.array(accuracies_a), np.array(accuracies_b)
-    p_value = None
-    if a.std() > 0 or b.std() > 0:  # both constant: no variance to test against
-        p_value = float(stats.ttest_ind(b, a, equal_var=False).pvalue)
-    return SeedGroupsTest(
-        test="Welch's t-test",
-        n_a=len(a),
-        n_b=len(b),
-        mean_a=float(a.mean()),
-        std_a=float(a.std(ddof=1)),
-        mean_b=float(b.mean()),
-        std_b=float(b.std(ddof=1)),
-        difference=float(b.mean() - a.mean()),
-        p_value=p_value,
-    )
-
-
 def holm(p_values: Sequence[float | None]) -> list[float | None]:
     """Holm's step-down adjustment: p-values that control the chance of any false positive among the tests."""
-    defined = [(p, index) for index, p in enumerate(p_values) if p is not None]
+    defined = [(p, index) for index, p in enumerate(p_values) if p is not None and not math.isnan(p)]
     adjusted: list[float | None] = [None] * len(p_values)
     running = 0.0
     for rank, (p, index) in enumerate(sorted(defined)):
@@ -669,9 +617,9 @@ def compare_blimp(groups: Sequence[Sequence[Path]]) -> pd.DataFrame:
     rows = []
     for name, rows_of in subsets:
         if len(group_a) == 1:
-            result: PairedTest | SeedGroupsTest = mcnemar(group_a[0].correct[rows_of], group_b[0].correct[rows_of])
+            result: PairedTest | SeedGroupTest = mcnemar(group_a[0].correct[rows_of], group_b[0].correct[rows_of])
         else:
-            result = welch(
+            result = welch_test(
                 [float(run.correct[rows_of].mean()) for run in group_a],
                 [float(run.correct[rows_of].mean()) for run in group_b],
             )

@@ -12,15 +12,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 from datasets.fingerprint import Hasher
-from transformers import PreTrainedTokenizerBase
 
-from cola_hf.errors import UsageError
+from cola_hf.data.cola import tokenizer_fingerprint
+from cola_hf.data.sources import download, is_url, local_root
+from cola_hf.errors import BlimpDataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +48,9 @@ PAIR_FEATURES = datasets.Features(
 GOOD, BAD = 1, 0
 
 
-class BlimpDataError(UsageError):
-    """A BLiMP source that cannot be read; the message names the file and, where there is one, the line."""
-
-
 def skipped(source: str | None) -> bool:
     """`--blimp_source none`: no BLiMP in this run."""
     return source is None or source.strip().lower() == "none"
-
-
-def is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
 
 
 def blimp_root(source: str, cache_dir: str | None = None) -> Path | None:
@@ -64,29 +60,17 @@ def blimp_root(source: str, cache_dir: str | None = None) -> Path | None:
     run to go on without BLiMP.
     """
     if is_url(source):
-        # The 2020 release does not change: once downloaded, the cached copy serves offline too.
-        config = datasets.DownloadConfig(cache_dir=cache_dir, use_etag=False)
         try:
-            return Path(datasets.DownloadManager(download_config=config).download_and_extract(source))
+            # The 2020 release does not change: once downloaded, the cached copy serves offline too.
+            return download(source, cache_dir, check_for_updates=False)
         except (OSError, ConnectionError) as err:
             logger.warning(
                 "BLiMP skipped: cannot download %s (%s); offline, pass %s", source, type(err).__name__, HOW_TO_PROVIDE
             )
             return None
-    path = Path(source).expanduser()
     if "://" in source:
         raise BlimpDataError(f"{source}: unknown --blimp_source; expected {EXPECTED}")
-    try:
-        if not path.exists():
-            raise BlimpDataError(f"{source}: no such file or directory (--blimp_source expects {EXPECTED})")
-        if path.is_dir():
-            return path
-        with path.open("rb") as handle:  # opened first: is_zipfile calls an unreadable file "not a zip"
-            if not zipfile.is_zipfile(handle):
-                raise BlimpDataError(f"{source}: not a zip file (--blimp_source expects {EXPECTED})")
-    except PermissionError as err:
-        raise BlimpDataError(f"{err.filename}: cannot read ({err.strerror})") from err
-    return Path(datasets.DownloadManager().extract(str(path)))
+    return local_root(Path(source).expanduser(), option="--blimp_source", expected=EXPECTED, error=BlimpDataError)
 
 
 def paradigm_files(root: Path, source: str) -> list[Path]:
@@ -231,7 +215,7 @@ def tokenize_blimp(
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_seq_length},
         # datasets would fingerprint the call by pickling the tokenizer; the same inputs, hashed, are enough.
         new_fingerprint=Hasher.hash(
-            [pairs._fingerprint, _tokenizer_hash(tokenizer), max_seq_length, _encode_pairs.__code__]
+            [pairs._fingerprint, tokenizer_fingerprint(tokenizer), max_seq_length, _encode_pairs.__code__]
         ),
         desc="Tokenizing BLiMP",
     )
@@ -260,7 +244,3 @@ def _encode_pairs(
         "input_ids": encoded["input_ids"],
         "length": [len(ids) for ids in encoded["input_ids"]],
     }
-
-
-def _tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
-    return Hasher.hash(tokenizer)

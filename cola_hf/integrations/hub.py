@@ -73,6 +73,7 @@ def build_model_card(
     base_model: str | None = None,
     license: str | None = None,
     phenomena: str = "",
+    blimp: str = "",
     sections: Sequence[str] = (),
 ) -> ModelCard:
     """The card of a finished run: YAML metadata with a model-index of the three test sets, then the body.
@@ -80,8 +81,9 @@ def build_model_card(
     `results` is the run's results.json. `base_model` defaults to `model_name_or_path` when that is a Hub id
     (or a snapshot in the Hub cache); a local directory has no Hub id, so pass it when you know it.
     `license` defaults to the base model's, where its card is on disk, else apache-2.0. `phenomena` is the
-    analysis's per-phenomenon table (markdown), left out when empty; `sections` are markdown sections appended
-    after the body (a search's, say).
+    analysis's per-phenomenon table (markdown), left out when empty, and `blimp` BLiMP's (pair accuracy per
+    phenomenon beside the published figures), likewise; `sections` are markdown sections appended after the body
+    (a search's, say).
     """
     output_dir = Path(output_dir)
     base_model = base_model or _hub_id_of(model_name_or_path)
@@ -126,6 +128,7 @@ def build_model_card(
         epoch_rows=[[_format(column, getattr(row, column)) for column in EPOCH_COLUMNS] for row in results.epochs],
         plots=_plots(output_dir),
         phenomena=phenomena,
+        blimp=blimp,
         command=_redact_command(command),
         versions=_versions(),
     )
@@ -223,6 +226,7 @@ def _plots(output_dir: Path) -> list[tuple[str, str]]:
         ("Learning curve: training and validation loss per epoch", "learning_curve.png"),
         *((f"MCC per batch of 32: {split}", f"mcc_per_batch_{split}.png") for split in TEST_SETS),
         ("MCC per grammatical phenomenon (glue_dev, 95% intervals)", "phenomena.png"),
+        ("BLiMP: pair accuracy per phenomenon beside GPT-2, an LSTM, a 5-gram model and humans", "blimp.png"),
         ("Calibration: reliability diagram", "reliability.png"),
     ]
     return [(title, file) for title, file in candidates if (output_dir / file).is_file()]

@@ -33,8 +33,8 @@ from transformers.integrations import WandbCallback
 
 from cola_hf.config import model_short_name
 from cola_hf.errors import StoppedBySignal, one_line
-from cola_hf.predictions import read_predictions
-from cola_hf.results import EPOCH_COLUMNS
+from cola_hf.predictions import predictions_file, read_predictions
+from cola_hf.results import EPOCH_COLUMNS, TEST_SPLITS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -258,10 +258,12 @@ def log_run_outputs(
     results: RunResults,
     log_model: bool = False,
     tables: dict[str, pd.DataFrame] | None = None,
+    summary: dict[str, float] | None = None,
 ) -> None:
     """Upload what the run wrote, then finish the W&B run: summary, tables, charts and (optionally) the model.
 
-    `tables` (the analysis's, say) go up as `analysis/<name>` W&B tables.
+    `tables` (the analysis's, say) go up as `analysis/<name>` W&B tables; `summary` (BLiMP's figures, say) joins
+    the test metrics in the run's summary.
     Each upload is tried on its own: whatever fails is named in one message, the rest still goes up, and the
     local outputs (already complete when this is called) are never touched.
     """
@@ -285,12 +287,16 @@ def log_run_outputs(
             f"test metrics of {split}",
             functools.partial(run.summary.update, {key: value for key, value in values.items() if value is not None}),
         )
+    if summary:
+        attempt("summary metrics", functools.partial(run.summary.update, summary))
     media: dict[str, Any] = {}
     attempt("training_stats table", lambda: media.update(_epoch_table(results)))
     for png in sorted(output_dir.glob("*.png")):
         attempt(png.name, lambda png=png: media.__setitem__(f"charts/{png.stem}", wandb.Image(str(png))))
-    for predictions in sorted(output_dir.glob("predictions_*.tsv")):
-        split = predictions.stem.removeprefix("predictions_")
+    for split in ("validation", *TEST_SPLITS):  # CoLA's predictions files (BLiMP's has no sentences)
+        predictions = predictions_file(output_dir, split)
+        if not predictions.is_file():
+            continue
         attempt(
             f"misclassified sentences of {split}",
             lambda split=split, tsv=predictions: media.__setitem__(f"misclassified/{split}", _misclassified_table(tsv)),
