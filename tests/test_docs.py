@@ -5,7 +5,7 @@ structure, the links and where the notebook lives.
 are compared command by command as the shell splits them (`shlex`, comments dropped, `\\` continuations joined);
 python blocks by their syntax tree (comments and layout dropped). So a translated comment passes and a changed
 flag, value or command fails. Untagged blocks (the layout figure) keep their first column, the paths; the rest of
-each line is prose and may be translated. In tables, the numbers must be the same, in the same order.
+each entry is prose and may be translated. In tables, the numbers must be the same, in the same order.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def code_blocks(markdown: str) -> list[tuple[str, list[str]]]:
         elif language == "python":
             blocks.append((language, [ast.dump(ast.parse(body))]))
         else:
-            blocks.append((language, [line.split()[0] for line in body.splitlines() if line.strip()]))
+            # A figure such as the layout: the first column of each entry (its continuation lines are indented).
+            blocks.append((language, [line.split()[0] for line in body.splitlines() if line[:1].strip()]))
     return blocks
 
 

@@ -20,11 +20,11 @@ from huggingface_hub.repocard_data import eval_results_to_model_index, model_ind
 from huggingface_hub.utils import _http as hub_http
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
 
-from cola_hf import hub
 from cola_hf.config import ColaTrainingArguments
 from cola_hf.errors import UsageError
+from cola_hf.integrations import hub
 from cola_hf.results import RunResults
-from cola_hf.trainer import TutorialTrainer
+from cola_hf.training.trainer import TutorialTrainer
 
 FAKE_TOKEN = "hf_PlantedFakeToken0123456789abcdefXYZ"
 REPO_ID = "someone/cola-tiny"

@@ -3,19 +3,14 @@
 The Hub is optional at run time: nothing here is needed for a run to finish locally, and every failure to
 reach the Hub becomes one line saying what was not uploaded.
 
-How a run with `--push_to_hub` reaches the Hub, and why this way:
-- The Trainer's own integration creates the repository (`--hub_model_id`, `--hub_private_repo`) and pushes
-  checkpoints during training as `--hub_strategy` asks.
-- The final commit is ours (`push_trainer_output`): `Trainer.push_to_hub` always regenerates README.md
-  with its generic card (`Trainer.create_model_card`), which would replace the card written here. So we
-  upload the output directory ourselves, to the repository the Trainer created, with the Trainer's own
-  token, revision and exclusions, after the card is in place.
-- The token comes from `HF_TOKEN` or the saved login (`hf auth login`), read by huggingface_hub itself;
-  `--hub_token` is refused (see `prepare_push`), so the token is never in argv, logs or files.
+The final commit is ours, after the card is in place (`push_trainer_output`); why: docs/architecture.md.
+The token comes from `HF_TOKEN` or the saved login; `--hub_token` is refused, so it is never in argv or files.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import logging
 import os
 import re
@@ -30,10 +25,10 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import Trainer, TrainingArguments
 
-from cola_hf import __version__
+from cola_hf.config import options_with
 from cola_hf.errors import HubPushError, UsageError, one_line
-from cola_hf.reporting import EPOCH_COLUMNS, write_text
-from cola_hf.results import RunResults, TestSetResults
+from cola_hf.files import write_text
+from cola_hf.results import EPOCH_COLUMNS, RunResults, TestSetResults
 
 logger = logging.getLogger(__name__)
 
@@ -48,29 +43,6 @@ TEST_SETS = {
     "in_domain_dev": ("in_domain_dev", "CoLA in-domain dev"),
     "glue_dev": ("validation", "GLUE CoLA validation"),
 }
-# The card's hyperparameter table: the settings that define the recipe, in reading order (present ones only).
-HYPERPARAMETERS = (
-    "model_name_or_path",
-    "learning_rate",
-    "optim",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_epsilon",
-    "weight_decay",
-    "lr_scheduler_type",
-    "warmup_steps",
-    "max_grad_norm",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "num_train_epochs",
-    "seed",
-    "max_seq_length",
-    "pad_to_max_length",
-    "validation_fraction",
-    "train_sampling_strategy",
-    "fp16",
-    "bf16",
-)
 EPOCH_TITLES = {
     "epoch": "Epoch",
     "training_loss": "Training loss",
@@ -101,13 +73,15 @@ def build_model_card(
     base_model: str | None = None,
     license: str | None = None,
     phenomena: str = "",
+    sections: Sequence[str] = (),
 ) -> ModelCard:
     """The card of a finished run: YAML metadata with a model-index of the three test sets, then the body.
 
     `results` is the run's results.json. `base_model` defaults to `model_name_or_path` when that is a Hub id
     (or a snapshot in the Hub cache); a local directory has no Hub id, so pass it when you know it.
     `license` defaults to the base model's, where its card is on disk, else apache-2.0. `phenomena` is the
-    analysis's per-phenomenon table (markdown), left out when empty.
+    analysis's per-phenomenon table (markdown), left out when empty; `sections` are markdown sections appended
+    after the body (a search's, say).
     """
     output_dir = Path(output_dir)
     base_model = base_model or _hub_id_of(model_name_or_path)
@@ -155,7 +129,7 @@ def build_model_card(
         command=_redact_command(command),
         versions=_versions(),
     )
-    return ModelCard(redact_secrets(str(card)))
+    return ModelCard(redact_secrets("".join([str(card), *sections])))
 
 
 def write_model_card(
@@ -239,7 +213,8 @@ def _test_rows(test: Mapping[str, TestSetResults]) -> list[dict[str, str]]:
 
 
 def _hyperparameters(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    return [(f"`{name}`", f"`{config[name]}`") for name in HYPERPARAMETERS if name in config]
+    # The options config.py gives the role `card`, in its order: the settings that define the recipe.
+    return [(f"`{name}`", f"`{config[name]}`") for name in options_with("card") if name in config]
 
 
 def _plots(output_dir: Path) -> list[tuple[str, str]]:
@@ -259,7 +234,7 @@ def _versions() -> list[tuple[str, str]]:
     import transformers
 
     return [
-        ("cola-hf", __version__),
+        ("cola-hf", _cola_hf_version()),
         ("transformers", transformers.__version__),
         ("torch", torch.__version__),
         ("datasets", datasets.__version__),
@@ -356,7 +331,17 @@ def push_output_dir(
 
 
 def _api() -> HfApi:
-    return HfApi(library_name="cola-hf", library_version=__version__)
+    return HfApi(library_name="cola-hf", library_version=_cola_hf_version())
+
+
+@functools.cache
+def _cola_hf_version() -> str:
+    # The installed distribution's (setup.cfg takes it from cola_hf.__version__): importing the package's root
+    # from here would close an import cycle through `from cola_hf import train`.
+    try:
+        return importlib.metadata.version("cola-hf")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _exclude_flags(patterns: Sequence[str]) -> list[str]:
