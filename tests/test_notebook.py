@@ -1,5 +1,6 @@
 """notebooks/cola_tutorial.ipynb, executed top to bottom in a Jupyter kernel as a reader runs it: on the tiny model
-and the real CoLA release (COLA_ZIP), with its parameters set the way papermill sets them.
+and the real CoLA release (COLA_ZIP; skipped without it), with its parameters set the way papermill sets them, and
+CoLA's annotations when COLA_ANNOTATIONS_ZIP is set.
 
 The kernel is this interpreter's (a kernel spec written for the test, so a `python3` kernel installed elsewhere on
 the machine is not picked up) and imports this checkout's cola_hf.
