@@ -28,6 +28,20 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
+# What save_pretrained writes for a model and its tokenizer: the files that load it back (the Hub push and the
+# W&B model artifact upload these; --overwrite_output_dir clears them).
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab.*",
+    "merges.txt",
+    "added_tokens.json",
+)
+
 
 # --- writing -------------------------------------------------------------------------------------------------
 @contextmanager

@@ -35,7 +35,7 @@ from cola_hf.config import RunOptions
 from cola_hf.data import blimp, cola
 from cola_hf.data.annotations import load_annotations
 from cola_hf.data.sources import is_url
-from cola_hf.errors import StoppedBySignal
+from cola_hf.errors import StoppedBySignal, UsageError
 from cola_hf.integrations import hub, tracking
 from cola_hf.predictions import predictions_file, write_predictions
 from cola_hf.results import TEST_SPLITS, RunResults
@@ -129,6 +129,7 @@ def prepare(
         options.model.cache_dir,
         options.model.trust_remote_code,
     )
+    check_range_for_model(options, model)
     if not cached:
         started = time.perf_counter()
         with args.main_process_first(desc="tokenizing"):
@@ -284,6 +285,16 @@ def check_blimp_source(options: RunOptions) -> str | None:
     if not is_url(source):
         blimp.check_blimp(source, options.model.cache_dir)
     return source
+
+
+def check_range_for_model(options: RunOptions, model: Any) -> None:
+    """--max_seq_length within the model's position embeddings (config.py checks every range it can alone)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and options.data.max_seq_length > positions:
+        raise UsageError(
+            f"--max_seq_length {options.data.max_seq_length}: out of range, expected <= {positions} "
+            f"(the position embeddings of {options.model.model_name_or_path})"
+        )
 
 
 def tokenize_files(options: RunOptions, files: datasets.DatasetDict, tokenizer: Any) -> datasets.DatasetDict:

@@ -33,6 +33,7 @@ from transformers.integrations import WandbCallback
 
 from cola_hf.config import model_short_name
 from cola_hf.errors import StoppedBySignal, one_line
+from cola_hf.files import MODEL_FILES
 from cola_hf.predictions import predictions_file, read_predictions
 from cola_hf.results import EPOCH_COLUMNS, TEST_SPLITS
 
@@ -46,19 +47,6 @@ if TYPE_CHECKING:
 PROJECT = "cola-hf"
 TRACKED_PACKAGES = ("torch", "transformers", "datasets", "evaluate", "accelerate", "wandb", "cola-hf")
 TEST_METRICS = ("matthews_correlation", "accuracy", "positive_ratio", "n")
-# What save_pretrained writes for a model and its tokenizer (plus the model card): the --log_model artifact.
-MODEL_FILE_PATTERNS = (
-    "config.json",
-    "generation_config.json",
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "vocab.*",
-    "merges.txt",
-    "added_tokens.json",
-    "README.md",
-)
 RUN_ID_FILE = ".wandb_run_id"
 SERVER_TIMEOUT_S = 3.0
 # wandb waits 90 s by default for a server it cannot reach; after our reachability probe passed, a
@@ -340,7 +328,8 @@ def _misclassified_table(predictions_tsv: Path) -> Any:
 def _log_model_artifact(run: Any, output_dir: Path, results: RunResults) -> None:
     import wandb
 
-    files = sorted({path for pattern in MODEL_FILE_PATTERNS for path in output_dir.glob(pattern) if path.is_file()})
+    patterns = (*MODEL_FILES, "README.md")  # the model and its card
+    files = sorted({path for pattern in patterns for path in output_dir.glob(pattern) if path.is_file()})
     if not any(path.suffix == ".safetensors" for path in files):
         raise FileNotFoundError(f"no saved model (*.safetensors) in {output_dir}")
     metadata = {f"test/{split}/matthews_correlation": mcc for split, mcc in results.test_mccs().items()}
