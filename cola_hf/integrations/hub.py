@@ -65,7 +65,7 @@ PUBLISHED_FILES = (
     "training_stats.csv",  # the tutorial's per-epoch table
     "analysis.json",  # what the model gets wrong, linked from the card
     "analysis.md",
-    "blimp.json",  # BLiMP's figures (its predictions TSV stays: pairs are the run's, not the model card's)
+    "blimp.json",  # BLiMP beside GPT-2 and humans, linked from the card too
     "blimp.md",
 )
 # Top-level files only (a pattern like *.png would match inside checkpoint-*/ or wandb/ too), never a hidden one.
