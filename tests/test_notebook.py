@@ -38,6 +38,7 @@ SHOWS = {
     "mcc-per-batch": {"chart"},
     "mistakes": {"table", "chart"},
     "load-back": {"table"},
+    "blimp": {"chart"},
 }
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -86,7 +87,7 @@ def printed(cell: nbformat.NotebookNode) -> str:
 
 
 @pytest.fixture(scope="module")
-def executed(tiny_model_dir, cola_zip, tmp_path_factory) -> tuple[dict[str, nbformat.NotebookNode], Path]:
+def executed(tiny_model_dir, cola_zip, blimp_dir, tmp_path_factory) -> tuple[dict[str, nbformat.NotebookNode], Path]:
     """The notebook run end to end (2 epochs on 64 training sentences); its cells by id, and its output_dir."""
     work = tmp_path_factory.mktemp("notebook")
     write_kernel_spec(work / "jupyter" / "kernels" / "python3")
@@ -96,6 +97,7 @@ def executed(tiny_model_dir, cola_zip, tmp_path_factory) -> tuple[dict[str, nbfo
         model_name_or_path=str(tiny_model_dir),
         cola_source=str(cola_zip),
         annotations_source=COLA_ANNOTATIONS_ZIP or "none",
+        blimp_source=str(blimp_dir),  # a few synthetic paradigms: section 6.3 shows its table and chart
         num_train_epochs=EPOCHS,
         max_train_samples=TRAIN_SAMPLES,
         output_dir=str(output_dir),
