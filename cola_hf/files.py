@@ -151,6 +151,26 @@ def dataclass_from_json(kind: Any, value: Any) -> Any:
     return value
 
 
+class JsonRecord:
+    """A dataclass kept as an indented JSON file and read back typed (analysis.json, blimp.json); a file that does
+    not parse is one line naming it."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls, text: str) -> Any:
+        return dataclass_from_json(cls, json.loads(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Any:
+        path = Path(path)
+        try:
+            return cls.from_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise UsageError(f"{path}: cannot read ({type(err).__name__}: {err})") from err
+
+
 def read_yaml(path: str | Path, what: str) -> Any:
     """The parsed YAML of `what` (a recipe, a sweep file) at `path`."""
     try:

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cola_hf.analysis.run_analysis import BOOTSTRAP_SEED, RESAMPLES, confusion_cells, mcc_from_counts
+from cola_hf.analysis.run_analysis import BOOTSTRAP_SEED, RESAMPLES, matthews_correlation
 from cola_hf.analysis.significance import SeedGroupTest, welch_test
 from cola_hf.errors import UsageError
-from cola_hf.files import dataclass_from_json, pyplot, read_text, save_figure, write_text
+from cola_hf.files import JsonRecord, pyplot, read_text, save_figure, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class SentenceScore:
 
 
 @dataclass
-class BlimpAnalysis:
+class BlimpAnalysis(JsonRecord):
     """Everything in blimp.json; the reference figures are not stored here (see `load_reference`)."""
 
     run_dir: str
@@ -205,21 +205,6 @@ class BlimpAnalysis:
     charts: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> BlimpAnalysis:
-        return dataclass_from_json(cls, json.loads(text))
-
-    @classmethod
-    def load(cls, path: str | Path) -> BlimpAnalysis:
-        path = Path(path)
-        try:
-            return cls.from_json(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, TypeError, KeyError) as err:
-            raise UsageError(f"{path}: cannot read ({type(err).__name__}: {err})") from err
-
 
 # --- scores ---------------------------------------------------------------------------------------------------
 def bootstrap_interval(
@@ -229,11 +214,6 @@ def bootstrap_interval(
     draws = np.random.default_rng(seed).binomial(n, right / n, size=resamples) / n
     low, high = np.percentile(draws, [2.5, 97.5])
     return float(low), float(high)
-
-
-def matthews_correlation(labels: np.ndarray, predicted: np.ndarray) -> float:
-    """MCC of 0/1 arrays; 0 where a margin is empty, as sklearn defines it."""
-    return float(mcc_from_counts(np.bincount(confusion_cells(labels, predicted), minlength=4)))
 
 
 def _pair_score(predictions: BlimpPredictions, rows: np.ndarray, threshold: float) -> PairScore:
