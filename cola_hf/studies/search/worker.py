@@ -31,6 +31,7 @@ from cola_hf.studies.search.study import (
     Search,
     best_trial,
     check_same_search,
+    claim_output_dir,
     discard_models,
     fail_interrupted_trials,
     has_free_slot,
@@ -63,8 +64,9 @@ def run_search(options: RunOptions, tokenized_files: datasets.DatasetDict | None
     group = options.tracking.experiment_name or f"{options.recipe}-{space.path.stem}"
     lock = FileLock(str(search_dir / "search.lock"))
     with lock:
+        claim_output_dir(options, group, space, storage)
         study = optuna.create_study(study_name=group, storage=storage, direction="maximize", load_if_exists=True)
-        check_same_search(study, space)
+        check_same_search(study, space, options)
         worker = study.user_attrs.get("workers_started", 0)
         study.set_user_attr("workers_started", worker + 1)
     # Each worker draws from its own random stream (the run's seed + its start order): two workers started
