@@ -310,7 +310,7 @@ GROUPS = ("model", "data", "training", "tracking", "study")
 #                 (the Trainer restores the optimizer and schedule from it, so a changed learning rate would be
 #                 recorded but not used). Paths are left out (a cluster may mount the same data elsewhere), and so is
 #                 the batch's layout over devices: RunOptions.trajectory adds the global batch instead (every layout
-#                 trains the same steps; the number of processes is checked against the checkpoint's random states).
+#                 trains the same steps; the layout itself is checked against the checkpoint: training/output_dir.py).
 #   tokenization  changes the tokenized files: a search tokenizes once per distinct combination
 #   local         where and how this one run is kept or shared, not what it computes: never in a recipe written
 #                 for others, never searched (the search sets it for every trial)

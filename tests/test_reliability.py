@@ -359,6 +359,15 @@ def test_a_checkpoint_continues_only_under_the_options_it_was_trained_with(
     line = error_line(changed)
     assert "seed 42 there, 7 now" in line and "learning_rate 0.01 there, 0.005 now" in line
     assert checkpoint.is_dir() and not (output_dir / "results.json").exists()
+    # The same global batch in another layout would draw other dropout masks: refused too (processes: see
+    # test_preemption's several-processes test).
+    other_layout = run_cola(*command, "--per_device_train_batch_size", "8", env=ENV, check=False)
+    assert other_layout.returncode == 2
+    assert error_line(other_layout) == (
+        f"cola: error: {checkpoint}: saved with a per-device batch of 16, and this run's is 8; dropout masks are "
+        "drawn per micro-batch, so it continues exactly only with the same: pass --per_device_train_batch_size 16, "
+        "or --overwrite_output_dir to start over"
+    )
 
     same = run_cola(*command, env=ENV)
     assert f"continuing from {checkpoint.name}" in same.stderr

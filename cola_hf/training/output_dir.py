@@ -7,8 +7,9 @@
   was preempted or killed. With none, the run starts fresh. --resume insists on a checkpoint.
 - A checkpoint continues only under the options it was trained with (`RunOptions.trajectory`, recorded in
   `.cola.run_options.json` when the run starts): other ones are refused, naming what changed.
-- ... and on as many processes as saved it: each process continues its own random state (its dropout masks), and
-  no mapping of N states onto M processes continues the run that was stopped, so another number is refused.
+- ... and in the layout that saved it (processes, per-device batch): each process continues its own random state,
+  which draws its dropout masks micro-batch by micro-batch, and no mapping of N states onto M processes, or of
+  masks onto other micro-batches, continues the run that was stopped; another layout is refused.
 - One run at a time per directory: a second one stops at once, naming the holder (`hold_output_dir`).
 - An evaluation-only run never writes into a training run's directory (it would finish a run it did not train).
 - --overwrite_output_dir clears what the previous run left (`PREVIOUS_RUN_FILES`) before anything is written.
@@ -98,7 +99,7 @@ def prepare_output_dir(
     if checkpoint is not None:
         if trajectory is not None:
             check_same_trajectory(output_dir, trajectory)
-        check_same_processes(Path(checkpoint), training_args.world_size)
+        check_same_layout(Path(checkpoint), training_args.world_size, training_args.per_device_train_batch_size)
         logger.info("%s holds an unfinished run: continuing from %s", output_dir, Path(checkpoint).name)
     if training_args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -152,8 +153,9 @@ def check_same_trajectory(output_dir: Path, trajectory: dict[str, Any]) -> None:
         )
 
 
-def check_same_processes(checkpoint: Path, processes: int) -> None:
-    """Refuse to continue a checkpoint on another number of processes than saved it (its rng_state files)."""
+def check_same_layout(checkpoint: Path, processes: int, per_device_batch: int) -> None:
+    """Refuse to continue a checkpoint on another number of processes (its rng_state files say how many saved it)
+    or with another per-device batch (trainer_state.json's); the global batch is checked with the trajectory."""
     states = [path.name for path in checkpoint.glob("rng_state*.pth")]
     if not states:
         return  # saved without random states (--save_only_model): nothing to continue exactly
@@ -163,6 +165,16 @@ def check_same_processes(checkpoint: Path, processes: int) -> None:
             f"{checkpoint}: saved by {saved} process{'es' if saved > 1 else ''}, and this run has {processes}; "
             f"each process continues its own random state, so it continues exactly only on {saved}: launch "
             f"{saved}, or pass --overwrite_output_dir to start over"
+        )
+    try:
+        saved_batch = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["train_batch_size"]
+    except (OSError, ValueError, KeyError):
+        return
+    if saved_batch is not None and saved_batch != per_device_batch:
+        raise UsageError(
+            f"{checkpoint}: saved with a per-device batch of {saved_batch}, and this run's is {per_device_batch}; "
+            "dropout masks are drawn per micro-batch, so it continues exactly only with the same: pass "
+            f"--per_device_train_batch_size {saved_batch}, or --overwrite_output_dir to start over"
         )
 
 
