@@ -135,3 +135,49 @@ def run_cola(*args: str, env: dict | None = None, check: bool = True) -> subproc
     if check and result.returncode != 0:
         raise AssertionError(f"cola.py exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+# --- a real PostgreSQL server ----------------------------------------------------------------------------------
+POSTGRES_SCRIPT = REPO / "tests" / "postgres" / "start_local_postgres.sh"
+POSTGRES_NOT_INSTALLED = 3  # start_local_postgres.sh's exit status when the server's binaries are missing
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The superuser URL of a running PostgreSQL: $COLA_TEST_POSTGRES_URL (.ci/run starts one), else the server
+    tests/postgres/start_local_postgres.sh starts (idempotent). Skipped only where PostgreSQL is not installed."""
+    url = os.environ.get("COLA_TEST_POSTGRES_URL")
+    if url:
+        return url
+    started = subprocess.run(["bash", str(POSTGRES_SCRIPT)], capture_output=True, text=True, timeout=180)
+    if started.returncode == POSTGRES_NOT_INSTALLED:
+        pytest.skip(f"PostgreSQL is not installed here ({started.stderr.strip()})")
+    if started.returncode != 0:
+        raise RuntimeError(f"{POSTGRES_SCRIPT.name} failed:\n{started.stderr}")
+    return started.stdout.strip().splitlines()[-1]
+
+
+def postgres_admin(server_url: str):
+    """An autocommit connection as the superuser (CREATE DATABASE cannot run inside a transaction)."""
+    import psycopg
+
+    return psycopg.connect(server_url, autocommit=True, connect_timeout=10)
+
+
+@pytest.fixture
+def postgres_database(postgres_server) -> str:
+    """A fresh database for one test, owned by a fresh role whose password is random, as a SQLAlchemy URL
+    (postgresql+psycopg://ROLE:PASSWORD@127.0.0.1:PORT/DB); both are dropped afterwards."""
+    import secrets
+    from urllib.parse import urlsplit
+
+    name = f"cola_test_{secrets.token_hex(6)}"
+    password = f"pw-{secrets.token_hex(12)}"
+    with postgres_admin(postgres_server) as admin:
+        admin.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
+        admin.execute(f"CREATE DATABASE {name} OWNER {name}")
+    server = urlsplit(postgres_server)
+    yield f"postgresql+psycopg://{name}:{password}@{server.hostname}:{server.port}/{name}"
+    with postgres_admin(postgres_server) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.execute(f"DROP ROLE IF EXISTS {name}")
