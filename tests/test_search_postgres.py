@@ -1,23 +1,52 @@
 """The search on a real PostgreSQL server (tests/postgres/start_local_postgres.sh, or .ci/run's).
 
-Each test gets a database of its own, owned by a role of its own with a random password (conftest.py).
+Each test gets a database of its own, owned by a role of its own with a random password (conftest.py). The
+searches are the real command line in subprocesses, one per worker, on the tiny BERT and the verb-rule CoLA
+files of tests/test_search.py; heartbeats are set short where a test waits for one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from datetime import datetime
+from urllib.parse import urlsplit
 
 import optuna
 import pytest
-from conftest import REPO
+from conftest import REPO, postgres_admin, write_tsv
+from optuna.trial import TrialState
+from test_search import cola_command, subprocess_env, verb_rule_rows, write_sweep
 
 from cola_hf.studies.search.storage import AdvisoryLock, lock_key, study_lock
+
+
+@pytest.fixture(scope="module")
+def search_args(tmp_path_factory, tiny_model_dir) -> list[str]:
+    """The options every worker of these searches shares: tiny encoder, verb-rule files, one epoch, no W&B."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    root = tmp_path_factory.mktemp("pg-search")
+    cola = root / "cola"
+    cola.mkdir()
+    write_tsv(cola / "in_domain_train.tsv", verb_rule_rows(200, seed=1))
+    write_tsv(cola / "in_domain_dev.tsv", verb_rule_rows(40, seed=2))
+    write_tsv(cola / "out_of_domain_dev.tsv", verb_rule_rows(36, seed=3))
+    encoder = root / "encoder"  # without its classifier head, like a pretrained checkpoint
+    BertForSequenceClassification.from_pretrained(tiny_model_dir).bert.save_pretrained(encoder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(encoder)
+    return [
+        "--cola_source", str(cola), "--model_name_or_path", str(encoder), "--annotations_source", "none",
+        "--max_seq_length", "16", "--global_train_batch_size", "8", "--num_train_epochs", "1",
+        "--report_to", "none", "--disable_tqdm", "true",
+    ]  # fmt: skip
 
 
 def python_env() -> dict:
@@ -124,8 +153,7 @@ def test_workers_counting_slots_under_the_lock_create_exactly_n_trials(postgres_
     code = textwrap.dedent(
         f"""
         import optuna
-        from pathlib import Path
-        from cola_hf.studies.search.storage import study_lock
+                from cola_hf.studies.search.storage import study_lock
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.load_study(study_name="budget", storage={postgres_database!r})
         lock = study_lock({postgres_database!r}, "budget", Path("."))
@@ -159,3 +187,203 @@ def test_the_lock_lives_where_the_study_lives(tmp_path, postgres_database):
     )
     with pytest.raises(ValueError, match="advisory locks"):
         study_lock("mysql://u@host/db", "s", tmp_path)
+
+
+# --- whole searches on one PostgreSQL study -----------------------------------------------------------------------
+SHARED_STUDY = "shared"
+
+
+def search_command(base_args: list, out, space, n_trials: int, storage: str, *extra) -> list[str]:
+    """One worker's command: the same for every worker of the study, but for its own --output_dir."""
+    return cola_command(
+        *base_args, "--output_dir", out, "--search", space, "--n_trials", n_trials,
+        "--search_storage", storage, "--experiment_name", SHARED_STUDY, *extra,
+    )  # fmt: skip
+
+
+def start_worker(command: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        command, cwd=REPO, env=env or subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def finish_workers(workers: list[subprocess.Popen], timeout: float = 300) -> list[str]:
+    logs = [worker.communicate(timeout=timeout)[0] for worker in workers]
+    failed = [f"exit {worker.returncode}:\n{log[-3000:]}" for worker, log in zip(workers, logs, strict=True)]
+    assert all(worker.returncode == 0 for worker in workers), "\n\n".join(failed)
+    return logs
+
+
+def shared_study(url: str) -> optuna.Study:
+    return optuna.load_study(study_name=SHARED_STUDY, storage=url)
+
+
+def trial_states(url: str) -> list[str]:
+    return [trial.state.name for trial in shared_study(url).get_trials(deepcopy=False)]
+
+
+def test_three_workers_with_their_own_output_dirs_run_exactly_n_trials_and_build_one_best(
+    tmp_path, search_args, postgres_database
+):
+    space = write_sweep(
+        tmp_path / "space.yaml",
+        "random",
+        {"learning_rate": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}},
+    )
+    outs = [tmp_path / f"machine-{index}" for index in range(3)]  # as on machines that share no file system
+    commands = [search_command(search_args, out, space, 5, postgres_database) for out in outs]
+    logs = finish_workers([start_worker(command) for command in commands])
+
+    study = shared_study(postgres_database)
+    assert trial_states(postgres_database) == ["COMPLETE"] * 5
+    # Each trial ran once, in one worker's directory.
+    ran_in = {
+        trial.number: [out for out in outs if (out / "trials" / f"trial-{trial.number:03d}" / "results.json").is_file()]
+        for trial in study.trials
+    }
+    assert all(len(where) == 1 for where in ran_in.values()), ran_in
+    # best/: one, built once, for the study's best trial; no other worker built one.
+    best_dirs = [out / "best" for out in outs if (out / "best").exists()]
+    assert len(best_dirs) == 1, best_dirs
+    results = json.loads((best_dirs[0] / "results.json").read_text())
+    assert results["config"]["search"]["trial"] == study.best_trial.number
+    assert sum(log.count("its model and test results are in") for log in logs) == 1
+    # Only the best trial's model is kept, in whichever directory its worker had.
+    kept = [path for out in outs for path in (out / "trials").glob("trial-*/model")]
+    assert kept == [ran_in[study.best_trial.number][0] / "trials" / f"trial-{study.best_trial.number:03d}" / "model"]
+
+    # The same command after the end: no trial added, best/ left alone.
+    built = (best_dirs[0] / "results.json").stat().st_mtime_ns
+    again = subprocess.run(commands[1], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert trial_states(postgres_database) == ["COMPLETE"] * 5
+    assert (best_dirs[0] / "results.json").stat().st_mtime_ns == built
+
+
+def test_a_worker_killed_mid_trial_is_noticed_by_its_heartbeat_and_its_trial_run_again(
+    tmp_path, search_args, postgres_database
+):
+    """Separate output directories: only the heartbeat in the database can tell the others that a worker died."""
+    space = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"values": [5e-3, 2e-3, 1e-3]}})
+    heartbeat = ["--search_heartbeat_interval", "1", "--search_grace_period", "3", "--num_train_epochs", "3"]
+    victim_out, survivor_out = tmp_path / "victim", tmp_path / "survivor"
+    victim = start_worker(search_command(search_args, victim_out, space, 3, postgres_database, *heartbeat))
+    survivor = start_worker(search_command(search_args, survivor_out, space, 3, postgres_database, *heartbeat))
+
+    def victim_mid_trial():
+        for trial in shared_study(postgres_database).get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.user_attrs.get("pid") == victim.pid and list(
+                (victim_out / "trials" / f"trial-{trial.number:03d}").glob("checkpoint-*")
+            ):
+                return trial
+        return None
+
+    wait_until(lambda: victim_mid_trial() or victim.poll() is not None, "victim's trial past its first epoch", 240)
+    killed = victim_mid_trial()
+    assert killed is not None, victim.communicate()[0][-3000:]
+    victim.send_signal(signal.SIGKILL)
+    killed_at = datetime.now()
+    victim.wait(timeout=30)
+    (log,) = finish_workers([survivor])
+
+    trials = shared_study(postgres_database).get_trials()
+    states = {trial.number: trial.state.name for trial in trials}
+    (rerun,) = [trial for trial in trials if trial.system_attrs.get("retry_history") == [killed.number]]
+    assert states[killed.number] == "FAIL" and rerun.state.name == "COMPLETE"
+    assert rerun.params == killed.params and rerun.user_attrs["pid"] == survivor.pid
+    assert sorted(states.values()) == ["COMPLETE"] * 3 + ["FAIL"]
+    assert f"Trial {killed.number}: no heartbeat from its worker" in log
+    later_s = (rerun.datetime_start - killed_at).total_seconds()
+    print(f"\nstates {states}; trial {killed.number} killed, rerun as trial {rerun.number} {later_s:.1f} s later")
+
+
+def test_the_storage_password_is_recorded_nowhere(tmp_path, search_args, postgres_database):
+    """W&B offline writes its runs under each trial's directory and best/: they are searched too."""
+    from test_tracking import no_credentials_env
+
+    password = urlsplit(postgres_database).password
+    space = write_sweep(tmp_path / "space.yaml", "grid", {"learning_rate": {"values": [5e-3, 1e-7]}})
+    out = tmp_path / "search"
+    args = [arg if arg != "none" else "wandb" for arg in search_args]  # --report_to wandb
+    env = {**no_credentials_env(tmp_path), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    command = search_command(args, out, space, 2, postgres_database)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert trial_states(postgres_database) == ["COMPLETE", "COMPLETE"]
+    assert list(out.glob("trials/*/wandb/offline-run-*")) and list(out.glob("best/wandb/offline-run-*"))
+
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert len(files) > 50
+    assert [path for path in files if password.encode() in path.read_bytes()] == []
+    assert password not in result.stdout + result.stderr
+    # What is recorded instead names the server and the database, masked.
+    masked = postgres_database.replace(password, "***")
+    assert masked in (out / "best" / "README.md").read_text()
+
+
+# --- bad input -------------------------------------------------------------------------------------------------
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return lines[-1]
+
+
+def test_a_server_that_never_answers_is_one_line_naming_it_within_the_connect_timeout(tmp_path, search_args):
+    space = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"values": [1e-3]}})
+    with socket.socket() as silent:  # accepts connections (the kernel does), never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        url = f"postgresql+psycopg://cola:planted-secret@127.0.0.1:{port}/cola"
+        command = search_command(search_args, tmp_path / "out", space, 2, url)
+        # Bounded by CONNECT_TIMEOUT_S (10 s), not by the operating system's minutes.
+        result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    line = one_error_line(result)
+    assert line.startswith(f"cola: error: --search_storage postgresql+psycopg://cola:***@127.0.0.1:{port}/cola: ")
+    assert f"no answer from the database server at 127.0.0.1:{port} within 10 s" in line
+    assert "planted-secret" not in result.stdout + result.stderr
+
+
+def test_a_database_that_refuses_to_create_tables_is_one_line_saying_what_to_ask_for(
+    tmp_path, search_args, postgres_server, postgres_database
+):
+    """A role that may log in and use the database, but not create tables in its schema (PostgreSQL 15's default
+    for anyone but the owner)."""
+    owner = urlsplit(postgres_database)
+    guest = f"{owner.username}_guest"
+    with postgres_admin(postgres_server) as admin:
+        admin.execute(f"CREATE ROLE {guest} LOGIN PASSWORD 'guest-secret'")
+    try:
+        url = f"postgresql+psycopg://{guest}:guest-secret@{owner.hostname}:{owner.port}{owner.path}"
+        space = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"values": [1e-3]}})
+        result = subprocess.run(
+            search_command(search_args, tmp_path / "out", space, 2, url),
+            cwd=REPO,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        with postgres_admin(postgres_server) as admin:
+            admin.execute(f"DROP OWNED BY {guest}")
+            admin.execute(f"DROP ROLE {guest}")
+    line = one_error_line(result)
+    assert f"user {guest} may not create Optuna's tables in database {owner.path[1:]}" in line
+    assert "guest-secret" not in result.stderr
+
+
+def test_two_sweep_files_under_one_study_name_the_second_is_refused(tmp_path, search_args, postgres_database):
+    """Started together: the study lock lets one create the study and record its space; the other is refused."""
+    first = write_sweep(tmp_path / "first.yaml", "random", {"learning_rate": {"values": [5e-3]}})
+    second = write_sweep(tmp_path / "second.yaml", "random", {"learning_rate": {"values": [1e-3, 2e-3]}})
+    workers = [
+        start_worker(search_command(search_args, tmp_path / f"out-{space.stem}", space, 1, postgres_database))
+        for space in (first, second)
+    ]
+    logs = [worker.communicate(timeout=300)[0] for worker in workers]
+    codes = sorted(worker.returncode for worker in workers)
+    assert codes == [0, 2], logs
+    refused = logs[[worker.returncode for worker in workers].index(2)]
+    assert f"study '{SHARED_STUDY}' in this storage searched another space than" in refused
+    assert trial_states(postgres_database) == ["COMPLETE"]

@@ -48,21 +48,24 @@ set -uo pipefail   # no -e: the worker's exit status is examined below
 cd "${SLURM_SUBMIT_DIR:-.}" || exit 1
 PYTHON="${PYTHON:-python}"
 EXIT_STOPPED=75   # experiments/cola.py: stopped by SIGTERM; its trial is queued again; run again to go on
+# This task, as Slurm names it: <array job id>_<index>. Not SLURM_JOB_ID: the array's last task to start runs
+# under the array's own job id, and `scancel`/`scontrol requeue` on that id reach every task of the array.
 task="${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-?}}_${SLURM_ARRAY_TASK_ID:-0}"
+[[ -n "${SLURM_ARRAY_JOB_ID:-}" ]] || task="${SLURM_JOB_ID:-?}"  # submitted without --array: one worker
 echo "cola-hf: search worker $task (job ${SLURM_JOB_ID:-?}) start $((${SLURM_RESTART_COUNT:-0} + 1)) on $(hostname) at $(date '+%F %T')"
 
 # srun since Slurm 22.05 no longer takes --cpus-per-task from the allocation by itself.
 export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"
 
 # The SIGTERM goes to the task's steps with scancel, NOT to srun (which does not pass a SIGTERM on to its
-# tasks, and kills the step outright on a second one). SLURM_JOB_ID is this array task's own job id.
+# tasks, and kills the step outright on a second one).
 stop_requested=0
 stop_worker() {
   if [[ $stop_requested -eq 0 ]]; then
     stop_requested=1
     echo "cola-hf: SIGTERM at $(date '+%F %T'); asking the search worker to stop its trial"
     # Bounded: while Slurm is itself ending or requeueing the task, scancel retries until it runs again.
-    timeout 10 scancel --signal=TERM "$SLURM_JOB_ID"
+    timeout 10 scancel --signal=TERM "$task"
   fi
 }
 trap stop_worker TERM
@@ -77,10 +80,10 @@ status=$?
 
 if [[ $status -eq $EXIT_STOPPED || ($stop_requested -eq 1 && $status -ne 0) ]]; then
   # Requeue only a task Slurm is not ending itself (scancel, scontrol requeue: COMPLETING), as slurm.sh does.
-  job_state="$(scontrol show job --oneliner "$SLURM_JOB_ID" | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)"
+  job_state="$(scontrol show job --oneliner "$task" | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)"
   if [[ $job_state == RUNNING ]]; then
     echo "cola-hf: search worker stopped with exit status $status; requeueing task $task to go on"
-    scontrol requeue "$SLURM_JOB_ID"
+    scontrol requeue "$task"
   else
     echo "cola-hf: search worker stopped with exit status $status; task $task is $job_state, not requeued here"
   fi
