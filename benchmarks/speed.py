@@ -172,7 +172,7 @@ def run_tutorial(args: argparse.Namespace) -> dict[str, Any]:
     from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, TensorDataset, random_split
     from transformers import BertForSequenceClassification, get_linear_schedule_with_warmup
 
-    from cola_hf.data import find_raw_dir
+    from cola_hf.data.cola import find_raw_dir
 
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -323,9 +323,10 @@ def run_package(args: argparse.Namespace, package_flags: list[str]) -> dict[str,
     from transformers import set_seed
 
     from cola_hf.config import parse_args
-    from cola_hf.data import read_cola
+    from cola_hf.data.cola import read_cola
     from cola_hf.run import split_data
-    from cola_hf.trainer import TutorialTrainer, build_trainer, load_model_and_tokenizer
+    from cola_hf.training.model import load_model_and_tokenizer
+    from cola_hf.training.trainer import TutorialTrainer, build_trainer
 
     with tempfile.TemporaryDirectory(prefix="cola-speed-") as output_dir:
         options = parse_args(
@@ -380,7 +381,7 @@ def tokenize_files(files, tokenizer, data_args) -> tuple[Any, float]:
     """The package's tokenization of CoLA's files, and the time it took on in_domain_train: the tutorial's."""
     import datasets
 
-    from cola_hf.data import tokenize_cola
+    from cola_hf.data.cola import tokenize_cola
 
     def tokenize(names: tuple[str, ...]) -> datasets.DatasetDict:
         chosen = datasets.DatasetDict({name: files[name] for name in names})

@@ -1,16 +1,19 @@
-"""Every option of a CoLA run, as `HfArgumentParser` dataclasses, bundled as one `RunOptions`.
+"""Every option of a CoLA run, as `HfArgumentParser` dataclasses, bundled as one `RunOptions`, and what each is.
 
 The defaults of these dataclasses ARE the tutorial's recipe: this file is its one source of truth.
 `experiments/recipes/tutorial.yaml` spells the same values out for readers, and a test checks that
-the two never drift apart. The run's name, derived from its options, lives here too.
+the two never drift apart. What each option is for (`OPTION_ROLES`) is said once, here; the run's name, the
+options as results.json, W&B and a recipe record them, and the flags' types are derived here too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 from argparse import ArgumentTypeError
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +22,12 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
+from cola_hf.data.annotations import ANNOTATIONS_URL
+from cola_hf.data.cola import COLA_URL
 from cola_hf.errors import UsageError
-from cola_hf.phenomena import DEFAULT_ANNOTATIONS_URL
-from cola_hf.textfiles import read_yaml
+from cola_hf.files import read_yaml
+from cola_hf.redaction import redact_options
 
-COLA_URL = "https://nyu-mll.github.io/CoLA/cola_public_1.1.zip"
 DEFAULT_MODEL = "bert-base-uncased"
 
 
@@ -61,7 +65,7 @@ class DataArguments:
         default=None, metadata={"help": "Keep only the first N training sentences (quick trials)."}
     )
     annotations_source: str | None = field(
-        default=DEFAULT_ANNOTATIONS_URL,
+        default=ANNOTATIONS_URL,
         metadata={
             "help": "CoLA's grammatical-phenomena annotation of the GLUE dev set (URL, local zip or directory), "
             "for the per-phenomenon analysis; 'none' skips it."
@@ -245,7 +249,7 @@ class StudyArguments:
         default=False,
         metadata={"help": "Write into OUTPUT_DIR/<run name>, one folder per run (W&B sweeps use it)."},
     )
-    # The search (cola_hf/search.py, docs/search.md).
+    # The search (cola_hf/studies/search/, docs/search.md).
     search: str | None = field(
         default=None,
         metadata={
@@ -260,8 +264,19 @@ class StudyArguments:
     search_storage: str | None = field(
         default=None,
         metadata={
-            "help": "Optuna storage URL that the search's workers share (postgresql://..., mysql://...); "
-            "default: a journal file in OUTPUT_DIR/search."
+            "help": "Optuna storage URL that the search's workers share (postgresql://user@host/db, the password "
+            "from PGPASSWORD or ~/.pgpass; sqlite:///PATH); default: a journal file in OUTPUT_DIR/search."
+        },
+    )
+    search_heartbeat_interval: int = field(
+        default=60,
+        metadata={"help": "With --search_storage: seconds between the heartbeats a worker records for its trial."},
+    )
+    search_grace_period: int = field(
+        default=300,
+        metadata={
+            "help": "With --search_storage: a trial whose worker has recorded no heartbeat for this many seconds "
+            "is taken for dead: failed, and run again by another worker."
         },
     )
     search_pruner: str = field(
@@ -274,16 +289,113 @@ class StudyArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, ColaTrainingArguments, TrackingArguments, StudyArguments)
-# A checkpoint continues only under the same values of these: the Trainer restores the optimizer and schedule
-# from it, so a changed learning rate would be recorded but not used. Paths are left out (a cluster may mount the
-# same data elsewhere), and so is the batch's layout over devices (RunOptions.trajectory adds the global batch).
-TRAJECTORY_OPTIONS = (
-    "validation_fraction", "max_seq_length", "max_train_samples", "seed", "learning_rate", "num_train_epochs",
-    "max_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "adam_beta1", "adam_beta2",
-    "adam_epsilon", "max_grad_norm", "train_sampling_strategy",
-)  # fmt: skip
-# How many runs and where they come from, not what one run does: a recipe or a search space never sets these.
-STUDY_OPTIONS = frozenset(f.name for f in dataclasses.fields(StudyArguments))
+GROUPS = ("model", "data", "training", "tracking", "study")
+
+# What each option is for, said once; every list the package uses is derived from this table. An option not
+# listed has none of these roles: a recipe holds it where it differs from the default, and a search may vary it.
+#   card          in the model card's hyperparameter table (in this order)
+#   recipe        a recipe spells it out even at its default (best_params.yaml, as experiments/recipes/tutorial.yaml)
+#   trajectory    decides what training computes, step by step: a checkpoint continues only under the same values
+#                 (the Trainer restores the optimizer and schedule from it, so a changed learning rate would be
+#                 recorded but not used). Paths are left out (a cluster may mount the same data elsewhere), and so is
+#                 the batch's layout over devices: RunOptions.trajectory adds the global batch instead.
+#   tokenization  changes the tokenized files: a search tokenizes once per distinct combination
+#   local         where and how this one run is kept or shared, not what it computes: never in a recipe written
+#                 for others, never searched (the search sets it for every trial)
+#   unsearchable  a search cannot vary it: its trials would not be trials of one recipe
+# Every study option (StudyArguments: how many runs, not what one run does) is local as well.
+_ROLES = {
+    "model_name_or_path": "card recipe tokenization",
+    "learning_rate": "card recipe trajectory",
+    "optim": "card recipe trajectory",
+    "adam_beta1": "card recipe trajectory",
+    "adam_beta2": "card recipe trajectory",
+    "adam_epsilon": "card recipe trajectory",
+    "weight_decay": "card recipe trajectory",
+    "lr_scheduler_type": "card recipe trajectory",
+    "warmup_steps": "card recipe trajectory",
+    "max_grad_norm": "card recipe trajectory",
+    "per_device_train_batch_size": "card recipe",
+    "gradient_accumulation_steps": "card",
+    "num_train_epochs": "card recipe trajectory",
+    "seed": "card recipe trajectory",
+    "max_seq_length": "card recipe trajectory tokenization",
+    "pad_to_max_length": "card recipe tokenization",
+    "validation_fraction": "card recipe trajectory",
+    "train_sampling_strategy": "card recipe trajectory",
+    "fp16": "card",
+    "bf16": "card",
+    "cola_source": "recipe tokenization",
+    "max_train_samples": "recipe trajectory",
+    "max_steps": "trajectory",
+    "global_train_batch_size": "recipe",
+    "per_device_eval_batch_size": "recipe",
+    "eval_strategy": "recipe",
+    "save_strategy": "recipe",
+    "load_best_model_at_end": "recipe",
+    "metric_for_best_model": "recipe",
+    "greater_is_better": "recipe",
+    "do_train": "unsearchable",
+    "report_to": "unsearchable",
+    "output_dir": "local",
+    "overwrite_output_dir": "local",
+    "resume": "local",
+    "run_name": "local",
+    "logging_dir": "local",
+    "push_to_hub": "local",
+    "hub_model_id": "local",
+    "hub_token": "local",
+    "save_only_model": "local",
+    "save_total_limit": "local",
+    "experiment_name": "local",
+    "recipe_name": "local",
+    **{f.name: "local study" for f in dataclasses.fields(StudyArguments)},
+}
+OPTION_ROLES: dict[str, frozenset[str]] = {name: frozenset(roles.split()) for name, roles in _ROLES.items()}
+
+
+def options_with(role: str) -> tuple[str, ...]:
+    """The options that have `role`, in the table's order."""
+    return tuple(name for name, roles in OPTION_ROLES.items() if role in roles)
+
+
+TRAJECTORY_OPTIONS = options_with("trajectory")
+STUDY_OPTIONS = frozenset(options_with("study"))
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One flag as argparse reads it: what a recipe value or a searched value goes through."""
+
+    name: str
+    convert: Callable[[str], Any]
+    choices: tuple | None
+    takes_list: bool
+    roles: frozenset[str]
+
+
+def option_specs(parser: HfArgumentParser | None = None) -> dict[str, OptionSpec]:
+    """Every option of a run (of `parser`, by default make_parser()'s) by name, in --help's order."""
+    return _option_specs() if parser is None else _specs_of(parser)
+
+
+@functools.cache
+def _option_specs() -> dict[str, OptionSpec]:
+    return _specs_of(make_parser())
+
+
+def _specs_of(parser: HfArgumentParser) -> dict[str, OptionSpec]:
+    return {
+        action.dest: OptionSpec(
+            action.dest,
+            action.type or str,
+            tuple(action.choices) if action.choices is not None else None,
+            action.nargs in ("+", "*"),
+            OPTION_ROLES.get(action.dest, frozenset()),
+        )
+        for action in parser._actions
+        if action.dest != "help"
+    }
 
 
 @dataclass
@@ -303,7 +415,7 @@ class RunOptions:
     def replace(self, **changes: Any) -> RunOptions:
         """A copy with `changes` applied, each to the group that owns the option (values already converted)."""
         updated = {}
-        for name, group in zip(("model", "data", "training", "tracking", "study"), self.groups(), strict=True):
+        for name, group in zip(GROUPS, self.groups(), strict=True):
             own = {key: value for key, value in changes.items() if key in _field_names(group)}
             # dataclasses.replace runs __post_init__ again: the batch layout follows a new global batch.
             updated[name] = dataclasses.replace(group, **own) if own else group
@@ -332,15 +444,63 @@ class RunOptions:
             name += f"-n{self.data.max_train_samples}"
         return name
 
+    def values(self) -> dict[str, Any]:
+        """Every option by name, as results.json, W&B, the card and a recipe record them.
+
+        The one flattening of the options: everything that records a run's options starts from it, so this is
+        where passwords and tokens are masked (`--search_storage postgresql://cola:***@db/optuna`, a source URL's
+        password, `hub_token`): cola_hf/redaction.py.
+        """
+        return redact_options(
+            {
+                **dataclasses.asdict(self.model),
+                **dataclasses.asdict(self.data),
+                **self.training.to_dict(),
+                **dataclasses.asdict(self.tracking),
+                **dataclasses.asdict(self.study),
+            }
+        )
+
+    def config(self) -> dict[str, Any]:
+        """The run's options as results.json records them: all but the study's (how many runs, not this one)."""
+        return {name: value for name, value in self.values().items() if name not in STUDY_OPTIONS}
+
     def trajectory(self) -> dict[str, Any]:
         """The options that decide what training computes, step by step (`TRAJECTORY_OPTIONS`), as results.json
         records them, and the global batch however it is laid out over devices."""
-        config = self.config()
-        return {"global_batch": self.training.global_batch, **{name: config[name] for name in TRAJECTORY_OPTIONS}}
+        values = self.values()
+        return {"global_batch": self.training.global_batch, **{name: values[name] for name in TRAJECTORY_OPTIONS}}
 
-    def config(self) -> dict[str, Any]:
-        """The run's arguments as results.json records them (hub tokens come out redacted)."""
-        return {**dataclasses.asdict(self.model), **dataclasses.asdict(self.data), **self.training.to_dict()}
+    def tokenization_key(self) -> tuple:
+        """What the tokenized files depend on: runs with the same key can share them."""
+        values = self.values()
+        return tuple(values[name] for name in options_with("tokenization"))
+
+    def recipe_values(self) -> dict[str, Any]:
+        """The options a recipe file must hold to run as these do, as YAML scalars in --help's order: the
+        options a recipe always spells out, plus every other one that differs from its default, never a local one.
+        """
+        values, defaults = _as_recipe(self.values()), _as_recipe(parse_args([]).values())
+        return {
+            name: value
+            for name, value in values.items()
+            if "local" not in OPTION_ROLES.get(name, ())
+            and ("recipe" in OPTION_ROLES.get(name, ()) or value != defaults.get(name))
+        }
+
+
+def _as_recipe(values: dict[str, Any]) -> dict[str, Any]:
+    """The values a recipe can hold, in --help's order, as the flags spell them."""
+    recipe = {}
+    for name, spec in option_specs().items():
+        if name not in values or name in recipe:
+            continue
+        value = values[name]
+        if isinstance(value, list) and len(value) <= 1 and not spec.takes_list:
+            value = value[0] if value else "none"  # report_to: ['wandb'] is the flag's 'wandb', [] its 'none'
+        if value is None or isinstance(value, bool | int | float | str):
+            recipe[name] = value
+    return recipe
 
 
 def _field_names(group: Any) -> set[str]:

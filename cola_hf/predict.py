@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cola_hf.errors import UsageError, one_line
-from cola_hf.textfiles import read_text
+from cola_hf.files import atomic_path, read_text, read_tsv
 
 if TYPE_CHECKING:
     from transformers import Pipeline
@@ -63,7 +63,7 @@ def read_input(path: str | Path) -> Sentences:
     first = next((line for line in lines if line.strip()), None)
     if first is not None and _is_cola_row(first):
         # Imported here: the datasets-based reader is only needed for labelled files.
-        from cola_hf.data import read_cola_tsv
+        from cola_hf.data.cola import read_cola_tsv
 
         dataset = read_cola_tsv(path)  # validates every line, naming file and line on error
         return Sentences(list(dataset["sentence"]), labels=list(dataset["label"]))
@@ -137,7 +137,7 @@ def label_ids(classifier: Pipeline, predictions: Sequence[Prediction]) -> np.nda
     return np.array([label2id[prediction.label] for prediction in predictions])
 
 
-def write_predictions(predictions: Sequence[Prediction], stream: TextIO, output_format: str = "tsv") -> None:
+def write_labelled(predictions: Sequence[Prediction], stream: TextIO, output_format: str = "tsv") -> None:
     """TSV (header sentence, label, probability) or JSON lines (the same, plus every label's probability)."""
     if output_format == "jsonl":
         for p in predictions:
@@ -165,15 +165,12 @@ class GlueTest:
 def read_glue_test(path: str | Path) -> GlueTest:
     """Read GLUE's CoLA test.tsv (header `index<TAB>sentence`); anything else raises naming file and line."""
     path = Path(path)
-    text = read_text(path)
-    lines = [line.rstrip("\r") for line in text.split("\n")]
-    if tuple(lines[0].split("\t")) != GLUE_TEST_HEADER:
-        raise UsageError(f"{path}:1: expected GLUE's CoLA test header 'index<TAB>sentence', found {lines[0][:60]!r}")
+    header, rows = read_tsv(path)
+    if tuple(header) != GLUE_TEST_HEADER:
+        shown = "\t".join(header)[:60]
+        raise UsageError(f"{path}:1: expected GLUE's CoLA test header 'index<TAB>sentence', found {shown!r}")
     indices, texts = [], []
-    for number, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
+    for number, fields in rows:
         if len(fields) != 2 or not fields[0].isdigit() or not fields[1].strip():
             raise UsageError(f"{path}:{number}: expected 2 tab-separated columns, an index and a sentence")
         indices.append(fields[0])
@@ -185,8 +182,6 @@ def read_glue_test(path: str | Path) -> GlueTest:
 
 def write_glue_submission(path: str | Path, indices: Sequence[str], label_ids: np.ndarray) -> None:
     """GLUE's submission file for CoLA: header `index<TAB>prediction`, 1 acceptable, 0 unacceptable."""
-    from cola_hf.reporting import atomic_path
-
     lines = ["index\tprediction", *(f"{index}\t{int(label)}" for index, label in zip(indices, label_ids, strict=True))]
     try:
         with atomic_path(path) as temporary:

@@ -13,6 +13,7 @@ Light on purpose: the standard library only, so that anything may import it.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,8 @@ _SECRET_PARAMETER = re.compile(
     r"x-goog-signature|x-goog-credential)=)(?P<secret>[^&#\s]+)",
     re.IGNORECASE,
 )
+# A secret flag written out in a command line: `--hub_token VALUE`, `--db-password=VALUE`.
+_SECRET_FLAG = re.compile(r"(?P<head>(?<![\w-])--(?P<name>[\w-]+)(?:=|\s+))(?P<secret>[^\s\"']+)")
 # Tokens recognisable by their shape: Hugging Face user/org tokens, and HTTP bearer credentials.
 _TOKEN_SHAPES = (
     re.compile(r"\bhf_[A-Za-z0-9]{16,}\b"),
@@ -58,11 +61,12 @@ def is_secret_name(name: str) -> bool:
 
 
 def redact_text(text: str) -> str:
-    """`text` with every password of a URL, secret parameter, token and secret environment value masked."""
+    """`text` with every password of a URL, secret parameter or flag, token and secret environment value masked."""
     for name in SECRET_ENVIRONMENT:
         secret = os.environ.get(name, "").strip()
         if len(secret) >= _MIN_SECRET_LENGTH:
             text = text.replace(secret, MASK)
+    text = _SECRET_FLAG.sub(lambda match: match["head"] + MASK if is_secret_name(match["name"]) else match[0], text)
     text = _URL_PASSWORD.sub(lambda match: match["head"] + MASK, text)
     text = _SECRET_PARAMETER.sub(lambda match: match["head"] + MASK, text)
     for shape in _TOKEN_SHAPES:
@@ -96,15 +100,44 @@ def redact_options(options: Any) -> Any:
     """A copy of a (nested) mapping of options with secret-named values masked and every string redacted.
 
     Lists and tuples are walked too; other values are returned as they are. An empty or missing secret stays
-    as it is (None says "no token given", which is worth keeping).
+    as it is (None says "no token given", which is worth keeping), and so does a placeholder ("<HUB_TOKEN>").
     """
     if isinstance(options, Mapping):
         return {
-            key: (MASK if value and is_secret_name(str(key)) else redact_options(value))
-            for key, value in options.items()
+            key: MASK if _is_secret_value(str(key), value) else redact_options(value) for key, value in options.items()
         }
     if isinstance(options, list | tuple):
         return type(options)(redact_options(value) for value in options)
     if isinstance(options, str):
         return redact_text(options)
     return options
+
+
+def _is_secret_value(name: str, value: Any) -> bool:
+    """A value to mask for its name: given, and not already a placeholder (TrainingArguments.to_dict writes
+    hub_token as "<HUB_TOKEN>")."""
+    if not value or not is_secret_name(name):
+        return False
+    return not (isinstance(value, str) and value.startswith("<") and value.endswith(">"))
+
+
+class RedactingFilter(logging.Filter):
+    """Masks secrets in every record a handler writes, its traceback included (`install_on`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_text(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+def install_on(*loggers: logging.Logger) -> None:
+    """Redact what the handlers of `loggers` write. On handlers, not loggers: a logger's own filters do not see
+    the records its children pass up to its handlers."""
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not any(isinstance(existing, RedactingFilter) for existing in handler.filters):
+                handler.addFilter(RedactingFilter())

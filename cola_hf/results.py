@@ -1,8 +1,8 @@
 """results.json, typed: what a finished run measured, read and written by this one description.
 
-The file is the run's record and its "finished" mark (written last, atomically, by
-`reporting.write_results`). Every reader (model card,
-W&B, studies, cola-compare) goes through `RunResults`, so a field is renamed or added here and nowhere else.
+The file is the run's record and its "finished" mark (written once, last, atomically, by `RunResults.save`).
+Every reader (model card, W&B, studies, cola-compare) goes through `RunResults`, so a field is renamed or added
+here and nowhere else.
 On disk it is plain JSON: `epochs` (one row per epoch), `test` (one entry per test set), `config` (every
 argument of the run).
 """
@@ -10,13 +10,27 @@ argument of the run).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cola_hf.errors import UsageError
+from cola_hf.files import dataclass_from_json, write_json
 
 RESULTS_FILE = "results.json"
+# The test sets a run reports, in order: the tutorial's test set first; glue_dev (the two dev sets together) is
+# the GLUE validation set that public CoLA results quote.
+TEST_SPLITS = ("out_of_domain_dev", "in_domain_dev", "glue_dev")
+# The tutorial's training_stats table, in its column order (training_stats.csv, the card, W&B).
+EPOCH_COLUMNS = (
+    "epoch",
+    "training_loss",
+    "valid_loss",
+    "valid_accuracy",
+    "valid_mcc",
+    "training_time_s",
+    "validation_time_s",
+)
 
 
 @dataclass
@@ -83,11 +97,13 @@ class RunResults:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunResults:
-        return cls(
-            epochs=[_build(EpochStats, row) for row in data.get("epochs") or []],
-            test={split: _build(TestSetResults, result) for split, result in (data.get("test") or {}).items()},
-            config=dict(data.get("config") or {}),
-        )
+        return dataclass_from_json(cls, {key: value for key, value in data.items() if value is not None})
+
+    def save(self, output_dir: str | Path) -> Path:
+        """Write results.json. Once, last: its presence means the run finished."""
+        path = Path(output_dir) / RESULTS_FILE
+        write_json(path, self.to_dict())
+        return path
 
     @classmethod
     def load(cls, output_dir: str | Path) -> RunResults:
@@ -103,9 +119,3 @@ class RunResults:
 
 def _without_none(row: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in row.items() if value is not None}
-
-
-def _build(kind: type, values: dict[str, Any]) -> Any:
-    # Keys this version does not know (a newer writer's) are left out rather than failing the reader.
-    known = {f.name for f in fields(kind)}
-    return kind(**{key: value for key, value in values.items() if key in known})

@@ -1,9 +1,14 @@
-"""One CoLA run, start to finish: the code behind `experiments/cola.py`, `cola-train` and `cola_hf.train()`.
+"""One CoLA run, as four phases that a run, a search trial and a search's best model compose:
 
-    options -> data -> model and Trainer -> train -> test sets -> reports, analysis, card, results.json -> W&B, Hub
+    prepare   the data, the model and its Trainer (and the W&B run the Trainer logs into)
+    fit       train, save the model and the Trainer's state
+    evaluate  the test sets, and the validation split's predictions (which choose the analysis's threshold)
+    finish    the tutorial's tables and plots, the analysis, the model card, results.json (once, last: it marks
+              the run finished), then W&B and the Hub
 
-`main(argv)` is the command line (one run, or a study of several); `train(...)` is the same for a notebook;
-`run(options)` is one run, built from the small steps below it.
+A run is all four, in its own output directory (`run`). A search trial is prepare (training and validation splits
+only) + fit + finish without test sets; the search's best/ is prepare (from the best trial's model) + evaluate +
+finish with the search's section (cola_hf/studies/search/).
 """
 
 from __future__ import annotations
@@ -11,223 +16,211 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
-import transformers
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from transformers import TrainerCallback
 
-from cola_hf import data, hub, reporting, study, tracking
-from cola_hf.analysis import analyze_run, phenomena_markdown
-from cola_hf.config import RunOptions, make_parser, parse_args
-from cola_hf.errors import HubPushError, RunFailed, StoppedBySignal, UsageError
-from cola_hf.output_dir import hold_output_dir, prepare_output_dir
-from cola_hf.phenomena import load_annotations
-from cola_hf.preemption import SigtermLatch, catching_sigterm
-from cola_hf.results import RunResults
-from cola_hf.trainer import TutorialTrainer, build_trainer, load_model_and_tokenizer, predict_split
+from cola_hf.analysis.run_analysis import analyze_run, phenomena_markdown, wandb_tables
+from cola_hf.analysis.tutorial_report import format_test_summary, report_test_split, write_epoch_outputs
+from cola_hf.config import RunOptions
+from cola_hf.data import cola
+from cola_hf.data.annotations import load_annotations
+from cola_hf.data.sources import is_url
+from cola_hf.errors import StoppedBySignal
+from cola_hf.integrations import hub, tracking
+from cola_hf.predictions import predictions_file, write_predictions
+from cola_hf.redaction import redact_argv
+from cola_hf.results import TEST_SPLITS, RunResults
+from cola_hf.training.model import load_model
+from cola_hf.training.output_dir import hold_output_dir, prepare_output_dir
+from cola_hf.training.preemption import catching_sigterm
+from cola_hf.training.trainer import TutorialTrainer, build_trainer, epoch_table, predict_split
 
 logger = logging.getLogger("cola")
 
-__all__ = ["main", "make_parser", "run", "train"]
+# What a run predicts: every sentence of each test set and of the validation split, as (labels, P(acceptable)).
+Predictions = dict[str, tuple[np.ndarray, np.ndarray]]
+# Tokenized CoLA files by what tokenizing depends on (RunOptions.tokenization_key): the runs of a study share them.
+FilesCache = dict[tuple, datasets.DatasetDict]
 
 
-def run(options: RunOptions, tokenized_files: datasets.DatasetDict | None = None) -> RunResults | None:
+@dataclass
+class PreparedRun:
+    """A run ready to fit or evaluate: its options, its splits and its Trainer."""
+
+    options: RunOptions
+    trainer: TutorialTrainer
+    splits: datasets.DatasetDict
+    data_sha256: dict[str, str]  # of the raw CoLA files, for W&B's provenance
+    annotations_source: str | None  # checked: a local source was readable
+    data_s: float  # reading and tokenizing CoLA (0 when a study's cache had them)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.options.training.output_dir)
+
+
+def run(options: RunOptions, files_cache: FilesCache | None = None) -> RunResults | None:
     """Train (unless --do_train False), test, and write every output; the results on the main process, else None.
 
-    `tokenized_files` (read_cola's files after tokenize_cola) lets a study tokenize once for all its runs.
     SIGTERM saves a checkpoint and raises `StoppedBySignal`; the same call again continues the run.
     """
+    args = options.training
     with (
-        hold_output_dir(options.training.output_dir, main_process=options.training.process_index == 0),
+        hold_output_dir(args.output_dir, main_process=args.process_index == 0),
         catching_sigterm() as sigterm,  # from the start: a signal while the data or model load stops it too
     ):
-        return _run(options, tokenized_files, sigterm)
+        checkpoint = prepare_output_dir(args.output_dir, args, options.trajectory())
+        prepared = prepare(options, files_cache)
+        prepared.trainer.stop_on_signal.watch(sigterm)  # from now on: a checkpoint at the next step, then a stop
+        try:
+            fit(prepared, checkpoint)
+            predictions = evaluate(prepared)
+        except StoppedBySignal:
+            tracking.stop_run_preempted()
+            raise
+        return finish(prepared, predictions)
 
 
-def _run(options: RunOptions, tokenized_files: datasets.DatasetDict | None, sigterm: SigtermLatch) -> RunResults | None:
+# --- the phases ------------------------------------------------------------------------------------------------
+def prepare(
+    options: RunOptions,
+    files_cache: FilesCache | None = None,
+    *,
+    model_dir: str | None = None,
+    test_sets: bool = True,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> PreparedRun:
+    """Read and tokenize CoLA, load the model (from `model_dir` instead of the options' checkpoint, if given) and
+    build its Trainer; without `test_sets` the Trainer gets the training and validation splits only."""
     args = options.training
-    checkpoint = prepare_output_dir(args.output_dir, args, options.trajectory())
-    annotations = check_annotations(options)
+    annotations_source = check_annotations(options) if test_sets else None
     if args.do_train:
         logger.info(args.batch_layout())  # world size x per-device batch x accumulation = global
-
-    # --- data, model, Trainer ---
-    # Bad data fails before the model loads.
-    raw_files = data.read_cola(options.data.cola_source) if tokenized_files is None else None
-    model, tokenizer = load_model(options)
-    files = tokenized_files
-    if files is None:
+    files_cache = {} if files_cache is None else files_cache
+    key = options.tokenization_key()
+    cached = key in files_cache
+    started = time.perf_counter()
+    raw_files = None if cached else cola.read_cola(options.data.cola_source)  # bad data fails before the model loads
+    data_s = time.perf_counter() - started
+    model, tokenizer = load_model(
+        model_dir or options.model.model_name_or_path,
+        args.seed,
+        options.model.cache_dir,
+        options.model.trust_remote_code,
+    )
+    if not cached:
+        started = time.perf_counter()
         with args.main_process_first(desc="tokenizing"):
-            files = tokenize_files(options, raw_files, tokenizer)
-    tokenized = split_data(options, files)
-    trainer = build_trainer(options, tokenized, model, tokenizer)
-    tracking.start_run(trainer, options, data.file_hashes(files))  # before training: the callback logs into it
-
-    trainer.stop_on_signal.watch(sigterm)  # SIGTERM from now on: a checkpoint at the next step, then a stop
-    try:
-        # --- train ---
-        if args.do_train:
-            trainer.train(resume_from_checkpoint=checkpoint)
-            trainer.save_model()
-            trainer.save_state()
-        # --- test sets and validation predictions ---
-        predictions = predict_splits(trainer, tokenized)
-    except StoppedBySignal:
-        tracking.stop_run_preempted()
-        raise
-    # --- reports, sharing ---
-    return finish_run(trainer, options, tokenized, predictions, annotations)
+            files_cache[key] = tokenize_files(options, raw_files, tokenizer)
+        data_s += time.perf_counter() - started
+    files = files_cache[key]
+    splits = split_data(options, files)
+    if not test_sets:  # a trial's Trainer cannot score a test set: it never sees one
+        splits = datasets.DatasetDict(train=splits["train"], validation=splits["validation"])
+    trainer = build_trainer(options, splits, model, tokenizer, callbacks=callbacks)
+    data_sha256 = cola.file_hashes(files)
+    tracking.start_run(trainer, options, data_sha256)  # before training: the callback logs into it
+    return PreparedRun(options, trainer, splits, data_sha256, annotations_source, data_s)
 
 
-def predict_splits(
-    trainer: TutorialTrainer, tokenized: datasets.DatasetDict
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def fit(prepared: PreparedRun, checkpoint: str | None = None, *, save_model: bool = True) -> None:
+    """Train (from `checkpoint`, if given), save the model (unless told not to: a trial keeps only its best) and
+    the Trainer's state (trainer_state.json: the log history); nothing with --do_train False."""
+    if not prepared.options.training.do_train:
+        return
+    trainer = prepared.trainer
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if save_model:
+        trainer.save_model()
+    trainer.save_state()
+
+
+def evaluate(prepared: PreparedRun) -> Predictions:
     """(labels, probability of 'acceptable') of every sentence of the test sets and of the validation split (whose
     predictions choose the analysis's decision threshold), in order."""
-    predictions = {split: predict_split(trainer, tokenized[split]) for split in data.TEST_SPLITS}
-    return {**predictions, "validation": trainer.validation_predictions(tokenized["validation"])}
+    trainer, splits = prepared.trainer, prepared.splits
+    predictions = {split: predict_split(trainer, splits[split]) for split in TEST_SPLITS}
+    return {**predictions, "validation": trainer.validation_predictions(splits["validation"])}
 
 
-def check_annotations(options: RunOptions) -> str | None:
-    """The phenomena annotations' source; a local one is read now, so a wrong path fails before training."""
-    source = options.data.annotations_source
-    if source is None or source.lower() == "none":
-        return None
-    if not data.is_url(source):
-        load_annotations(source, options.data.minor_features, options.model.cache_dir)
-    return source
-
-
-def load_model(options: RunOptions) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The checkpoint, its new classifier head drawn from the run's seed: a search trial and a run of its recipe
-    with the same seed start from the same weights."""
-    set_seed(options.training.seed)
-    return load_model_and_tokenizer(
-        options.model.model_name_or_path, options.model.cache_dir, options.model.trust_remote_code
-    )
-
-
-def tokenize_files(options: RunOptions, files: datasets.DatasetDict, tokenizer: Any) -> datasets.DatasetDict:
-    return data.tokenize_cola(files, tokenizer, options.data.max_seq_length, options.data.pad_to_max_length)
-
-
-def split_data(options: RunOptions, files: datasets.DatasetDict) -> datasets.DatasetDict:
-    """The run's splits (train/validation by its seed, and the test sets), with --max_train_samples applied."""
-    tokenized = data.split_cola(files, options.data.validation_fraction, options.training.seed)
-    if (limit := options.data.max_train_samples) is not None:
-        tokenized["train"] = tokenized["train"].select(range(min(limit, len(tokenized["train"]))))
-    logger.info("CoLA splits: %s", {split: len(rows) for split, rows in tokenized.items()})
-    return tokenized
-
-
-def finish_run(
-    trainer: TutorialTrainer,
-    options: RunOptions,
-    tokenized: datasets.DatasetDict,
-    predictions: dict[str, tuple[np.ndarray, np.ndarray]],
-    annotations_source: str | None,
+def finish(
+    prepared: PreparedRun,
+    predictions: Predictions | None,
+    *,
+    search: dict[str, Any] | None = None,
+    card_sections: Sequence[str] = (),
 ) -> RunResults | None:
-    """Write the reports, the analysis, the card and results.json from the predictions; push last."""
+    """Write the tutorial's reports, the analysis and the card from the predictions (None: a trial, which has no
+    test sets), then results.json with `search` (the search's section, if any); upload last. The results on the
+    main process, else None."""
+    trainer, options, output_dir = prepared.trainer, prepared.options, prepared.output_dir
     if not trainer.is_world_process_zero():
         return None
-    output_dir = Path(options.training.output_dir)
-    epochs = reporting.epoch_table(trainer.state.log_history)
+    epochs = epoch_table(trainer.state.log_history)
     if epochs:
-        reporting.write_epoch_outputs(output_dir, epochs)
-    results = RunResults(
-        epochs=epochs,
-        test={
-            split: reporting.report_test_split(output_dir, split, tokenized[split], *predictions[split])
-            for split in data.TEST_SPLITS
-        },
-        config=options.config(),
-    )
-    labels, probabilities = predictions["validation"]
-    reporting.write_predictions(
-        output_dir / "predictions_validation.tsv",
-        tokenized["validation"],
-        (probabilities > 0.5).astype(int),
-        probabilities,
-    )
-    logger.info("Test sets:\n%s", reporting.format_test_summary(results.test))
-    analysis = analyze_run(
-        output_dir, annotations_source, minor_features=options.data.minor_features, cache_dir=options.model.cache_dir
-    )
-    hub.write_model_card(
-        output_dir,
-        results,
-        options.model.model_name_or_path,
-        shlex.join(["python", *sys.argv]),
-        options.training.hub_model_id,
-        base_model=options.model.base_model,
-        phenomena=phenomena_markdown(analysis),
-    )
-    reporting.write_results(output_dir, results)  # last: its presence means "finished"
-    tracking.log_run_outputs(output_dir, results, log_model=options.tracking.log_model, analysis=analysis)
+        write_epoch_outputs(output_dir, epochs)
+    config = options.config() | ({"search": search} if search is not None else {})
+    results = RunResults(epochs=epochs, config=config)
+    tables = None
+    if predictions is not None:
+        results.test = {
+            split: report_test_split(output_dir, split, prepared.splits[split], *predictions[split])
+            for split in TEST_SPLITS
+        }
+        _, probabilities = predictions["validation"]
+        validation = predictions_file(output_dir, "validation")
+        write_predictions(validation, prepared.splits["validation"], (probabilities > 0.5).astype(int), probabilities)
+        logger.info("Test sets:\n%s", format_test_summary(results.test))
+        analysis = analyze_run(
+            output_dir,
+            prepared.annotations_source,
+            minor_features=options.data.minor_features,
+            cache_dir=options.model.cache_dir,
+        )
+        tables = wandb_tables(analysis)
+        hub.write_model_card(
+            output_dir,
+            results,
+            options.model.model_name_or_path,
+            shlex.join(["python", *redact_argv(sys.argv)]),
+            options.training.hub_model_id,
+            base_model=options.model.base_model,
+            phenomena=phenomena_markdown(analysis),
+            sections=card_sections,
+        )
+    results.save(output_dir)  # last: its presence means "finished"
+    tracking.log_run_outputs(output_dir, results, log_model=options.tracking.log_model, tables=tables)
     if options.training.push_to_hub:
         hub.push_trainer_output(trainer)  # after results.json: a failed upload leaves a finished local run
     return results
 
 
-# --- the command line and the notebook call ---------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    """`python experiments/cola.py [RECIPE.yaml] [--flags]`: exit 0, 1 (the run failed) or 2 (bad input)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [arg for arg in argv if arg != "--debug"]
-    options = None
-    try:
-        options = parse_args(argv)
-        configure_logging(options)
-        hub.prepare_push(options.training)  # fails in one line before any work: no token, offline, bad repo id
-        study.run_study(run, options)  # one run, --seeds or --grid
-        return 0
-    except HubPushError as err:  # the local run is complete: no RUN_FAILED marker
-        print(f"cola: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except StoppedBySignal as err:  # not a failure: the checkpoint is complete, the same command continues
-        if options is None or options.training.process_index == 0:  # one line for the run, not one per process
-            print(f"cola: {err}", file=sys.stderr, flush=True)
-        return err.exit_code
-    except (UsageError, RunFailed) as err:
-        if debug:
-            raise
-        args = options.training if options is not None else None
-        if args is not None and args.should_save and Path(args.output_dir).is_dir():
-            reporting.mark_failed(args.output_dir, str(err))
-        print(f"cola: error: {err}", file=sys.stderr)
-        return err.exit_code
+# --- the steps of prepare ---------------------------------------------------------------------------------------
+def check_annotations(options: RunOptions) -> str | None:
+    """The phenomena annotations' source; a local one is read now, so a wrong path fails before training."""
+    source = options.data.annotations_source
+    if source is None or source.lower() == "none":
+        return None
+    if not is_url(source):
+        load_annotations(source, options.data.minor_features, options.model.cache_dir)
+    return source
 
 
-def train(recipe: str | Path | None = None, **options: Any) -> RunResults | None:
-    """Run from Python (a notebook, say) with the command line's options, e.g.
-
-        results = train("experiments/recipes/tutorial.yaml", num_train_epochs=2, output_dir="outputs/ep2")
-        results.test["out_of_domain_dev"].matthews_correlation
-
-    Keyword arguments are the command line's flags (lists for options that take several values), parsed and
-    checked the same way; bad ones raise `UsageError`. Returns the run's results (None on processes other
-    than the main one); with `seeds` or `grid`, the study's summary instead.
-    """
-    argv = [str(recipe)] if recipe is not None else []
-    for name, value in options.items():
-        values = value if isinstance(value, list | tuple) else [value]
-        argv += [f"--{name}", *map(str, values)]
-    parsed = parse_args(argv)
-    configure_logging(parsed)
-    hub.prepare_push(parsed.training)
-    return study.run_study(run, parsed)
+def tokenize_files(options: RunOptions, files: datasets.DatasetDict, tokenizer: Any) -> datasets.DatasetDict:
+    return cola.tokenize_cola(files, tokenizer, options.data.max_seq_length, options.data.pad_to_max_length)
 
 
-def configure_logging(options: RunOptions) -> None:
-    args = options.training
-    # Our own progress lines on the main process; the libraries at the level TrainingArguments asks for.
-    ours = logging.INFO if args.should_log else logging.WARNING
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=ours, force=True)
-    level = args.get_process_log_level()
-    datasets.utils.logging.set_verbosity(level)
-    transformers.utils.logging.set_verbosity(level)
-    transformers.utils.logging.enable_default_handler()
+def split_data(options: RunOptions, files: datasets.DatasetDict) -> datasets.DatasetDict:
+    """The run's splits (train/validation by its seed, and the test sets), with --max_train_samples applied."""
+    tokenized = cola.split_cola(files, options.data.validation_fraction, options.training.seed)
+    if (limit := options.data.max_train_samples) is not None:
+        tokenized["train"] = tokenized["train"].select(range(min(limit, len(tokenized["train"]))))
+    logger.info("CoLA splits: %s", {split: len(rows) for split, rows in tokenized.items()})
+    return tokenized

@@ -3,12 +3,13 @@
     python experiments/cola.py [experiments/recipes/tutorial.yaml] [--flags]
     accelerate launch experiments/cola.py experiments/recipes/tutorial.yaml
 
-The run itself is `cola_hf.run` (also installed as `cola-train`, and `cola_hf.train(...)` from Python).
+The command line is `cola_hf.cli.train` (also installed as `cola-train`, and `cola_hf.train(...)` from Python);
+the run itself is `cola_hf.run`.
 """
 
 import sys
 
-from cola_hf.run import main
+from cola_hf.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

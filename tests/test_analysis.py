@@ -24,20 +24,19 @@ from conftest import synthetic_rows
 from scipy import stats
 from sklearn.metrics import accuracy_score, confusion_matrix, matthews_corrcoef
 
-from cola_hf.analysis import (
-    DEFAULT_ANNOTATIONS_URL,
+from cola_hf.analysis.run_analysis import (
     RunAnalysis,
     SubsetScore,
     analyze_run,
     phenomena_markdown,
-    read_predictions,
     wandb_tables,
 )
-from cola_hf.cli import compare_main
+from cola_hf.analysis.significance import paired_bootstrap, welch_test
+from cola_hf.cli.compare import main as compare_main
+from cola_hf.data.annotations import ANNOTATIONS_URL as DEFAULT_ANNOTATIONS_URL
+from cola_hf.data.annotations import LEADING_COLUMNS, MAJOR_FEATURES, MAJOR_FILE, MINOR_FILE
 from cola_hf.errors import UsageError
-from cola_hf.phenomena import LEADING_COLUMNS, MAJOR_FEATURES, MAJOR_FILE, MINOR_FILE
-from cola_hf.reporting import write_predictions
-from cola_hf.significance import paired_bootstrap, welch_test
+from cola_hf.predictions import read_predictions, write_predictions
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -90,7 +89,7 @@ def write_annotations(directory: Path, rows: list[tuple], features: dict[str, li
 def real_run(cola_zip, tmp_path_factory) -> Path:
     """Seeded random predictions over the real validation split and test sets, written by the run's writer."""
     datasets.disable_progress_bars()
-    from cola_hf.data import load_cola
+    from cola_hf.data.cola import load_cola
 
     splits = load_cola(str(cola_zip), 0.1, 42)
     run_dir = tmp_path_factory.mktemp("real-run")

@@ -101,7 +101,7 @@ def test_package_flags_switch_a_lever_off(speed_report, tiny_model_dir, cola_dir
 def grouped_data(tiny_model_dir, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from cola_hf.data import load_cola, tokenize_cola
+    from cola_hf.data.cola import load_cola, tokenize_cola
 
     # 360 training sentences: enough for mega-batches of 2 batches, so grouping actually reorders across batches.
     raw = load_cola(str(write_cola_dir(tmp_path_factory.mktemp("cola-grouped") / "raw", train=400)), 0.1, 42)
@@ -115,7 +115,7 @@ def train_and_record_batches(tiny_model_dir, grouped_data, tmp_path, seed: int, 
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from cola_hf.config import parse_args
-    from cola_hf.trainer import TutorialTrainer
+    from cola_hf.training.trainer import TutorialTrainer
 
     class RecordingTrainer(TutorialTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -169,7 +169,7 @@ def test_fast_defaults_on_the_cpu(tiny_model_dir, tmp_path):
     import torch
 
     from cola_hf.config import parse_args
-    from cola_hf.trainer import load_model_and_tokenizer
+    from cola_hf.training.model import load_model_and_tokenizer
 
     options = parse_args(["--output_dir", str(tmp_path), "--report_to", "none"])
     data_args, args = options.data, options.training

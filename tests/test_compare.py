@@ -8,7 +8,7 @@ from pathlib import Path
 import matplotlib.image
 import pandas as pd
 
-from cola_hf.cli import compare_main
+from cola_hf.cli.compare import main as compare_main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -5,7 +5,7 @@ import zipfile
 import pytest
 from conftest import synthetic_rows, write_cola_dir, write_tsv
 
-from cola_hf.data import RAW_FILES, load_cola, read_cola, read_cola_tsv, split_cola, tokenize_cola
+from cola_hf.data.cola import RAW_FILES, load_cola, read_cola, read_cola_tsv, split_cola, tokenize_cola
 from cola_hf.errors import ColaDataError
 
 

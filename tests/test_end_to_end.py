@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard
 from matplotlib.image import imread
 from sklearn.metrics import accuracy_score, matthews_corrcoef
 
-from cola_hf.data import TEST_SPLITS
+from cola_hf.results import TEST_SPLITS
 
 EPOCH_KEYS = {
     "epoch",

@@ -12,8 +12,8 @@ from transformers import (
 )
 
 from cola_hf.config import parse_args
-from cola_hf.data import load_cola, tokenize_cola
-from cola_hf.trainer import TutorialTrainer
+from cola_hf.data.cola import load_cola, tokenize_cola
+from cola_hf.training.trainer import TutorialTrainer
 
 EPOCHS = 3
 

@@ -20,11 +20,11 @@ from huggingface_hub.repocard_data import eval_results_to_model_index, model_ind
 from huggingface_hub.utils import _http as hub_http
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
 
-from cola_hf import hub
 from cola_hf.config import ColaTrainingArguments
 from cola_hf.errors import UsageError
+from cola_hf.integrations import hub
 from cola_hf.results import RunResults
-from cola_hf.trainer import TutorialTrainer
+from cola_hf.training.trainer import TutorialTrainer
 
 FAKE_TOKEN = "hf_PlantedFakeToken0123456789abcdefXYZ"
 REPO_ID = "someone/cola-tiny"
@@ -147,7 +147,7 @@ def test_model_card_never_holds_a_token(tmp_path, monkeypatch):
     results["config"]["note"] = f"copied by mistake: {FAKE_TOKEN}"
     text = str(hub.build_model_card(tmp_path, RunResults.from_dict(results), "org/base", command, REPO_ID))
     assert FAKE_TOKEN not in text and "hf_another0123456789abcd" not in text
-    assert "--hub_token <HUB_TOKEN> --hub_token=<HUB_TOKEN>" in text
+    assert "--hub_token *** --hub_token=***" in text
 
 
 # --- the push ---------------------------------------------------------------------------------------------------

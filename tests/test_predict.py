@@ -15,7 +15,7 @@ from conftest import synthetic_rows, write_tsv
 from sklearn.metrics import matthews_corrcoef
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from cola_hf.cli import predict_main
+from cola_hf.cli.predict import main as predict_main
 
 LABELS = {"unacceptable", "acceptable"}
 

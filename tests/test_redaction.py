@@ -76,6 +76,13 @@ def test_tokens_by_shape_and_by_environment(monkeypatch):
     assert redact_text(text) == f"key {MASK}, token {MASK}, Authorization: Bearer {MASK}, {MASK}, a short story"
 
 
+def test_secret_flags_written_out_in_text():
+    command = "python experiments/cola.py --hub_token abc123 --db-password=s3cret --pad_token [PAD] --seed 42"
+    assert redact_text(command) == (
+        f"python experiments/cola.py --hub_token {MASK} --db-password={MASK} --pad_token [PAD] --seed 42"
+    )
+
+
 def test_a_command_line_masks_secret_flags_and_urls():
     argv = [
         "experiments/cola.py", "--hub_token", "hf_abcdefghijklmnopqrstuvwxyz0123", "--hub_token=plain-secret",
@@ -94,6 +101,7 @@ def test_option_dictionaries_at_any_depth():
         "search_storage": "postgresql://cola:pw@db/cola",
         "hub_token": "hf_abcdefghijklmnopqrstuvwxyz0123",
         "push_to_hub_token": None,  # none given: worth keeping as such
+        "hub_private_token": "<HUB_PRIVATE_TOKEN>",  # transformers' placeholder: masked already
         "pad_token": "[PAD]",  # a tokenizer's special token is not a secret
         "learning_rate": 2e-5,
         "search": {"sweep": "wide.yaml", "sources": ["https://u:pw@host/a.zip", "/data/b.zip"], "n": 3},
@@ -103,6 +111,7 @@ def test_option_dictionaries_at_any_depth():
         "search_storage": f"postgresql://cola:{MASK}@db/cola",
         "hub_token": MASK,
         "push_to_hub_token": None,
+        "hub_private_token": "<HUB_PRIVATE_TOKEN>",
         "pad_token": "[PAD]",
         "learning_rate": 2e-5,
         "search": {"sweep": "wide.yaml", "sources": [f"https://u:{MASK}@host/a.zip", "/data/b.zip"], "n": 3},

@@ -25,7 +25,7 @@ from conftest import REPO, SCRIPT, write_tsv
 
 from cola_hf.config import make_parser
 from cola_hf.errors import UsageError
-from cola_hf.search_space import load_space
+from cola_hf.studies.search.space import load_space
 
 SUBJECTS = ["the cat", "a dog", "john", "mary", "the students", "every linguist", "she", "they"]
 OBJECTS = ["the book", "a paper", "the homework problem", "it", "the analysis", "them"]
@@ -61,7 +61,7 @@ def verb_cola_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cola_main():
-    from cola_hf.run import main
+    from cola_hf.cli.train import main
 
     return main
 
@@ -268,11 +268,11 @@ def test_search_end_to_end_keeps_only_the_best_model_and_never_scores_a_test_set
 ):
     from transformers import pipeline
 
-    from cola_hf import data
     from cola_hf.config import parse_args
+    from cola_hf.data import cola as data
     from cola_hf.run import tokenize_files
-    from cola_hf.search import run_search
-    from cola_hf.trainer import load_model_and_tokenizer
+    from cola_hf.studies.search.worker import run_search
+    from cola_hf.training.model import load_model_and_tokenizer
 
     space = write_sweep(
         tmp_path / "space.yaml",
@@ -352,7 +352,7 @@ def test_search_end_to_end_keeps_only_the_best_model_and_never_scores_a_test_set
     ]
 
     # cola-compare reads the trials.
-    from cola_hf.cli import compare_main
+    from cola_hf.cli.compare import main as compare_main
 
     trial_dirs = sorted(str(path) for path in (out / "trials").iterdir())
     assert compare_main([*trial_dirs, "--output", str(tmp_path / "comparison")]) == 0
@@ -473,3 +473,41 @@ def test_grid_is_a_grid_search_of_the_same_mechanism(tmp_path, base_args, cola_m
     assert [trial.state.name for trial in trials] == ["COMPLETE", "COMPLETE"]
     assert sorted(trial.params["learning_rate"] for trial in trials) == [2e-3, 5e-3]  # every point, once
     assert (out / "best" / "predictions_glue_dev.tsv").is_file()
+
+
+# Records, from inside the command's own process, every file replaced under best/ and every read of its card.
+AUDIT_HOOK = """
+import os, runpy, sys
+log = open(os.environ["AUDIT_LOG"], "a", buffering=1)
+def hook(event, args):
+    if event == "os.rename" and os.fsdecode(args[1]).endswith(("best/README.md", "best/results.json")):
+        log.write("write " + os.fsdecode(args[1]).rsplit("/", 1)[1] + "\\n")
+    elif event == "open" and isinstance(args[0], str) and args[0].endswith("best/README.md"):
+        log.write("read README.md\\n")
+sys.addaudithook(hook)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_best_is_built_once_by_the_run_phases_its_card_complete_before_any_upload(tmp_path, base_args):
+    """best/: results.json written once, with its search section; the card, search section included, is written
+    once and only then read for W&B's model artifact (--log_model, W&B offline)."""
+    space = write_sweep(tmp_path / "space.yaml", "grid", {"learning_rate": {"values": [5e-3, 1e-7]}})
+    out, audit = tmp_path / "search", tmp_path / "audit.log"
+    args = [*base_args, "--output_dir", out, "--search", space, "--num_train_epochs", "1"]
+    args += ["--report_to", "wandb", "--log_model", "true"]
+    env = {**subprocess_env(), "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "AUDIT_LOG": str(audit)}
+    result = subprocess.run(
+        [sys.executable, "-c", AUDIT_HOOK, str(SCRIPT), *map(str, args)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = audit.read_text().splitlines()
+    writes = [event for event in events if event.startswith("write")]
+    assert writes == ["write README.md", "write results.json"], events
+    assert "read README.md" in events, "the model artifact never read the card"
+    assert events.index("read README.md") > events.index("write results.json")
+    results = json.loads((out / "best" / "results.json").read_text())
+    assert results["config"]["search"]["trial"] == 0 and results["test"]
+    assert "## Hyperparameter search" in (out / "best" / "README.md").read_text()

@@ -25,7 +25,8 @@ from conftest import REPO, postgres_admin, write_tsv
 from optuna.trial import TrialState
 from test_search import cola_command, subprocess_env, verb_rule_rows, write_sweep
 
-from cola_hf.studies.search.storage import AdvisoryLock, lock_key, study_lock
+from cola_hf.errors import UsageError
+from cola_hf.studies.search.storage import AdvisoryLock, lock_key, open_storage, study_lock
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +186,8 @@ def test_the_lock_lives_where_the_study_lives(tmp_path, postgres_database):
     assert study_lock(f"sqlite:///{tmp_path}/shared.db", "s", tmp_path / "elsewhere").lock_file == str(
         tmp_path / "shared.db.lock"
     )
-    with pytest.raises(ValueError, match="advisory locks"):
-        study_lock("mysql://u@host/db", "s", tmp_path)
+    with pytest.raises(UsageError, match="mysql is not supported; the search keeps its trial budget with"):
+        open_storage("mysql://u:pw@host/db", tmp_path, heartbeat_interval=60, grace_period=300)
 
 
 # --- whole searches on one PostgreSQL study -----------------------------------------------------------------------

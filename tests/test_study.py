@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 
 from cola_hf.results import RunResults
-from cola_hf.study import Trial, aggregate_seeds
+from cola_hf.studies.seeds import StudyRun as Trial
+from cola_hf.studies.seeds import aggregate_seeds
 
 SPLITS = ("out_of_domain_dev", "in_domain_dev", "glue_dev")
 
 
 @pytest.fixture(scope="module")
 def cola_main():
-    from cola_hf.run import main
+    from cola_hf.cli.train import main
 
     return main
 

@@ -206,7 +206,7 @@ def test_run_without_api_key_goes_offline_and_wandb_stores_metrics_config_summar
 
 
 def test_server_probe_tells_a_live_server_from_a_dead_port():
-    from cola_hf.tracking import server_reachable
+    from cola_hf.integrations.tracking import server_reachable
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -238,7 +238,7 @@ def test_wandb_dying_mid_training_stops_uploads_not_training(tmp_path, tiny_mode
     from transformers import AutoModelForSequenceClassification, TrainerControl, TrainerState, TrainingArguments
     from transformers.integrations import WandbCallback
 
-    from cola_hf.tracking import GuardedWandbCallback
+    from cola_hf.integrations.tracking import GuardedWandbCallback
 
     args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none")
     state, control = TrainerState(), TrainerControl()
@@ -263,8 +263,8 @@ def test_wandb_dying_mid_training_stops_uploads_not_training(tmp_path, tiny_mode
 def test_a_failed_upload_is_named_and_the_rest_still_uploaded(tmp_path, offline_wandb, capsys):
     import matplotlib.pyplot as plt
 
+    from cola_hf.integrations.tracking import log_run_outputs
     from cola_hf.results import RunResults
-    from cola_hf.tracking import log_run_outputs
 
     out = tmp_path / "out"
     out.mkdir()

@@ -1,9 +1,17 @@
 """Where a search's study lives, and the lock its workers take trials by.
 
-The study lock serialises what must not interleave between workers: creating the study and recording its
-space, counting the trial slots and creating the next trial, failing a trial whose worker is gone, and
-claiming the study's end (best/). It lives where the study lives, so that every worker that shares the
-study shares the lock, whatever else it shares:
+The storage: a journal file in OUTPUT_DIR/search by default, or an Optuna RDB storage URL. Why a journal file,
+not SQLite, by default: Optuna recommends its JournalStorage for several processes on one machine without a
+database server (SQLite serialises writers with file locks and answers a busy database with "database is
+locked" errors); it is an append-only log, so a worker killed mid-write costs at most its own last line; and it
+works on NFS, where SQLite's locking does not, so workers on several machines can share an OUTPUT_DIR on a shared
+file system too. A URL (postgresql://, sqlite:///) gets Optuna's RDBStorage with heartbeats, so a machine that
+dies is noticed by the others (docs/cluster.md, "A search on a cluster").
+
+The study lock serialises what must not interleave between workers: creating the study and recording its space,
+counting the trial slots and creating the next trial, failing a trial whose worker is gone, and claiming the
+building of best/. It lives where the study lives, so that every worker that shares the study shares the lock,
+whatever else it shares:
 
     journal file (default)     a file lock beside the journal, in OUTPUT_DIR/search
     sqlite:///PATH             a file lock beside the database file
@@ -16,25 +24,125 @@ It is held for milliseconds at a time: nothing slow (a trial, the reports, best/
 from __future__ import annotations
 
 import hashlib
-import logging
+import re
+import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
+import optuna
 from filelock import FileLock
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
 
-logger = logging.getLogger(__name__)
+from cola_hf.errors import UsageError, one_line
+from cola_hf.redaction import redact_text
 
 JOURNAL_FILE = "study.journal"
+# An interrupted trial is run again with the same parameters at most this often (then it counts as failed).
+MAX_RETRIES = 2
 # How long a worker waits for the database server to answer a new connection before giving up in one line:
-# libpq's default is to wait for the operating system, minutes for a host that drops packets.
+# libpq's default is to wait for the operating system, minutes for a host that drops packets. A URL's own
+# ?connect_timeout= wins.
 CONNECT_TIMEOUT_S = 10
-# The database ends a lock holder's session that stays idle inside its transaction this long: a worker
-# killed in any way drops its connection (and the lock) at once, but one whose machine vanished sends
-# nothing, and would otherwise hold the lock until TCP gives up on it (hours).
+# The database ends a lock holder's session that stays idle inside its transaction this long: a worker killed in
+# any way drops its connection (and the lock) at once, but one whose machine vanished sends nothing, and would
+# otherwise hold the lock until TCP gives up on it (hours).
 LOCK_HOLD_LIMIT_S = 300
+# The backends whose study lock is known (see the module's docstring).
+LOCKING_BACKENDS = ("postgresql", "sqlite")
 
 
+# --- the storage ---------------------------------------------------------------------------------------------------
+def open_storage(url: str | None, search_dir: Path, heartbeat_interval: int, grace_period: int) -> BaseStorage:
+    """The study's storage: the journal file in `search_dir`, or the RDB storage at `url`.
+
+    An RDB storage gets Optuna's heartbeat: every `heartbeat_interval` seconds the worker running a trial says it
+    is alive; a trial silent for `grace_period` seconds is failed and queued again by the next worker that looks.
+    Bad URLs, servers that cannot be reached and databases that refuse Optuna's tables are one line each.
+    """
+    if url is None:
+        return JournalStorage(JournalFileBackend(str(search_dir / JOURNAL_FILE)))
+    import sqlalchemy
+
+    shown = describe_storage(url, search_dir)
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise UsageError(f"--search_storage {shown}: not a storage URL (e.g. postgresql://user@host/db)") from None
+    if parsed.get_backend_name() not in LOCKING_BACKENDS:
+        raise UsageError(
+            f"--search_storage {shown}: {parsed.get_backend_name()} is not supported; the search keeps its trial "
+            "budget with PostgreSQL's advisory locks (postgresql://...) or a file lock (sqlite:///PATH, or the "
+            "default journal file)"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
+                engine_kwargs=engine_kwargs(url),
+            )
+    except Exception as err:  # sqlalchemy's OperationalError, ProgrammingError, a missing driver (ImportError)...
+        raise UsageError(f"--search_storage {shown}: {why_not_opened(err, parsed)}") from None
+
+
+def engine_kwargs(url: str) -> dict[str, Any]:
+    """SQLAlchemy engine arguments for the study's database: a bounded connect, connections checked before use."""
+    import sqlalchemy
+
+    parsed = sqlalchemy.engine.make_url(url)
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    return kwargs
+
+
+def why_not_opened(err: BaseException, parsed: Any) -> str:
+    """What went wrong opening the database, in words that name the server but never a password."""
+    cause = getattr(err, "orig", None) or err
+    message = re.sub(r"\s*\(Background on this error at: \S+\)", "", " ".join(str(cause).split()))
+    message = redact_text(message)
+    if parsed.get_backend_name() == "sqlite":
+        where = parsed.database
+    else:
+        where = f"{parsed.host or 'localhost'}:{parsed.port or 5432}"
+    name = type(cause).__name__
+    if isinstance(err, ImportError):
+        driver = one_line(err)
+        return f"no driver for {parsed.drivername} here ({driver}); for PostgreSQL: pip install 'cola-hf[postgres]'"
+    if name == "ConnectionTimeout" or "timeout expired" in message:
+        timeout = parsed.query.get("connect_timeout", CONNECT_TIMEOUT_S)
+        return f"no answer from the database server at {where} within {timeout} s"
+    if name == "InsufficientPrivilege":
+        user, database = parsed.username or "(default user)", parsed.database
+        if "schema" in message:
+            return (
+                f"user {user} may not create Optuna's tables in database {database} ({message}); ask its owner "
+                f"to GRANT CREATE ON SCHEMA public TO {user}, or to start the search once as a user who may"
+            )
+        return f"user {user} may not use Optuna's tables in database {database} ({message}); ask its owner for access"
+    if isinstance(cause, Exception) and type(cause).__module__.startswith(("psycopg", "sqlite3", "sqlalchemy")):
+        return f"cannot open the database at {where} ({message})"  # refused, unknown host, bad password...
+    return f"cannot open ({redact_text(one_line(err))})"
+
+
+def describe_storage(url: str | None, search_dir: Path) -> str:
+    """The storage as it may be printed: never with a password."""
+    if url is None:
+        return str(search_dir / JOURNAL_FILE)
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return redact_text(url)
+
+
+# --- the study lock ------------------------------------------------------------------------------------------------
 class StudyLock(Protocol):
     """What the search needs of a lock: re-entrant, released by whoever holds it (filelock.FileLock's API)."""
 
@@ -59,29 +167,14 @@ def study_lock(url: str | None, study_name: str, search_dir: Path) -> StudyLock:
     import sqlalchemy
 
     parsed = sqlalchemy.engine.make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        return AdvisoryLock(url, study_name)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
         if not database or database == ":memory:":  # one process's own database: its own lock will do
             return FileLock(str(search_dir / "sqlite-memory.lock"))
         return FileLock(f"{Path(database).expanduser()}.lock")
-    if parsed.get_backend_name() == "postgresql":
-        return AdvisoryLock(url, study_name)
-    raise ValueError(
-        f"{parsed.get_backend_name()}: the search keeps its trial budget with PostgreSQL's advisory locks or "
-        "a file lock beside a journal or SQLite file; use postgresql://, sqlite:/// or the default journal"
-    )
-
-
-def engine_kwargs(url: str) -> dict[str, Any]:
-    """SQLAlchemy engine arguments for the study's storage: a bounded connect, connections checked before use."""
-    import sqlalchemy
-
-    parsed = sqlalchemy.engine.make_url(url)
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    # The URL's own ?connect_timeout= wins (libpq reads it there too).
-    if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
-        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
-    return kwargs
+    raise ValueError(f"no study lock for {parsed.get_backend_name()} (open_storage refuses it)")
 
 
 def lock_key(study_name: str) -> int:
@@ -93,8 +186,8 @@ def lock_key(study_name: str) -> int:
 class AdvisoryLock:
     """PostgreSQL's advisory lock on the study's key, for one transaction on a connection of its own.
 
-    Transaction-scoped (pg_advisory_xact_lock): the lock goes with the transaction's end, the connection's
-    loss (the worker was killed), or the server ending a session idle in its transaction for longer than
+    Transaction-scoped (pg_advisory_xact_lock): the lock goes with the transaction's end, the connection's loss
+    (the worker was killed), or the server ending a session idle in its transaction for longer than
     LOCK_HOLD_LIMIT_S (the worker's machine vanished). Re-entrant within a worker, like filelock's locks.
     """
 
@@ -117,10 +210,9 @@ class AdvisoryLock:
 
             connection = self._engine.connect()
             try:
-                limit_ms = str(LOCK_HOLD_LIMIT_S * 1000)
                 connection.execute(
                     sqlalchemy.text("SELECT set_config('idle_in_transaction_session_timeout', :limit, true)"),
-                    {"limit": limit_ms},
+                    {"limit": str(LOCK_HOLD_LIMIT_S * 1000)},
                 )
                 connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": self.key})
             except BaseException:

@@ -11,26 +11,22 @@ What the subclass changes, and why:
 - A loss that turns NaN or infinite stops the run, naming the step, instead of training on garbage.
 - A collapsed classifier (every validation sentence predicted as one class, so MCC is 0) is warned about at
   the epoch it happens, with the class counts and the usual remedies.
-- SIGTERM, while the run handles it, saves a checkpoint and stops (cola_hf/preemption.py).
+- SIGTERM, while the run handles it, saves a checkpoint and stops (cola_hf/training/preemption.py).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import huggingface_hub
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 from scipy.special import softmax
 from torch.utils.data import SequentialSampler
 from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
     DataCollatorWithPadding,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -40,9 +36,10 @@ from transformers import (
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import EvalLoopOutput, PredictionOutput, has_length
 
-from cola_hf.errors import TrainingDiverged, UsageError, one_line
+from cola_hf.errors import TrainingDiverged
 from cola_hf.metrics import compute_metrics
-from cola_hf.preemption import StopOnSignal
+from cola_hf.results import EpochStats
+from cola_hf.training.preemption import StopOnSignal
 
 if TYPE_CHECKING:
     from cola_hf.config import RunOptions
@@ -121,8 +118,9 @@ class TutorialTrainer(Trainer):
         return SequentialSampler(eval_dataset) if has_length(eval_dataset) else None
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        # Saving never pushes: the run pushes once, last, with its own model card (cola_hf.hub.push_trainer_output);
-        # the stock save_model would push the Trainer's generic card, and fail the run if the Hub is down.
+        # Saving never pushes: the run pushes once, last, with its own model card (integrations/hub.py's
+        # push_trainer_output); the stock save_model would push the Trainer's generic card, and fail the run if
+        # the Hub is down.
         super().save_model(output_dir, _internal_call=True)
 
     def raise_if_diverged(self) -> None:
@@ -215,6 +213,27 @@ class _EpochStatistics(TrainerCallback):
             )
 
 
+def epoch_table(log_history: list[dict]) -> list[EpochStats]:
+    """One row per epoch from the Trainer's log history: the tutorial's training_stats, plus collapse flags."""
+    rows: dict[int, EpochStats] = {}
+    for entry in log_history:
+        if "epoch" not in entry:
+            continue
+        row = rows.setdefault(round(entry["epoch"]), EpochStats(epoch=round(entry["epoch"])))
+        if "train_epoch_loss" in entry:
+            row.training_loss = entry["train_epoch_loss"]
+            row.training_time_s = entry["train_epoch_time_s"]
+        if "eval_loss" in entry:
+            row.valid_loss = entry["eval_loss"]
+            row.valid_accuracy = entry.get("eval_accuracy")
+            row.valid_mcc = entry.get("eval_matthews_correlation")
+            row.validation_time_s = entry.get("eval_runtime")
+            row.valid_predicted_acceptable = entry.get("eval_predicted_acceptable")
+            row.valid_predicted_unacceptable = entry.get("eval_predicted_unacceptable")
+            row.collapsed = 0 in (row.valid_predicted_acceptable, row.valid_predicted_unacceptable)
+    return [row for _, row in sorted(rows.items()) if row.training_loss is not None or row.valid_loss is not None]
+
+
 def collapse_counts(eval_metrics: dict) -> dict[str, int] | None:
     """Class counts of the validation predictions when they are all one class, else None."""
     counts = {
@@ -238,50 +257,6 @@ def _labels_and_probabilities(
         # Predictions are written next to their sentences: a sampler that reorders them must never pass silently.
         raise RuntimeError(f"predictions for {len(dataset)} sentences came back in another order or count")
     return output.label_ids, softmax(output.predictions, axis=-1)[:, 1]
-
-
-LABELS = {0: "unacceptable", 1: "acceptable"}
-
-
-def load_model_and_tokenizer(
-    model_name_or_path: str, cache_dir: str | None = None, trust_remote_code: bool = False
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The checkpoint's fast tokenizer and a 2-label classifier with CoLA's label names."""
-    options = {"cache_dir": cache_dir, "trust_remote_code": trust_remote_code}
-    local = os.path.isdir(model_name_or_path)
-    if not local and (os.path.isabs(model_name_or_path) or model_name_or_path.startswith((".", "~"))):
-        raise UsageError(f"model '{model_name_or_path}': no such directory (--model_name_or_path)")
-    if local and not os.path.isfile(os.path.join(model_name_or_path, "config.json")):
-        # Without config.json transformers guesses a tokenizer class and fails with a misleading error.
-        raise UsageError(
-            f"model '{model_name_or_path}': no config.json in this directory; expected a checkpoint "
-            "written by save_pretrained"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **options)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_name_or_path,
-            num_labels=len(LABELS),
-            id2label=LABELS,
-            label2id={label: index for index, label in LABELS.items()},
-            use_safetensors=None if trust_remote_code else True,
-            **options,
-        )
-    except (OSError, ValueError) as err:  # transformers reports bad checkpoints with both
-        if local:
-            hint = ""
-        elif huggingface_hub.constants.HF_HUB_OFFLINE:
-            hint = (
-                "; not a local directory, and HF_HUB_OFFLINE is set, so only the Hub cache was searched: pass a "
-                "local checkpoint directory, or download it once with internet access"
-            )
-        else:
-            hint = (
-                "; not a local directory, and the Hub could not provide it (no such model, or no internet: pass a "
-                "local checkpoint directory, or set HF_HUB_OFFLINE=1 to use the Hub cache)"
-            )
-        raise UsageError(f"model '{model_name_or_path}': cannot load ({one_line(err)}){hint}") from err
-    return model, tokenizer
 
 
 def build_trainer(

@@ -2,7 +2,7 @@
 
 One file serves both `wandb agent` (with a W&B server) and the local Optuna search (`--search FILE`):
 
-    method: grid | random | bayes          -> GridSampler | RandomSampler | TPESampler (see cola_hf.search)
+    method: grid | random | bayes          -> GridSampler | RandomSampler | TPESampler (study.py)
     metric: {name: eval/matthews_correlation, goal: maximize}
     parameters:
       learning_rate: {distribution: log_uniform_values, min: 1.0e-5, max: 3.0e-4}
@@ -33,29 +33,13 @@ from optuna.distributions import (
 )
 from optuna.trial import Trial
 
-from cola_hf.config import STUDY_OPTIONS
+from cola_hf.config import OptionSpec, option_specs
 from cola_hf.errors import UsageError
-from cola_hf.textfiles import read_yaml
+from cola_hf.files import read_yaml
 
 METHODS = ("grid", "random", "bayes")
 # The name the Trainer's W&B callback logs our validation MCC under; the local search always maximises it.
 METRIC = "eval/matthews_correlation"
-# Options a search sets itself (where trials go, how the study runs) or that would make trials incomparable.
-NOT_SEARCHABLE = frozenset(
-    {
-        "output_dir",
-        "overwrite_output_dir",
-        "resume",
-        "run_name",
-        "do_train",
-        "push_to_hub",
-        "hub_model_id",
-        "report_to",
-        *STUDY_OPTIONS,
-        "experiment_name",
-        "recipe_name",
-    }
-)
 # W&B distributions with an exact Optuna counterpart; the others (normal, beta, inv_log_uniform...) have none.
 DISTRIBUTIONS = (
     "constant",
@@ -140,7 +124,9 @@ class SearchSpace:
         return {"method": self.method, **{n: distribution_to_json(p.distribution) for n, p in self.parameters.items()}}
 
 
-def load_space(path: str | Path, parser: argparse.ArgumentParser, method: str | None = None) -> SearchSpace:
+def load_space(
+    path: str | Path, parser: argparse.ArgumentParser | None = None, method: str | None = None
+) -> SearchSpace:
     """Read a W&B sweep file into a SearchSpace; `method` (grid for --grid) must match the file's, if given.
 
     Every mistake is a UsageError naming the file and the parameter.
@@ -156,14 +142,14 @@ def load_space(path: str | Path, parser: argparse.ArgumentParser, method: str | 
     if method is not None and sweep_method != method:
         raise UsageError(f"{where} method is {sweep_method!r}; --grid runs a grid (use --search for the others)")
     check_metric(path, sweep.get("metric"))
-    actions = {action.dest: action for action in parser._actions if action.dest != "help"}
+    options = option_specs(parser)
     parameters = {}
     for name, spec in sweep["parameters"].items():
-        if name not in actions:
+        if name not in options:
             raise UsageError(f"{where} '{name}' is not an option of experiments/cola.py (see --help)")
-        if name in NOT_SEARCHABLE:
+        if options[name].roles & {"local", "unsearchable"}:  # config.OPTION_ROLES
             raise UsageError(f"{where} '{name}' cannot be searched: the search sets it for every trial")
-        parameters[name] = parse_parameter(path, name, spec, actions[name])
+        parameters[name] = parse_parameter(path, name, spec, options[name])
     space = SearchSpace(path, sweep_method, parameters)
     if sweep_method == "grid":
         for name, parameter in parameters.items():
@@ -185,7 +171,7 @@ def check_metric(path: Path, metric: Any) -> None:
         )
 
 
-def parse_parameter(path: Path, name: str, spec: Any, action: argparse.Action) -> Parameter:
+def parse_parameter(path: Path, name: str, spec: Any, option: OptionSpec) -> Parameter:
     where = f"{path}: parameter '{name}':"
     if not isinstance(spec, dict):
         raise UsageError(f"{where} expected a mapping such as {{values: [...]}}, found {spec!r}")
@@ -193,9 +179,9 @@ def parse_parameter(path: Path, name: str, spec: Any, action: argparse.Action) -
         raise UsageError(f"{where} nested parameters are not options of a run")
     if "probabilities" in spec:
         raise UsageError(f"{where} 'probabilities' has no Optuna equivalent; list values to draw them uniformly")
-    if action.nargs not in (None, "?"):
+    if option.takes_list:
         raise UsageError(f"{where} the option takes a list of values; a search varies single-valued options")
-    convert = action.type or str
+    convert = option.convert
     distribution = spec.get("distribution") or infer_distribution(spec)
     if distribution not in DISTRIBUTIONS:
         raise UsageError(
@@ -208,7 +194,7 @@ def parse_parameter(path: Path, name: str, spec: Any, action: argparse.Action) -
         values = [spec["value"]] if distribution == "constant" else spec.get("values")
         if not isinstance(values, list) or not values:
             raise UsageError(f"{where} 'values' must be a non-empty list")
-        choices = [categorical_choice(where, convert, action, value) for value in values]
+        choices = [categorical_choice(where, option, value) for value in values]
         if len(set(map(repr, choices))) != len(choices):
             raise UsageError(f"{where} 'values' lists a value twice")
         return Parameter(name, CategoricalDistribution(choices), convert)
@@ -258,12 +244,12 @@ def bound(where: str, spec: dict, key: str) -> float:
     return value
 
 
-def categorical_choice(where: str, convert: Callable[[str], Any], action: argparse.Action, value: Any) -> Choice:
+def categorical_choice(where: str, option: OptionSpec, value: Any) -> Choice:
     if isinstance(value, dict | list):
         raise UsageError(f"{where} each value must be a single value, found {value!r}")
-    converted = convert_token(where, convert, str(value))
-    if action.choices is not None and converted not in action.choices:
-        raise UsageError(f"{where} {value!r} is not one of {list(action.choices)}")
+    converted = convert_token(where, option.convert, str(value))
+    if option.choices is not None and converted not in option.choices:
+        raise UsageError(f"{where} {value!r} is not one of {list(option.choices)}")
     # Optuna stores categorical choices as JSON; anything richer (an enum) is kept as the flag's text.
     return converted if converted is None or isinstance(converted, bool | int | float | str) else str(value)
 

@@ -2,8 +2,8 @@
 
 Per test set: MCC with a bootstrap interval, confusion matrix, calibration (ECE, reliability diagram), the
 decision threshold chosen on the validation split, and scores per sentence source. On glue_dev, scores per
-grammatical phenomenon (cola_hf.phenomena). Several runs side by side, and the tests between them, are in
-cola_hf.significance.
+grammatical phenomenon (CoLA's annotations: cola_hf.data.annotations). Several runs side by side, and the tests
+between them, are in cola_hf.analysis.significance.
 
 Bootstraps are vectorised: each resample's confusion counts come from one `np.bincount`, so the whole analysis
 takes well under two seconds.
@@ -15,29 +15,23 @@ import dataclasses
 import json
 import logging
 import time
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from cola_hf.errors import UsageError  # noqa: E402
-from cola_hf.phenomena import DEFAULT_ANNOTATIONS_URL, HOW_TO_PROVIDE, check_rows, load_annotations  # noqa: E402
-from cola_hf.reporting import PREDICTION_COLUMNS, atomic_path, write_text  # noqa: E402
-from cola_hf.textfiles import read_text  # noqa: E402
+from cola_hf.data.annotations import ANNOTATIONS_URL, HOW_TO_PROVIDE, check_rows, load_annotations
+from cola_hf.errors import UsageError
+from cola_hf.files import dataclass_from_json, pyplot, save_figure, write_text
+from cola_hf.predictions import Predictions, predictions_file, read_predictions
+from cola_hf.results import TEST_SPLITS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_ANNOTATIONS_URL", "RunAnalysis", "analyze_run", "phenomena_markdown", "wandb_tables"]
+__all__ = ["RunAnalysis", "analyze_run", "phenomena_markdown", "wandb_tables"]
 
-SPLITS = ("validation", "out_of_domain_dev", "in_domain_dev", "glue_dev")
-TEST_SPLITS = SPLITS[1:]
+SPLITS = ("validation", *TEST_SPLITS)
 ANALYSIS_JSON = "analysis.json"
 SCHEMA_VERSION = 1
 RESAMPLES = 1000  # per interval in a run; percentile intervals, seeded so a rerun gives the same figures
@@ -129,7 +123,7 @@ class RunAnalysis:
 
     @classmethod
     def from_json(cls, text: str) -> RunAnalysis:
-        return _from_dict(cls, json.loads(text))
+        return dataclass_from_json(cls, json.loads(text))
 
     @classmethod
     def load(cls, path: str | Path) -> RunAnalysis:
@@ -138,70 +132,6 @@ class RunAnalysis:
             return cls.from_json(path.read_text(encoding="utf-8"))
         except (OSError, ValueError, TypeError, KeyError) as err:
             raise UsageError(f"{path}: cannot read ({type(err).__name__}: {err})") from err
-
-
-def _from_dict(kind: typing.Any, value: typing.Any) -> typing.Any:
-    """Rebuild a value of type `kind` (dataclass, dict[str, X], list[X], X | None) from its JSON form."""
-    if value is None:
-        return None
-    if dataclasses.is_dataclass(kind):
-        hints = typing.get_type_hints(kind)
-        return kind(
-            **{f.name: _from_dict(hints[f.name], value[f.name]) for f in dataclasses.fields(kind) if f.name in value}
-        )
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, types.UnionType):
-        return _from_dict(next(arg for arg in args if arg is not type(None)), value)
-    if origin is dict:
-        return {key: _from_dict(args[1], item) for key, item in value.items()}
-    if origin is list:
-        return [_from_dict(args[0], item) for item in value]
-    return value
-
-
-# --- predictions files ----------------------------------------------------------------------------------------
-@dataclass
-class Predictions:
-    """One predictions_<split>.tsv: gold labels, 0.5-threshold predictions, P(acceptable), in file order."""
-
-    path: Path
-    sources: list[str]
-    sentences: list[str]
-    labels: np.ndarray
-    predictions: np.ndarray
-    probabilities: np.ndarray
-
-
-def read_predictions(path: str | Path) -> Predictions:
-    """Read a predictions TSV (header PREDICTION_COLUMNS, no quoting); a bad row raises naming file and row."""
-    path = Path(path)
-    text = read_text(path)
-    lines = text.rstrip("\n").split("\n")
-    if lines[0].rstrip("\r").split("\t") != list(PREDICTION_COLUMNS):
-        raise UsageError(f"{path}:1: wrong header; expected {chr(9).join(PREDICTION_COLUMNS)!r}")
-    sources, sentences, labels, predictions, probabilities = [], [], [], [], []
-    for number, line in enumerate(lines[1:], start=2):
-        fields = line.rstrip("\r").split("\t")
-        try:
-            if len(fields) != len(PREDICTION_COLUMNS) or fields[1] not in "01" or fields[3] not in "01":
-                raise ValueError
-            probability = float(fields[4])
-            if not 0.0 <= probability <= 1.0:
-                raise ValueError
-        except ValueError:
-            raise UsageError(
-                f"{path}:{number}: expected source, label 0/1, sentence, prediction 0/1, probability in [0, 1]"
-            ) from None
-        sources.append(fields[0])
-        labels.append(fields[1] == "1")
-        sentences.append(fields[2])
-        predictions.append(fields[3] == "1")
-        probabilities.append(probability)
-    if not sentences:
-        raise UsageError(f"{path}: no rows")
-    return Predictions(
-        path, sources, sentences, np.array(labels, np.int8), np.array(predictions, np.int8), np.array(probabilities)
-    )
 
 
 # --- vectorised scores ----------------------------------------------------------------------------------------
@@ -338,7 +268,7 @@ def phenomenon_scores(glue_dev: Predictions, features: dict[str, np.ndarray]) ->
 # --- a run ----------------------------------------------------------------------------------------------------
 def analyze_run(
     output_dir: Path,
-    annotations_source: str | None = DEFAULT_ANNOTATIONS_URL,
+    annotations_source: str | None = ANNOTATIONS_URL,
     *,
     minor_features: bool = False,
     cache_dir: str | None = None,
@@ -352,9 +282,9 @@ def analyze_run(
     started = time.perf_counter()
     output_dir = Path(output_dir)
     runs = {
-        split: read_predictions(output_dir / f"predictions_{split}.tsv")
+        split: read_predictions(predictions_file(output_dir, split))
         for split in SPLITS
-        if split == "glue_dev" or (output_dir / f"predictions_{split}.tsv").is_file()
+        if split == "glue_dev" or predictions_file(output_dir, split).is_file()
     }
     notes = []
     phenomena: dict[str, SubsetScore] = {}
@@ -512,13 +442,6 @@ def wandb_tables(analysis: RunAnalysis) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def _save(figure: plt.Figure, path: Path) -> None:
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=100, format="png")
-    plt.close(figure)
-
-
 def write_charts(analysis: RunAnalysis, output_dir: Path) -> list[str]:
     """The PNGs there is data for; returns their file names (for analysis.json and W&B images)."""
     written = []
@@ -536,7 +459,7 @@ def write_charts(analysis: RunAnalysis, output_dir: Path) -> list[str]:
 
 def plot_phenomena(scores: dict[str, SubsetScore], path: Path) -> None:
     names = list(scores)[::-1]  # the file's order, top to bottom
-    figure, axes = plt.subplots(figsize=(7, 0.3 * len(names) + 1.2))
+    figure, axes = pyplot().subplots(figsize=(7, 0.3 * len(names) + 1.2))
     rows = [row for row, name in enumerate(names) if scores[name].matthews_correlation is not None]
     mcc = np.array([scores[names[row]].matthews_correlation for row in rows])
     # A subset too small for an interval gets none: its bar has zero length.
@@ -550,7 +473,7 @@ def plot_phenomena(scores: dict[str, SubsetScore], path: Path) -> None:
     axes.axvline(0, color="black", linewidth=0.8)
     axes.set(title="MCC per phenomenon on glue_dev, 95% bootstrap interval", xlabel="MCC", xlim=(-1, 1))
     axes.grid(axis="x", alpha=0.3)
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def _or(value: float | None, default: float) -> float:
@@ -558,7 +481,7 @@ def _or(value: float | None, default: float) -> float:
 
 
 def plot_reliability(test_sets: dict[str, TestSetAnalysis], path: Path) -> None:
-    figure, all_axes = plt.subplots(1, len(test_sets), figsize=(4 * len(test_sets), 4), squeeze=False)
+    figure, all_axes = pyplot().subplots(1, len(test_sets), figsize=(4 * len(test_sets), 4), squeeze=False)
     for axes, (split, test) in zip(all_axes[0], test_sets.items(), strict=True):
         filled = [b for b in test.reliability if b.n]
         axes.plot([0, 1], [0, 1], "--", color="gray", linewidth=0.8)
@@ -566,11 +489,11 @@ def plot_reliability(test_sets: dict[str, TestSetAnalysis], path: Path) -> None:
         axes.set(title=f"{split}: ECE {test.expected_calibration_error:.3f}", xlim=(0, 1), ylim=(0, 1))
         axes.set(xlabel="mean P(acceptable) in bin", ylabel="fraction acceptable")
         axes.grid(alpha=0.3)
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_confusion_matrices(test_sets: dict[str, TestSetAnalysis], path: Path) -> None:
-    figure, all_axes = plt.subplots(1, len(test_sets), figsize=(3.6 * len(test_sets), 3.4), squeeze=False)
+    figure, all_axes = pyplot().subplots(1, len(test_sets), figsize=(3.6 * len(test_sets), 3.4), squeeze=False)
     for axes, (split, test) in zip(all_axes[0], test_sets.items(), strict=True):
         matrix = np.array(test.confusion_matrix)
         axes.imshow(matrix, cmap="Blues")
@@ -580,15 +503,15 @@ def plot_confusion_matrices(test_sets: dict[str, TestSetAnalysis], path: Path) -
         axes.set_xticks([0, 1], ["unacc.", "acc."])
         axes.set_yticks([0, 1], ["unacc.", "acc."])
         axes.set(title=split, xlabel="predicted", ylabel="true")
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_threshold(threshold: ThresholdAnalysis, path: Path) -> None:
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure, axes = pyplot().subplots(figsize=(6, 4))
     axes.plot(threshold.thresholds, threshold.mcc, color="tab:blue", label="validation MCC")
     axes.axvline(0.5, color="gray", linestyle="--", linewidth=0.8, label="0.5")
     axes.axvline(threshold.threshold, color="tab:red", linewidth=0.8, label=f"chosen {threshold.threshold:.2f}")
     axes.set(title="MCC against the threshold (validation split)", xlabel="threshold on P(acceptable)", ylabel="MCC")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
-    _save(figure, path)
+    save_figure(figure, path)

@@ -1,7 +1,4 @@
-"""Console scripts: thin faces over the package's modules (`cola-predict`, `cola-compare`).
-
-`cola-train` is `cola_hf.run.main`, the same function as `python experiments/cola.py`.
-"""
+"""cola-predict: label sentences acceptable or unacceptable with a fine-tuned model (cola_hf/predict.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +8,7 @@ import sys
 from cola_hf.errors import UsageError
 
 
-# --- cola-predict (Hub/sharing) -------------------------------------------------------------------------------
-def predict_main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """cola-predict: label sentences acceptable or unacceptable with a fine-tuned model. Exit 2 on bad input."""
     parser = argparse.ArgumentParser(
         prog="cola-predict",
@@ -79,15 +75,15 @@ def predict_main(argv: list[str] | None = None) -> int:
             classifier, sentences.texts, args.batch_size, max_length, progress=args.input is not None
         )
         if args.output:
-            from cola_hf.reporting import atomic_path
+            from cola_hf.files import atomic_path
 
             try:
                 with atomic_path(args.output) as temporary, open(temporary, "w", encoding="utf-8") as stream:
-                    predict.write_predictions(predictions, stream, args.format)
+                    predict.write_labelled(predictions, stream, args.format)
             except OSError as err:
                 raise UsageError(f"--output {args.output}: cannot write ({err.strerror})") from err
         elif glue_test is None:
-            predict.write_predictions(predictions, sys.stdout, args.format)
+            predict.write_labelled(predictions, sys.stdout, args.format)
         if glue_test is not None:
             predict.write_glue_submission(
                 args.glue_submission, glue_test.indices, predict.label_ids(classifier, predictions)
@@ -112,15 +108,3 @@ def predict_main(argv: list[str] | None = None) -> int:
         print(f"cola-predict: error: {err}", file=sys.stderr)
         return err.exit_code
     return 0
-
-
-# --- cola-compare (tracking) ----------------------------------------------------------------------------------
-def compare_main(argv: list[str] | None = None) -> int:
-    """cola-compare: a table (markdown, CSV) and a plot of finished runs' results.json. Exit 2 on bad input."""
-    from cola_hf import compare
-
-    try:
-        return compare.main(argv)
-    except UsageError as err:
-        print(f"cola-compare: error: {err}", file=sys.stderr)
-        return err.exit_code

@@ -28,7 +28,7 @@ import filelock
 from transformers import TrainingArguments
 
 from cola_hf.errors import UsageError
-from cola_hf.reporting import FAILED_MARKER, write_json
+from cola_hf.files import write_json, write_text
 from cola_hf.results import RESULTS_FILE
 
 logger = logging.getLogger(__name__)
@@ -37,10 +37,16 @@ LOCK_FILE = ".cola.lock"
 HOLDER_FILE = ".cola.lock.holder"  # who holds the lock, for the message of the run that finds it taken
 INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"  # transformers' own marker of a checkpoint being written
 RUN_OPTIONS_FILE = ".cola.run_options.json"  # hidden, like the lock: bookkeeping, not pushed to the Hub
+FAILED_MARKER = "RUN_FAILED"  # a failed or interrupted directory never passes for a finished one
 
 
 def is_finished(output_dir: str | Path) -> bool:
     return (Path(output_dir) / RESULTS_FILE).is_file()
+
+
+def mark_failed(output_dir: str | Path, message: str) -> None:
+    """Leave the marker that says why the run in `output_dir` failed."""
+    write_text(Path(output_dir) / FAILED_MARKER, message + "\n")
 
 
 def prepare_output_dir(

@@ -3,21 +3,15 @@
 The Hub is optional at run time: nothing here is needed for a run to finish locally, and every failure to
 reach the Hub becomes one line saying what was not uploaded.
 
-How a run with `--push_to_hub` reaches the Hub, and why this way:
-- The Trainer's own integration creates the repository (`--hub_model_id`, `--hub_private_repo`) and pushes
-  checkpoints during training as `--hub_strategy` asks.
-- The final commit is ours (`push_trainer_output`): `Trainer.push_to_hub` always regenerates README.md
-  with its generic card (`Trainer.create_model_card`), which would replace the card written here. So we
-  upload the output directory ourselves, to the repository the Trainer created, with the Trainer's own
-  token, revision and exclusions, after the card is in place.
-- The token comes from `HF_TOKEN` or the saved login (`hf auth login`), read by huggingface_hub itself;
-  `--hub_token` is refused (see `prepare_push`), so the token is never in argv, logs or files.
+The final commit is ours, after the card is in place (`push_trainer_output`); why: docs/architecture.md.
+The token comes from `HF_TOKEN` or the saved login; `--hub_token` is refused, so it is never in argv or files.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import logging
-import os
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -30,10 +24,11 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import Trainer, TrainingArguments
 
-from cola_hf import __version__
+from cola_hf.config import options_with
 from cola_hf.errors import HubPushError, UsageError, one_line
-from cola_hf.reporting import EPOCH_COLUMNS, write_text
-from cola_hf.results import RunResults, TestSetResults
+from cola_hf.files import write_text
+from cola_hf.redaction import redact_text
+from cola_hf.results import EPOCH_COLUMNS, RunResults, TestSetResults
 
 logger = logging.getLogger(__name__)
 
@@ -48,29 +43,6 @@ TEST_SETS = {
     "in_domain_dev": ("in_domain_dev", "CoLA in-domain dev"),
     "glue_dev": ("validation", "GLUE CoLA validation"),
 }
-# The card's hyperparameter table: the settings that define the recipe, in reading order (present ones only).
-HYPERPARAMETERS = (
-    "model_name_or_path",
-    "learning_rate",
-    "optim",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_epsilon",
-    "weight_decay",
-    "lr_scheduler_type",
-    "warmup_steps",
-    "max_grad_norm",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "num_train_epochs",
-    "seed",
-    "max_seq_length",
-    "pad_to_max_length",
-    "validation_fraction",
-    "train_sampling_strategy",
-    "fp16",
-    "bf16",
-)
 EPOCH_TITLES = {
     "epoch": "Epoch",
     "training_loss": "Training loss",
@@ -85,10 +57,6 @@ EPOCH_TITLES = {
 # themselves: republishing the corpus is its authors' call, and nyu-mll/glue already hosts it.
 PUSH_IGNORE_PATTERNS = ("_*", "checkpoint-*", ".*", "predictions_*.tsv")
 
-# Redaction is a second line of defence: no token is ever passed to this module on purpose.
-_TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
-_TOKEN_FLAG = re.compile(r"(--hub_token(?:=|\s+))\S+")
-
 
 # --- the model card --------------------------------------------------------------------------------------------
 def build_model_card(
@@ -101,13 +69,15 @@ def build_model_card(
     base_model: str | None = None,
     license: str | None = None,
     phenomena: str = "",
+    sections: Sequence[str] = (),
 ) -> ModelCard:
     """The card of a finished run: YAML metadata with a model-index of the three test sets, then the body.
 
     `results` is the run's results.json. `base_model` defaults to `model_name_or_path` when that is a Hub id
     (or a snapshot in the Hub cache); a local directory has no Hub id, so pass it when you know it.
     `license` defaults to the base model's, where its card is on disk, else apache-2.0. `phenomena` is the
-    analysis's per-phenomenon table (markdown), left out when empty.
+    analysis's per-phenomenon table (markdown), left out when empty; `sections` are markdown sections appended
+    after the body (a search's, say).
     """
     output_dir = Path(output_dir)
     base_model = base_model or _hub_id_of(model_name_or_path)
@@ -152,10 +122,10 @@ def build_model_card(
         epoch_rows=[[_format(column, getattr(row, column)) for column in EPOCH_COLUMNS] for row in results.epochs],
         plots=_plots(output_dir),
         phenomena=phenomena,
-        command=_redact_command(command),
+        command=redact_text(command),
         versions=_versions(),
     )
-    return ModelCard(redact_secrets(str(card)))
+    return ModelCard(redact_text("".join([str(card), *sections])))
 
 
 def write_model_card(
@@ -171,19 +141,6 @@ def write_model_card(
     card = build_model_card(output_dir, results, model_name_or_path, command, hub_model_id, **card_options)
     write_text(path, str(card))
     return path
-
-
-def redact_secrets(text: str) -> str:
-    """Replace anything that is, or looks like, a Hub token with a placeholder."""
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        secret = os.environ.get(name, "").strip()
-        if len(secret) >= 8:  # a short value would mangle ordinary words
-            text = text.replace(secret, f"<{name}>")
-    return _TOKEN_LIKE.sub("<HF_TOKEN>", text)
-
-
-def _redact_command(command: str) -> str:
-    return redact_secrets(_TOKEN_FLAG.sub(r"\1<HUB_TOKEN>", command))
 
 
 def _hub_id_of(model_name_or_path: str) -> str | None:
@@ -239,7 +196,8 @@ def _test_rows(test: Mapping[str, TestSetResults]) -> list[dict[str, str]]:
 
 
 def _hyperparameters(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    return [(f"`{name}`", f"`{config[name]}`") for name in HYPERPARAMETERS if name in config]
+    # The options config.py gives the role `card`, in its order: the settings that define the recipe.
+    return [(f"`{name}`", f"`{config[name]}`") for name in options_with("card") if name in config]
 
 
 def _plots(output_dir: Path) -> list[tuple[str, str]]:
@@ -259,7 +217,7 @@ def _versions() -> list[tuple[str, str]]:
     import transformers
 
     return [
-        ("cola-hf", __version__),
+        ("cola-hf", _cola_hf_version()),
         ("transformers", transformers.__version__),
         ("torch", torch.__version__),
         ("datasets", datasets.__version__),
@@ -296,7 +254,7 @@ def prepare_push(training_args: TrainingArguments) -> str | None:
     try:
         return _api().create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True).repo_id
     except Exception as err:  # the network boundary: whatever failed, nothing was created
-        raise HubPushError(f"cannot create the Hub repository {repo_id} ({redact_secrets(one_line(err))})") from err
+        raise HubPushError(f"cannot create the Hub repository {repo_id} ({redact_text(one_line(err))})") from err
 
 
 def push_trainer_output(trainer: Trainer, commit_message: str = "End of training") -> str | None:
@@ -348,7 +306,7 @@ def push_output_dir(
     except Exception as err:  # the network boundary: any failure means the upload did not (fully) happen
         retry = shlex.join(["hf", "upload", repo_id, str(output_dir), *_exclude_flags(ignore_patterns)])
         raise HubPushError(
-            f"{output_dir} was not uploaded to the Hub repository {repo_id} ({redact_secrets(one_line(err))}); "
+            f"{output_dir} was not uploaded to the Hub repository {repo_id} ({redact_text(one_line(err))}); "
             f"the local outputs are complete, retry with: {retry}"
         ) from err
     logger.info("Pushed %s to %s", output_dir, commit.commit_url)
@@ -356,7 +314,17 @@ def push_output_dir(
 
 
 def _api() -> HfApi:
-    return HfApi(library_name="cola-hf", library_version=__version__)
+    return HfApi(library_name="cola-hf", library_version=_cola_hf_version())
+
+
+@functools.cache
+def _cola_hf_version() -> str:
+    # The installed distribution's (setup.cfg takes it from cola_hf.__version__): importing the package's root
+    # from here would close an import cycle through `from cola_hf import train`.
+    try:
+        return importlib.metadata.version("cola-hf")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _exclude_flags(patterns: Sequence[str]) -> list[str]:

@@ -16,71 +16,21 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import optuna
 import pandas as pd
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from cola_hf import compare
-from cola_hf.config import STUDY_OPTIONS, RunOptions, make_parser, parse_args
-from cola_hf.reporting import atomic_path, save_figure, write_json, write_text
+from cola_hf.analysis.comparison import compare
+from cola_hf.config import RunOptions
+from cola_hf.files import markdown_table, save_figure, write_csv, write_json, write_text
+from cola_hf.redaction import redact_text
 from cola_hf.results import RESULTS_FILE
-
-if TYPE_CHECKING:
-    from cola_hf.search import Search
+from cola_hf.studies.search.study import BEST_BUILDER, BEST_DIR, Search
 
 logger = logging.getLogger(__name__)
-
-# The options a recipe spells out even at their defaults (those of experiments/recipes/tutorial.yaml);
-# any other option is written only where the search's command changed it.
-RECIPE_OPTIONS = (
-    "model_name_or_path",
-    "cola_source",
-    "validation_fraction",
-    "max_seq_length",
-    "pad_to_max_length",
-    "max_train_samples",
-    "optim",
-    "learning_rate",
-    "adam_epsilon",
-    "adam_beta1",
-    "adam_beta2",
-    "weight_decay",
-    "lr_scheduler_type",
-    "warmup_steps",
-    "max_grad_norm",
-    "global_train_batch_size",
-    "per_device_train_batch_size",
-    "per_device_eval_batch_size",
-    "num_train_epochs",
-    "seed",
-    "eval_strategy",
-    "save_strategy",
-    "load_best_model_at_end",
-    "metric_for_best_model",
-    "greater_is_better",
-    "train_sampling_strategy",
-)
-# Set per run by whoever runs the recipe, or only meaningful inside a search.
-NOT_IN_RECIPE = frozenset(
-    {
-        "output_dir",
-        "overwrite_output_dir",
-        "resume",
-        "run_name",
-        "logging_dir",
-        "push_to_hub",
-        "hub_model_id",
-        "hub_token",
-        "save_only_model",
-        "save_total_limit",
-        "experiment_name",
-        "recipe_name",
-        *STUDY_OPTIONS,
-    }
-)
 
 
 def write_reports(search: Search, best: FrozenTrial | None, best_options: RunOptions | None) -> dict:
@@ -88,15 +38,14 @@ def write_reports(search: Search, best: FrozenTrial | None, best_options: RunOpt
 
     `best` is the best finished trial, `best_options` its options as a recipe runs them (None: no trial yet).
     """
-    search_dir = search.output_dir / "search"
+    search_dir = search.search_dir
     search.study.set_user_attr(f"worker_time_s:{os.uname().nodename}:{os.getpid()}", worker_times(search))
     table = trials_table(search)
-    with atomic_path(search_dir / "trials.csv") as temporary:
-        table.to_csv(temporary, index=False)
+    write_csv(search_dir / "trials.csv", table)
     overhead = overhead_table(search)
     saved = pruning_savings(search)
     write_text(search_dir / "trials.md", trials_markdown(search, table, best, overhead, saved))
-    write_text(search_dir / "overhead.md", compare.to_markdown(overhead))
+    write_text(search_dir / "overhead.md", markdown_table(overhead))
     if best is not None and best_options is not None:
         write_best_params(search, best, best_options, search_dir / "best_params.yaml")
     write_plots(search.study, search_dir)
@@ -106,7 +55,7 @@ def write_reports(search: Search, best: FrozenTrial | None, best_options: RunOpt
         if (search.trial_dir(trial.number) / RESULTS_FILE).is_file()
     ]
     if finished_dirs:
-        compare.compare(finished_dirs, search_dir / "comparison")
+        compare(finished_dirs, search_dir / "comparison")
     states = table["state"].value_counts().to_dict() if len(table) else {}
     summary = {
         "study": search.study.study_name,
@@ -164,7 +113,7 @@ def note(trial: FrozenTrial, rerun_as: dict[int, int]) -> str:
         return f"rerun of trial {trial.system_attrs['retry_history'][-1]}"
     if trial.user_attrs.get("pruned_at") is not None:
         return f"pruned after epoch {trial.user_attrs['pruned_at']}"
-    return trial.user_attrs.get("error", "")
+    return redact_text(trial.user_attrs.get("error", ""))
 
 
 def trials_markdown(
@@ -176,7 +125,7 @@ def trials_markdown(
         f"{search.space.method} search over `{search.space.path}`, {search.n_trials} trials; objective: the best "
         "validation MCC over a trial's epochs. States are Optuna's.",
         "",
-        compare.to_markdown(table),
+        markdown_table(table),
     ]
     if best is not None:
         params = ", ".join(f"{name}={value}" for name, value in search.space.option_values(best.params).items())
@@ -191,50 +140,19 @@ def trials_markdown(
             f"(about {saved['seconds']:.0f} s of training and validation).",
             "",
         ]
-    lines += ["## Where the time went", "", compare.to_markdown(overhead)]
+    lines += ["## Where the time went", "", markdown_table(overhead)]
     return "\n".join(lines)
 
 
 # --- best_params.yaml ------------------------------------------------------------------------------------------
-def recipe_values(options: RunOptions) -> dict[str, Any]:
-    """The options a recipe must hold to run as `options` do: RECIPE_OPTIONS, plus every changed one."""
-    defaults = option_values(parse_args([]))
-    values = option_values(options)
-    return {
-        name: value
-        for name, value in values.items()
-        if name not in NOT_IN_RECIPE and (name in RECIPE_OPTIONS or value != defaults.get(name))
-    }
-
-
-def option_values(options: RunOptions) -> dict[str, Any]:
-    """Every option that a recipe can hold, by name, in the parser's order, as YAML scalars."""
-    fields = {
-        **vars(options.model),
-        **vars(options.data),
-        **options.training.to_dict(),
-        **vars(options.tracking),
-    }
-    values = {}
-    for action in make_parser()._actions:
-        if action.dest not in fields or action.dest in values:
-            continue
-        value = fields[action.dest]
-        if isinstance(value, list) and len(value) <= 1 and action.nargs in (None, "?"):
-            value = value[0] if value else "none"  # report_to: ['wandb'] is the flag's 'wandb', [] its 'none'
-        if value is None or isinstance(value, bool | int | float | str):
-            values[action.dest] = value
-    return values
-
-
 def write_best_params(search: Search, best: FrozenTrial, options: RunOptions, path: Path) -> None:
     """The best trial as a recipe that runs as is, its own outputs beside the search's."""
-    recipe = recipe_values(options)
+    recipe = options.recipe_values()
     recipe["output_dir"] = str(search.output_dir / "confirmation")
     header = [
         f"# The best trial of the search {search.study.study_name} ({search.space.method} over {search.space.path}):",
         f"# trial {best.number} of {search.n_trials}, best validation MCC {best.value:.4f} at epoch "
-        f"{best.user_attrs.get('best_epoch')}. Its model is in {search.output_dir / 'best'}.",
+        f"{best.user_attrs.get('best_epoch')}. Its model is in {best_dir_of(search, best)}.",
         "# Confirm it over seeds (each seed its own run, summary.md aggregates the test MCCs):",
         f"#   python experiments/cola.py {path} --seeds 42 43 44",
         "# load_best_model_at_end: the search ranked trials by their best epoch, so this recipe keeps its best",
@@ -243,12 +161,19 @@ def write_best_params(search: Search, best: FrozenTrial, options: RunOptions, pa
     write_text(path, "\n".join(header) + "\n" + yaml.safe_dump(recipe, sort_keys=False))
 
 
-def add_search_to_card(best_dir: Path, search: Search, best: FrozenTrial) -> None:
-    """A section of best/README.md naming the search and the parameters it chose."""
-    card = best_dir / "README.md"
+def best_dir_of(search: Search, best: FrozenTrial) -> str:
+    """Where best/ is (or will be): the OUTPUT_DIR of the worker that builds it, which may be another's."""
+    builder = search.study.user_attrs.get(BEST_BUILDER) or {}
+    if builder.get("trial") == best.number and builder.get("output_dir") != str(search.output_dir.resolve()):
+        return f"{Path(builder['output_dir']) / BEST_DIR} on {builder['host']}"
+    return str(search.output_dir / BEST_DIR)
+
+
+def search_card_section(search: Search, best: FrozenTrial) -> str:
+    """The section of best/README.md naming the search and the parameters it chose."""
     params = search.space.option_values(best.params)
     rows = "\n".join(f"| `{name}` | `{value}` |" for name, value in params.items())
-    section = (
+    return (
         "\n## Hyperparameter search\n\n"
         f"This model is the best of a {search.space.method} search (Optuna) of {search.n_trials} trials over "
         f"`{search.space.path.name}`: trial {best.number}, chosen by its validation MCC "
@@ -257,7 +182,6 @@ def add_search_to_card(best_dir: Path, search: Search, best: FrozenTrial) -> Non
         f"| Parameter | Value |\n|---|---|\n{rows}\n\n"
         "Every trial is in `search/trials.md`; `search/best_params.yaml` is this recipe, to confirm over seeds.\n"
     )
-    write_text(card, card.read_text(encoding="utf-8") + section)
 
 
 # --- plots -----------------------------------------------------------------------------------------------------
@@ -285,7 +209,7 @@ def write_plots(study: optuna.Study, search_dir: Path) -> None:
 
 # --- time ------------------------------------------------------------------------------------------------------
 def worker_times(search: Search) -> dict[str, float]:
-    return {"bookkeeping_s": search.bookkeeping_s, "data_s": search.data_s}
+    return {"bookkeeping_s": search.bookkeeping_s, "data_s": search.data_s, "waiting_s": search.waiting_s}
 
 
 def overhead_table(search: Search) -> pd.DataFrame:
@@ -303,6 +227,7 @@ def overhead_table(search: Search) -> pd.DataFrame:
         "trial end: keeping the best model, reports, W&B": total("finish_s"),
         "study bookkeeping: locks, stale-trial check, ask, tell, sampler": sum(w["bookkeeping_s"] for w in workers),
         "reading and tokenizing CoLA (once per worker)": sum(w["data_s"] for w in workers),
+        "waiting for other workers' last trials (no slot left)": sum(w.get("waiting_s", 0.0) for w in workers),
     }
     overall = sum(parts.values()) or math.nan
     rows = [{"part": part, "seconds": seconds, "share": seconds / overall} for part, seconds in parts.items()]

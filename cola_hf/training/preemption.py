@@ -8,15 +8,7 @@ model. A signal during validation lets the validation finish and saves right aft
 sets are scored stops at the next batch (the final checkpoint is already on disk). A second SIGTERM during
 the save changes nothing.
 
-Why not transformers' own `TrainingArguments.enable_jit_checkpoint` (transformers/trainer_jit_checkpoint.py),
-which falls short on four counts here:
-- it saves from `on_pre_optimizer_step` / `on_step_begin`, in the middle of a step: the random state has moved
-  on and the step's gradients are dropped, so a run resumed from it no longer matches an uninterrupted one;
-- it waits 3 s after the signal, and each process acts on its own signal: on several processes the ranks can
-  stop at different steps and hang in the next collective; here they agree (an all-reduce of the flag at
-  every step end) and stop at one step together;
-- it does not watch validation or prediction;
-- `train()` then returns normally, so a caller would go on to test and report a half-trained model.
+Why not transformers' own `enable_jit_checkpoint`: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -12,13 +12,12 @@ and learning rate every `logging_steps` and the validation metrics every epoch, 
 - a guard so that W&B failing mid-run stops the uploads, never the training or the local outputs.
 
 The run calls `start_run(trainer, ...)` after building the Trainer and `log_run_outputs(...)` after
-reporting wrote results.json. Both do nothing unless `--report_to` includes wandb, and only the main
+the run wrote results.json. Both do nothing unless `--report_to` includes wandb, and only the main
 process talks to W&B.
 """
 
 from __future__ import annotations
 
-import csv
 import functools
 import importlib.metadata
 import os
@@ -27,21 +26,21 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transformers.integrations import WandbCallback
 
-from cola_hf.analysis import wandb_tables
 from cola_hf.config import model_short_name
 from cola_hf.errors import StoppedBySignal, one_line
-from cola_hf.reporting import EPOCH_COLUMNS
+from cola_hf.predictions import read_predictions
+from cola_hf.redaction import redact_options
+from cola_hf.results import EPOCH_COLUMNS
 
 if TYPE_CHECKING:
+    import pandas as pd
     from transformers import Trainer
 
-    from cola_hf.analysis import RunAnalysis
     from cola_hf.config import RunOptions
     from cola_hf.results import RunResults
 
@@ -156,21 +155,22 @@ def package_versions() -> dict[str, str | None]:
 
 
 def provenance(options: RunOptions, data_sha256: dict[str, str]) -> dict[str, Any]:
-    """What the callback's config (every TrainingArguments field) lacks: our other options and reproducibility."""
+    """What the callback's config (every TrainingArguments field) lacks: our other options and reproducibility.
+
+    Masked like every record of the options (cola_hf/redaction.py): `wandb sync` uploads it."""
     code = git_commit()
-    return {
-        **asdict(options.model),
-        **asdict(options.data),
-        **asdict(options.tracking),
-        **asdict(options.study),
-        "recipe": options.recipe,
-        "model/name": options.model.model_name_or_path,
-        "data/source": options.data.cola_source,
-        "data/sha256": data_sha256,
-        "code/git_commit": code["commit"],
-        "code/git_dirty": code["dirty"],
-        "versions": package_versions(),
-    }
+    return redact_options(
+        {
+            **options.values(),
+            "recipe": options.recipe,
+            "model/name": options.model.model_name_or_path,
+            "data/source": options.data.cola_source,
+            "data/sha256": data_sha256,
+            "code/git_commit": code["commit"],
+            "code/git_dirty": code["dirty"],
+            "versions": package_versions(),
+        }
+    )
 
 
 def start_run(trainer: Trainer, options: RunOptions, data_sha256: dict[str, str]) -> Any | None:
@@ -259,10 +259,14 @@ def stop_run_preempted() -> None:
 
 # --- after the run -------------------------------------------------------------------------------------------
 def log_run_outputs(
-    output_dir: str | Path, results: RunResults, log_model: bool = False, analysis: RunAnalysis | None = None
+    output_dir: str | Path,
+    results: RunResults,
+    log_model: bool = False,
+    tables: dict[str, pd.DataFrame] | None = None,
 ) -> None:
-    """Upload what reporting wrote, then finish the run: summary, tables, charts and (optionally) the model.
+    """Upload what the run wrote, then finish the W&B run: summary, tables, charts and (optionally) the model.
 
+    `tables` (the analysis's, say) go up as `analysis/<name>` W&B tables.
     Each upload is tried on its own: whatever fails is named in one message, the rest still goes up, and the
     local outputs (already complete when this is called) are never touched.
     """
@@ -296,8 +300,8 @@ def log_run_outputs(
             f"misclassified sentences of {split}",
             lambda split=split, tsv=predictions: media.__setitem__(f"misclassified/{split}", _misclassified_table(tsv)),
         )
-    if analysis is not None:
-        for name, frame in wandb_tables(analysis).items():
+    if tables:
+        for name, frame in tables.items():
             attempt(
                 f"analysis table {name}",
                 lambda name=name, frame=frame: media.__setitem__(f"analysis/{name}", wandb.Table(dataframe=frame)),
@@ -325,11 +329,9 @@ def _epoch_table(results: RunResults) -> dict[str, Any]:
 
 
 def _misclassified_table(predictions_tsv: Path) -> Any:
-    import pandas as pd
     import wandb
 
-    # No quoting, like the CoLA files: sentences hold quote characters.
-    frame = pd.read_csv(predictions_tsv, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False)
+    frame = read_predictions(predictions_tsv).frame()
     wrong = frame[frame["label"] != frame["prediction"]]
     return wandb.Table(dataframe=wrong[["sentence_source", "sentence", "label", "prob_acceptable"]])
 

@@ -9,19 +9,23 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
-import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
 from datasets.fingerprint import Hasher
 from tokenizers import Tokenizer
-from transformers import PreTrainedTokenizerBase
 
+from cola_hf.data.sources import download, is_url, local_root
 from cola_hf.errors import ColaDataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
+COLA_URL = "https://nyu-mll.github.io/CoLA/cola_public_1.1.zip"  # the CoLA 1.1 release, from the CoLA site
 COLUMNS = ("sentence_source", "label", "label_notes", "sentence")
 FEATURES = datasets.Features(
     {
@@ -36,23 +40,6 @@ RAW_FILES = {
     "in_domain_dev": "in_domain_dev.tsv",
     "out_of_domain_dev": "out_of_domain_dev.tsv",
 }
-# The tutorial's test set first; glue_dev is the GLUE validation set that public results quote.
-TEST_SPLITS = ("out_of_domain_dev", "in_domain_dev", "glue_dev")
-
-
-def is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
-
-
-def download(url: str, cache_dir: str | None = None, *, check_for_updates: bool = True) -> Path:
-    """The URL's file, extracted when it is an archive: downloaded once, then served from datasets' cache.
-
-    With `check_for_updates`, every call asks the server whether the file changed (so it needs the network);
-    without, a cached copy is used as it is, offline too. Raises OSError or ConnectionError (offline mode
-    included) when it cannot be fetched.
-    """
-    download_config = datasets.DownloadConfig(cache_dir=cache_dir, use_etag=check_for_updates)
-    return Path(datasets.DownloadManager(download_config=download_config).download_and_extract(url))
 
 
 def find_raw_dir(source: str, cache_dir: str | None = None) -> Path:
@@ -84,27 +71,6 @@ def find_raw_dir(source: str, cache_dir: str | None = None) -> Path:
             f"or under raw/; {found}"
         )
     return closest
-
-
-def local_root(
-    path: Path, option: str = "--cola_source", expected: str = "the CoLA 1.1 zip or a directory of TSVs"
-) -> Path:
-    """A local source given by `option`: a directory as it is, a zip extracted (and cached) by datasets."""
-    try:
-        if not path.exists():
-            raise ColaDataError(f"{path}: no such file or directory ({option})")
-        if path.is_dir():
-            return path
-        with path.open("rb") as handle:  # open it first: is_zipfile calls an unreadable file "not a zip"
-            if not zipfile.is_zipfile(handle):
-                raise ColaDataError(f"{path}: not a zip file; expected {expected}")
-    except PermissionError as err:
-        raise _unreadable(err) from err
-    return Path(datasets.DownloadManager().extract(str(path)))
-
-
-def _unreadable(err: PermissionError) -> ColaDataError:
-    return ColaDataError(f"{err.filename}: cannot read ({err.strerror})")
 
 
 def validate_tsv(path: Path) -> tuple[int, str]:
@@ -182,7 +148,7 @@ def file_hashes(files: datasets.DatasetDict) -> dict[str, str]:
 
 
 def split_cola(files: datasets.DatasetDict, validation_fraction: float = 0.1, seed: int = 42) -> datasets.DatasetDict:
-    """Splits: train/validation (in_domain_train split with the seed), and the test sets of TEST_SPLITS.
+    """Splits: train/validation (in_domain_train split with the seed), and the test sets (results.TEST_SPLITS).
 
     `files` are read_cola's, raw or tokenized. Tokenize them before splitting: a split is a view whose rows
     datasets gathers one at a time, which makes tokenizing it twice as slow, and the cache of a whole file
@@ -217,9 +183,9 @@ def tokenize_cola(
 
     With dynamic padding every row is unpadded, so its attention mask would be all ones: the collator builds
     it when it pads the batch, and tokenizing without it takes half the time. With --pad_to_max_length the
-    mask marks the padding and is kept. The raw columns stay (reporting writes them next to predictions); the
-    Trainer drops what the model does not take. `length` lets the length-grouped sampler skip re-measuring
-    every example.
+    mask marks the padding and is kept. The raw columns stay (the predictions files hold them beside each
+    prediction); the Trainer drops what the model does not take. `length` lets the length-grouped sampler skip
+    re-measuring every example.
     """
     tokenizer_hash = tokenizer_fingerprint(tokenizer)
     tokenized = datasets.DatasetDict(

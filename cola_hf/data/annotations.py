@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from cola_hf.errors import UsageError
-from cola_hf.textfiles import read_text
+from cola_hf.files import read_tsv
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ANNOTATIONS_URL = "https://nyu-mll.github.io/CoLA/CoLA_grammatical_annotations.zip"
+ANNOTATIONS_URL = "https://nyu-mll.github.io/CoLA/CoLA_grammatical_annotations.zip"
 MAJOR_FILE = "CoLA_grammatical_annotations_major_features.tsv"
 MINOR_FILE = "CoLA_grammatical_annotations_minor_features.tsv"
 LEADING_COLUMNS = ("Source", "Domain", "Acceptability", "Sentence")
@@ -70,8 +70,8 @@ def annotations_dir(source: str | None, cache_dir: str | None = None) -> Path | 
     A local zip or directory that cannot be read raises `UsageError`: that is a mistake to fix, while a
     download that fails (offline) leaves the rest of the analysis to go on.
     """
-    # Imported here: cola_hf.data loads datasets, which cola-compare's parser should not wait for.
-    from cola_hf.data import download, is_url, local_root
+    # Imported here: the sources load datasets, which cola-compare's parser should not wait for.
+    from cola_hf.data.sources import download, is_url, local_root
 
     if source is None:
         logger.info("Phenomena skipped: no annotations; to get them pass %s", HOW_TO_PROVIDE)
@@ -104,18 +104,13 @@ def annotations_dir(source: str | None, cache_dir: str | None = None) -> Path | 
 
 def read_annotation_file(path: Path, features: tuple[str, ...] | None = None) -> Annotations:
     """Read one annotation TSV; `features` are the columns it must have after the leading four (None: any)."""
-    text = read_text(path, "--annotations_source")
-    lines = [line.rstrip("\r") for line in text.split("\n")]
-    header = lines[0].split("\t")
+    header, lines = read_tsv(path, "--annotations_source")
     names = tuple(header[len(LEADING_COLUMNS) :])
     if tuple(header[: len(LEADING_COLUMNS)]) != LEADING_COLUMNS or not names or (features and names != features):
         then = ", ".join(features) if features else "one column per feature"
         raise UsageError(f"{path}:1: wrong header; expected tab-separated {', '.join(LEADING_COLUMNS)}, then {then}")
     rows = []
-    for number, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
+    for number, fields in lines:
         if len(fields) != len(header):
             raise UsageError(f"{path}:{number}: expected {len(header)} tab-separated columns, found {len(fields)}")
         if any(value not in ("0", "1") for value in (fields[2], *fields[len(LEADING_COLUMNS) :])):

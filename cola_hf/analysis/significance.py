@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cola_hf.analysis import (
+from cola_hf.analysis.run_analysis import (
     ANALYSIS_JSON,
     BOOTSTRAP_SEED,
-    Predictions,
     RunAnalysis,
     SubsetScore,
     confusion_cells,
@@ -24,11 +23,11 @@ from cola_hf.analysis import (
     mcc_cell,
     mcc_from_counts,
     phenomenon_scores,
-    read_predictions,
     resampled_counts,
 )
+from cola_hf.data.annotations import ANNOTATIONS_URL, HOW_TO_PROVIDE, check_rows, load_annotations
 from cola_hf.errors import UsageError
-from cola_hf.phenomena import DEFAULT_ANNOTATIONS_URL, HOW_TO_PROVIDE, check_rows, load_annotations
+from cola_hf.predictions import Predictions, predictions_file, read_predictions
 
 TEST_RESAMPLES = 10_000
 
@@ -152,7 +151,7 @@ class _GlueDevScorer:
                     f"{run_dir}: no phenomena in {ANALYSIS_JSON} and no annotations; pass {HOW_TO_PROVIDE}"
                 )
         major, minor = self._annotations
-        glue_dev = read_predictions(run_dir / "predictions_glue_dev.tsv")
+        glue_dev = read_predictions(predictions_file(run_dir, "glue_dev"))
         check_rows(major, glue_dev.sources, glue_dev.labels, glue_dev.sentences, glue_dev.path)
         features = {**major.features, **(minor.features if minor else {})}
         return phenomenon_scores(glue_dev, features)
@@ -161,7 +160,7 @@ class _GlueDevScorer:
 def phenomena_comparison(
     labels: list[str],
     groups: list[list[Path]],
-    annotations_source: str | None = DEFAULT_ANNOTATIONS_URL,
+    annotations_source: str | None = ANNOTATIONS_URL,
     minor_features: bool = False,
     cache_dir: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -207,8 +206,8 @@ def significance_tests(
     results = []
     for label, members in zip(labels[1:], groups[1:], strict=True):
         if len(baseline) == 1 and len(members) == 1:
-            a = read_predictions(baseline[0] / "predictions_glue_dev.tsv")
-            b = read_predictions(members[0] / "predictions_glue_dev.tsv")
+            a = read_predictions(predictions_file(baseline[0], "glue_dev"))
+            b = read_predictions(predictions_file(members[0], "glue_dev"))
             results.append((baseline_label, label, paired_bootstrap(a, b)))
         elif len(baseline) > 1 and len(members) > 1:
             results.append((baseline_label, label, welch_test(_glue_dev_mccs(baseline), _glue_dev_mccs(members))))
@@ -222,7 +221,7 @@ def significance_tests(
 def _glue_dev_mccs(members: list[Path]) -> list[float]:
     values = []
     for run_dir in members:
-        run = read_predictions(run_dir / "predictions_glue_dev.tsv")
+        run = read_predictions(predictions_file(run_dir, "glue_dev"))
         values.append(float(mcc_from_counts(np.bincount(confusion_cells(run.labels, run.predictions), minlength=4))))
     return values
 

@@ -1,0 +1,1 @@
+"""The command lines: cola-train (experiments/cola.py), cola-predict, cola-compare."""

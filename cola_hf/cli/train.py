@@ -1,0 +1,111 @@
+"""The command line of a run: `python experiments/cola.py`, `cola-train`, and `cola_hf.train()` from Python.
+
+    python experiments/cola.py [RECIPE.yaml] [--flags]     one run, --seeds (a seed study) or --search/--grid
+
+`main(argv)` parses, dispatches and turns every error into one line and an exit status; `train(...)` is the same
+for a notebook, returning the results.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import datasets
+import transformers
+
+from cola_hf.config import RunOptions, parse_args
+from cola_hf.errors import HubPushError, RunFailed, StoppedBySignal, UsageError
+from cola_hf.integrations import hub
+from cola_hf.redaction import install_on, redact_argv, redact_text
+from cola_hf.results import RunResults
+from cola_hf.run import run
+from cola_hf.studies.search.worker import run_search
+from cola_hf.studies.seeds import run_options, run_seeds
+from cola_hf.training.output_dir import mark_failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python experiments/cola.py [RECIPE.yaml] [--flags]`: exit 0, 1 (the run failed) or 2 (bad input)."""
+    from_command_line = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
+    options = None
+    try:
+        options = parse_args(argv)
+        if from_command_line:
+            # Parsed: from here on the process's own command line is masked, for what records it (W&B's run
+            # metadata, the model card): a password in --search_storage or a source URL stays in the options only.
+            sys.argv[1:] = redact_argv(sys.argv[1:])
+        configure_logging(options)
+        hub.prepare_push(options.training)  # fails in one line before any work: no token, offline, bad repo id
+        dispatch(options)
+        return 0
+    except HubPushError as err:  # the local run is complete: no RUN_FAILED marker
+        print(f"cola: error: {redact_text(str(err))}", file=sys.stderr)
+        return err.exit_code
+    except StoppedBySignal as err:  # not a failure: the checkpoint is complete, the same command continues
+        if options is None or options.training.process_index == 0:  # one line for the run, not one per process
+            print(f"cola: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    except (UsageError, RunFailed) as err:
+        if debug:
+            raise
+        args = options.training if options is not None else None
+        if args is not None and args.should_save and Path(args.output_dir).is_dir():
+            mark_failed(args.output_dir, redact_text(str(err)))
+        print(f"cola: error: {redact_text(str(err))}", file=sys.stderr)
+        return err.exit_code
+
+
+def train(recipe: str | Path | None = None, **options: Any) -> RunResults | dict | None:
+    """Run from Python (a notebook, say) with the command line's options, e.g.
+
+        results = train("experiments/recipes/tutorial.yaml", num_train_epochs=2, output_dir="outputs/ep2")
+        results.test["out_of_domain_dev"].matthews_correlation
+
+    Keyword arguments are the command line's flags (lists for options that take several values), parsed and
+    checked the same way; bad ones raise `UsageError`. Returns the run's results (None on processes other
+    than the main one); with `seeds`, `search` or `grid`, the study's summary instead.
+    """
+    argv = [str(recipe)] if recipe is not None else []
+    for name, value in options.items():
+        values = value if isinstance(value, list | tuple) else [value]
+        argv += [f"--{name}", *map(str, values)]
+    parsed = parse_args(argv)
+    configure_logging(parsed)
+    hub.prepare_push(parsed.training)
+    return dispatch(parsed)
+
+
+def dispatch(options: RunOptions) -> RunResults | dict | None:
+    """One run, a seed study or a search (a grid is a search), as the study flags say."""
+    study = options.study
+    if study.seeds and study.grid:
+        raise UsageError("--seeds and --grid: give one or the other (a grid runs with --seed)")
+    if study.search and (study.seeds or study.grid):
+        raise UsageError("--search with --seeds or --grid: give one (confirm a search's best_params.yaml over seeds)")
+    if study.search or study.grid:
+        return run_search(options)
+    if study.seeds:
+        return run_seeds(options)
+    if study.per_run_output_dir:
+        options = run_options(options)
+    return run(options)
+
+
+def configure_logging(options: RunOptions) -> None:
+    args = options.training
+    # Our own progress lines on the main process; the libraries at the level TrainingArguments asks for.
+    ours = logging.INFO if args.should_log else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=ours, force=True)
+    level = args.get_process_log_level()
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_default_handler()
+    # No password or token in any log line: every handler that writes ours or the libraries' masks them
+    # (transformers and Optuna have handlers of their own, not the root's).
+    install_on(logging.getLogger(), logging.getLogger("transformers"), logging.getLogger("optuna"))

@@ -1,0 +1,1 @@
+"""Data sources and the data sets read from them (CoLA, BLiMP)."""

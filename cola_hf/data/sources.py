@@ -1,0 +1,49 @@
+"""Where data comes from: a URL (downloaded once, then served from `datasets`' cache), a local zip (extracted
+and cached by `datasets`) or a local directory. Each data module (CoLA, its annotations, BLiMP) turns the
+directory it gets into its own files.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import datasets
+
+from cola_hf.errors import ColaDataError
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def download(url: str, cache_dir: str | None = None, *, check_for_updates: bool = True) -> Path:
+    """The URL's file, extracted when it is an archive: downloaded once, then served from datasets' cache.
+
+    With `check_for_updates`, every call asks the server whether the file changed (so it needs the network);
+    without, a cached copy is used as it is, offline too. Raises OSError or ConnectionError (offline mode
+    included) when it cannot be fetched.
+    """
+    download_config = datasets.DownloadConfig(cache_dir=cache_dir, use_etag=check_for_updates)
+    return Path(datasets.DownloadManager(download_config=download_config).download_and_extract(url))
+
+
+def local_root(
+    path: Path, option: str = "--cola_source", expected: str = "the CoLA 1.1 zip or a directory of TSVs"
+) -> Path:
+    """A local source given by `option`: a directory as it is, a zip extracted (and cached) by datasets."""
+    try:
+        if not path.exists():
+            raise ColaDataError(f"{path}: no such file or directory ({option})")
+        if path.is_dir():
+            return path
+        with path.open("rb") as handle:  # open it first: is_zipfile calls an unreadable file "not a zip"
+            if not zipfile.is_zipfile(handle):
+                raise ColaDataError(f"{path}: not a zip file; expected {expected}")
+    except PermissionError as err:
+        raise _unreadable(err) from err
+    return Path(datasets.DownloadManager().extract(str(path)))
+
+
+def _unreadable(err: PermissionError) -> ColaDataError:
+    return ColaDataError(f"{err.filename}: cannot read ({err.strerror})")

@@ -1,0 +1,1 @@
+"""Training: the model, the Trainer subclass and what keeps a run alive (SIGTERM, the output-directory rule)."""
