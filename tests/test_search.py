@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -511,3 +512,53 @@ def test_best_is_built_once_by_the_run_phases_its_card_complete_before_any_uploa
     results = json.loads((out / "best" / "results.json").read_text())
     assert results["config"]["search"]["trial"] == 0 and results["test"]
     assert "## Hyperparameter search" in (out / "best" / "README.md").read_text()
+
+
+class PausingSampler(optuna.samplers.RandomSampler):
+    """A random sampler that pauses inside Optuna's recording of a trial's end (its after_trial hook runs in
+    `tell`, after the objective has returned and before the storage holds the new state) until told to go on."""
+
+    def __init__(self, seed: int, in_window: threading.Event, go_on: threading.Event) -> None:
+        super().__init__(seed=seed)
+        self.in_window, self.go_on = in_window, go_on
+
+    def after_trial(self, study, trial, state, values) -> None:
+        super().after_trial(study, trial, state, values)
+        self.in_window.set()
+        assert self.go_on.wait(timeout=120)
+
+
+def test_a_trial_that_has_returned_but_is_not_recorded_yet_does_not_look_dead(tmp_path, base_args):
+    """Two workers on one journal: A's trial has returned and Optuna is recording it when B looks for trials whose
+    worker is gone. B leaves it alone, and A records it. (A worker that let go of its trial's directory lock when
+    the trial returned looked dead in that window: B failed the finished trial and queued it again, and A died with
+    Optuna's "AssertionError: Should not reach.")"""
+    from cola_hf.config import parse_args
+    from cola_hf.studies.search.study import fail_interrupted_trials
+    from cola_hf.studies.search.worker import join_study, run_trials
+
+    space = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"values": [5e-3]}})
+    options = parse_args(
+        [*base_args, "--output_dir", str(tmp_path / "search"), "--search", str(space), "--n_trials", "1"]
+        + ["--num_train_epochs", "1"]
+    )
+    worker_a, worker_b = join_study(options), join_study(options)
+    in_window, go_on = threading.Event(), threading.Event()
+    worker_a.study.sampler = PausingSampler(0, in_window, go_on)
+    looked: list[str] = []
+
+    def worker_b_looks() -> None:
+        try:
+            assert in_window.wait(timeout=240)
+            with worker_b.study_lock:
+                fail_interrupted_trials(worker_b)
+            looked.extend(trial.state.name for trial in worker_b.study.get_trials())
+        finally:
+            go_on.set()
+
+    checker = threading.Thread(target=worker_b_looks)
+    checker.start()
+    run_trials(worker_a)  # the trial trains in this (main) thread: SIGTERM handling needs the main thread
+    checker.join(timeout=60)
+    assert looked == ["RUNNING"]  # B looked inside the window, and left the trial alone
+    assert [trial.state.name for trial in worker_a.study.get_trials()] == ["COMPLETE"]  # no rerun queued

@@ -105,15 +105,15 @@ def wait_until(condition, what: str, timeout: float = 60) -> None:
 
 # --- the study lock ---------------------------------------------------------------------------------------------
 def test_the_study_lock_is_the_databases_and_a_killed_holder_lets_go_of_it(postgres_database):
-    holder = start_holder(postgres_database, "cola-wide")
-    lock = AdvisoryLock(postgres_database, "cola-wide")
+    holder = start_holder(postgres_database, "search: cola-wide")
+    lock = AdvisoryLock(postgres_database, "search: cola-wide")
     try:
         waiter = acquire_in_thread(lock)
         wait_until(lambda: waiting_advisory_locks(postgres_database) == 1, "worker waiting for the lock")
         assert waiter.is_alive() and not lock.is_locked
         # Another study's lock is another key: free while the first one is held.
-        with AdvisoryLock(postgres_database, "cola-other") as other:
-            assert other.is_locked and lock_key("cola-other") != lock_key("cola-wide")
+        with AdvisoryLock(postgres_database, "search: cola-other") as other:
+            assert other.is_locked and lock_key("search: cola-other") != lock_key("search: cola-wide")
 
         holder.send_signal(signal.SIGKILL)  # its connection drops, and the lock with it
         holder.wait(timeout=30)
@@ -124,7 +124,7 @@ def test_the_study_lock_is_the_databases_and_a_killed_holder_lets_go_of_it(postg
             assert lock.is_locked
         lock.release()
         assert not lock.is_locked and waiting_advisory_locks(postgres_database) == 0
-        with AdvisoryLock(postgres_database, "cola-wide") as again:
+        with AdvisoryLock(postgres_database, "search: cola-wide") as again:
             assert again.is_locked
     finally:
         holder.kill()
@@ -134,8 +134,8 @@ def test_the_study_lock_is_the_databases_and_a_killed_holder_lets_go_of_it(postg
 def test_a_holder_that_goes_silent_loses_the_lock_after_the_hold_limit(postgres_database):
     """SIGSTOP stands for a machine that vanished: no FIN, the connection stays open; the server ends the
     session once its transaction has been idle for the hold limit (2 s here, LOCK_HOLD_LIMIT_S in a worker)."""
-    holder = start_holder(postgres_database, "cola-wide", hold_limit_s=2)
-    lock = AdvisoryLock(postgres_database, "cola-wide")
+    holder = start_holder(postgres_database, "search: cola-wide", hold_limit_s=2)
+    lock = AdvisoryLock(postgres_database, "search: cola-wide")
     try:
         holder.send_signal(signal.SIGSTOP)
         waiter = acquire_in_thread(lock)
@@ -154,7 +154,8 @@ def test_workers_counting_slots_under_the_lock_create_exactly_n_trials(postgres_
     code = textwrap.dedent(
         f"""
         import optuna
-                from cola_hf.studies.search.storage import study_lock
+        from pathlib import Path
+        from cola_hf.studies.search.storage import study_lock
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.load_study(study_name="budget", storage={postgres_database!r})
         lock = study_lock({postgres_database!r}, "budget", Path("."))
@@ -182,9 +183,9 @@ def test_workers_counting_slots_under_the_lock_create_exactly_n_trials(postgres_
 def test_the_lock_lives_where_the_study_lives(tmp_path, postgres_database):
     assert isinstance(study_lock(postgres_database, "s", tmp_path), AdvisoryLock)
     journal_lock = study_lock(None, "s", tmp_path)
-    assert journal_lock.lock_file == str(tmp_path / "study.journal.lock")
+    assert journal_lock.lock_file == str(tmp_path / "study.lock")
     assert study_lock(f"sqlite:///{tmp_path}/shared.db", "s", tmp_path / "elsewhere").lock_file == str(
-        tmp_path / "shared.db.lock"
+        tmp_path / "shared.db.cola.lock"
     )
     with pytest.raises(UsageError, match="mysql is not supported; the search keeps its trial budget with"):
         open_storage("mysql://u:pw@host/db", tmp_path, heartbeat_interval=60, grace_period=300)
@@ -272,7 +273,11 @@ def test_a_worker_killed_mid_trial_is_noticed_by_its_heartbeat_and_its_trial_run
     survivor = start_worker(search_command(search_args, survivor_out, space, 3, postgres_database, *heartbeat))
 
     def victim_mid_trial():
-        for trial in shared_study(postgres_database).get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        try:
+            running = shared_study(postgres_database).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        except KeyError:  # no study yet
+            return None
+        for trial in running:
             if trial.user_attrs.get("pid") == victim.pid and list(
                 (victim_out / "trials" / f"trial-{trial.number:03d}").glob("checkpoint-*")
             ):
@@ -305,7 +310,7 @@ def test_the_storage_password_is_recorded_nowhere(tmp_path, search_args, postgre
     password = urlsplit(postgres_database).password
     space = write_sweep(tmp_path / "space.yaml", "grid", {"learning_rate": {"values": [5e-3, 1e-7]}})
     out = tmp_path / "search"
-    args = [arg if arg != "none" else "wandb" for arg in search_args]  # --report_to wandb
+    args = [*search_args, "--report_to", "wandb"]
     env = {**no_credentials_env(tmp_path), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     command = search_command(args, out, space, 2, postgres_database)
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

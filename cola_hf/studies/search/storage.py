@@ -13,8 +13,8 @@ counting the trial slots and creating the next trial, failing a trial whose work
 building of best/. It lives where the study lives, so that every worker that shares the study shares the lock,
 whatever else it shares:
 
-    journal file (default)     a file lock beside the journal, in OUTPUT_DIR/search
-    sqlite:///PATH             a file lock beside the database file
+    journal file (default)     a file lock beside the journal, OUTPUT_DIR/search/study.lock
+    sqlite:///PATH             a file lock beside the database file, PATH.cola.lock
     postgresql://...           an advisory lock of the database, held for one transaction on a connection of
                                its own (pg_advisory_xact_lock)
 
@@ -39,6 +39,7 @@ from cola_hf.errors import UsageError, one_line
 from cola_hf.redaction import redact_text
 
 JOURNAL_FILE = "study.journal"
+STUDY_LOCK_FILE = "study.lock"  # beside the journal, in OUTPUT_DIR/search
 # An interrupted trial is run again with the same parameters at most this often (then it counts as failed).
 MAX_RETRIES = 2
 # How long a worker waits for the database server to answer a new connection before giving up in one line:
@@ -76,8 +77,15 @@ def open_storage(url: str | None, search_dir: Path, heartbeat_interval: int, gra
             "budget with PostgreSQL's advisory locks (postgresql://...) or a file lock (sqlite:///PATH, or the "
             "default journal file)"
         )
+    database = Path(parsed.database or "").expanduser()
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        if not database.parent.is_dir():  # checked first: a file lock beside it would create the directory
+            raise UsageError(f"--search_storage {shown}: cannot open the database: no directory {database.parent}")
+    tables_lock = database_lock(url, TABLES_LOCK, search_dir)
     try:
-        with warnings.catch_warnings():
+        # Optuna creates its tables the first time (CREATE TABLE, CREATE TYPE), which PostgreSQL cannot do twice
+        # at once: workers started together on an empty database would fail (optuna/optuna#1092). One at a time.
+        with tables_lock, warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(
                 url,
@@ -88,6 +96,9 @@ def open_storage(url: str | None, search_dir: Path, heartbeat_interval: int, gra
             )
     except Exception as err:  # sqlalchemy's OperationalError, ProgrammingError, a missing driver (ImportError)...
         raise UsageError(f"--search_storage {shown}: {why_not_opened(err, parsed)}") from None
+    finally:
+        if isinstance(tables_lock, AdvisoryLock):
+            tables_lock.close()
 
 
 def engine_kwargs(url: str) -> dict[str, Any]:
@@ -163,40 +174,52 @@ class StudyLock(Protocol):
 def study_lock(url: str | None, study_name: str, search_dir: Path) -> StudyLock:
     """The lock of the study `study_name` in the storage `url` (None: the journal file in `search_dir`)."""
     if url is None:
-        return FileLock(str(search_dir / f"{JOURNAL_FILE}.lock"))
+        # Not study.journal.lock: that is the journal's own lock (Optuna's JournalFileSymlinkLock), which takes
+        # an existing file of that name for a held lock, and removes it after 30 s.
+        return FileLock(str(search_dir / STUDY_LOCK_FILE))
+    return database_lock(url, f"search: {study_name}", search_dir)
+
+
+# The lock for creating Optuna's tables in a database, before any study exists.
+TABLES_LOCK = "optuna tables"
+
+
+def database_lock(url: str, name: str, search_dir: Path) -> StudyLock:
+    """A lock named `name` that every worker using the database at `url` shares."""
     import sqlalchemy
 
     parsed = sqlalchemy.engine.make_url(url)
     if parsed.get_backend_name() == "postgresql":
-        return AdvisoryLock(url, study_name)
+        return AdvisoryLock(url, name)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
         if not database or database == ":memory:":  # one process's own database: its own lock will do
             return FileLock(str(search_dir / "sqlite-memory.lock"))
-        return FileLock(f"{Path(database).expanduser()}.lock")
-    raise ValueError(f"no study lock for {parsed.get_backend_name()} (open_storage refuses it)")
+        # One file lock per database: the locks' names only matter where they are advisory locks of a server.
+        return FileLock(f"{Path(database).expanduser()}.cola.lock")
+    raise ValueError(f"no lock for {parsed.get_backend_name()} (open_storage refuses it)")
 
 
-def lock_key(study_name: str) -> int:
-    """A signed 64-bit advisory-lock key for the study: the same in every worker, unlike Python's hash()."""
-    digest = hashlib.sha256(f"cola-hf search: {study_name}".encode()).digest()
+def lock_key(name: str) -> int:
+    """A signed 64-bit advisory-lock key for `name`: the same in every worker, unlike Python's hash()."""
+    digest = hashlib.sha256(f"cola-hf {name}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
 class AdvisoryLock:
-    """PostgreSQL's advisory lock on the study's key, for one transaction on a connection of its own.
+    """PostgreSQL's advisory lock on `name`'s key, for one transaction on a connection of its own.
 
     Transaction-scoped (pg_advisory_xact_lock): the lock goes with the transaction's end, the connection's loss
     (the worker was killed), or the server ending a session idle in its transaction for longer than
     LOCK_HOLD_LIMIT_S (the worker's machine vanished). Re-entrant within a worker, like filelock's locks.
     """
 
-    def __init__(self, url: str, study_name: str) -> None:
+    def __init__(self, url: str, name: str) -> None:
         import sqlalchemy
 
         # One connection, kept between acquisitions and checked before each (a server restart drops it).
         self._engine = sqlalchemy.create_engine(url, pool_size=1, max_overflow=0, **engine_kwargs(url))
-        self.key = lock_key(study_name)
+        self.key = lock_key(name)
         self._connection: Any = None
         self._depth = 0
 

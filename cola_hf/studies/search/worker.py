@@ -56,6 +56,23 @@ def run_search(options: RunOptions, tokenized_files: datasets.DatasetDict | None
     `tokenized_files` (read_cola's files after run.tokenize_files, for `options`) saves this worker tokenizing
     them. Returns the search's summary (search/summary.json).
     """
+    search = join_study(options, tokenized_files)
+    run_trials(search)
+    study = search.study
+    logger.info("This worker ran trials %s; the study holds %d", search.trials_run, len(study.get_trials()))
+    with search.lock:
+        discard_models(search)
+        best = best_trial(study)
+        build_from = claim_best(search, best) if best is not None and study_finished(search) else None
+        best_options = None if best is None else recipe_options(search, search.space.option_values(best.params))
+        summary = write_reports(search, best, best_options)
+        if build_from is not None:
+            finish_best(search, best, build_from)
+    return summary
+
+
+def join_study(options: RunOptions, tokenized_files: datasets.DatasetDict | None = None) -> Search:
+    """This worker's view of the study its options name, creating the study if it is the first worker."""
     study_args = options.study
     if options.training.world_size > 1:
         raise UsageError("--search runs every trial in one process; start one worker per GPU instead")
@@ -95,17 +112,7 @@ def run_search(options: RunOptions, tokenized_files: datasets.DatasetDict | None
         study_args.search_pruner,
         describe_storage(study_args.search_storage, search_dir),
     )
-    run_trials(search)
-    logger.info("This worker ran trials %s; the study holds %d", search.trials_run, len(study.get_trials()))
-    with search.lock:
-        discard_models(search)
-        best = best_trial(study)
-        build_from = claim_best(search, best) if best is not None and study_finished(search) else None
-        best_options = None if best is None else recipe_options(search, space.option_values(best.params))
-        summary = write_reports(search, best, best_options)
-        if build_from is not None:
-            finish_best(search, best, build_from)
-    return summary
+    return search
 
 
 def check_heartbeat(interval: int, grace: int) -> None:
