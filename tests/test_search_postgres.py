@@ -309,6 +309,42 @@ def test_a_worker_killed_mid_trial_is_noticed_by_its_heartbeat_and_its_trial_run
     )
 
 
+def test_a_worker_paused_past_the_grace_period_loses_its_trial_to_another_and_goes_on(
+    tmp_path, search_args, postgres_database
+):
+    """SIGSTOP, as Slurm's PreemptMode=SUSPEND does: the paused worker's heartbeat stops, another worker fails its
+    trial and runs it again; resumed, the first one's trial ends, is not recorded (it was failed), and the worker
+    carries on without a traceback."""
+    space = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"values": [5e-3, 2e-3, 1e-3]}})
+    heartbeat = ["--search_heartbeat_interval", "1", "--search_grace_period", "3", "--num_train_epochs", "6"]
+    paused = start_worker(search_command(search_args, tmp_path / "paused", space, 2, postgres_database, *heartbeat))
+    other = start_worker(search_command(search_args, tmp_path / "other", space, 2, postgres_database, *heartbeat))
+
+    def paused_trial():
+        try:
+            running = shared_study(postgres_database).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        except KeyError:  # no study yet
+            return None
+        return next((trial for trial in running if trial.user_attrs.get("pid") == paused.pid), None)
+
+    wait_until(lambda: paused_trial() or paused.poll() is not None, "the first worker's trial", 240)
+    taken = paused_trial()
+    assert taken is not None
+    paused.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: trial_states(postgres_database)[taken.number] == "FAIL", "its trial failed", 120)
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    logs = finish_workers([paused, other])
+
+    trials = shared_study(postgres_database).get_trials()
+    (rerun,) = [trial for trial in trials if trial.system_attrs.get("retry_history") == [taken.number]]
+    assert trials[taken.number].state.name == "FAIL" and rerun.state.name == "COMPLETE"
+    assert sorted(trial.state.name for trial in trials) == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert f"Trial {taken.number} was failed by another worker while this one ran it" in logs[0]
+    assert "Traceback" not in logs[0] and "Should not reach" not in logs[0]
+
+
 def test_the_storage_password_is_recorded_nowhere(tmp_path, search_args, postgres_database):
     """W&B offline writes its runs under each trial's directory and best/: they are searched too."""
     from test_tracking import no_credentials_env

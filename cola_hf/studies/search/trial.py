@@ -83,6 +83,9 @@ class ReportEpochs(TrainerCallback):
         self.last_epoch = last_epoch
         self.best = -math.inf
         self.pruned_at: int | None = None
+        # The storage refused the report: the trial was failed by another worker (no heartbeat from this one for
+        # the grace period: a suspended process, a network cut) and is queued to run again. Training stops.
+        self.taken_over = False
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         mcc = (metrics or {}).get("eval_matthews_correlation")
@@ -90,7 +93,13 @@ class ReportEpochs(TrainerCallback):
             return
         epoch = round(state.epoch)
         self.best = max(self.best, mcc)
-        self.trial.report(self.best, epoch)
+        try:
+            self.trial.report(self.best, epoch)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.taken_over = True
+            control.should_training_stop = True
+            control.should_save = False
+            return
         if epoch < self.last_epoch and self.trial.should_prune():
             self.pruned_at = epoch
             control.should_training_stop = True
@@ -148,6 +157,10 @@ def run_trial(search: Search, trial: optuna.Trial, trial_dir: Path) -> float:
     except RunFailed as err:  # diverged: these parameters fail, the search goes on
         trial.set_user_attr("error", str(err))
         logger.warning("Trial %d failed: %s", trial.number, err)
+        tracking.log_run_outputs(trial_dir, RunResults(epochs=epoch_table(prepared.trainer.state.log_history)))
+        remove_checkpoints(trial_dir)
+        return math.nan
+    if reporter.taken_over:  # nothing of it is recorded: its rerun, elsewhere, is the trial (worker.py says so)
         tracking.log_run_outputs(trial_dir, RunResults(epochs=epoch_table(prepared.trainer.state.log_history)))
         remove_checkpoints(trial_dir)
         return math.nan
