@@ -169,6 +169,8 @@ def fail_interrupted_trials(search: Search) -> None:
 
 def fail_silent_trials(search: Search) -> None:
     """Optuna's heartbeat check (RDB storages): fail and queue again the trials whose worker stopped beating."""
+    if search.options.study.search_storage is None:
+        return  # the journal file keeps no heartbeats
     study = search.study
     before = {trial.number: trial for trial in running_trials(study)}
     with warnings.catch_warnings():
@@ -176,7 +178,7 @@ def fail_silent_trials(search: Search) -> None:
         optuna.storages.fail_stale_trials(study)
     for number in sorted(set(before) - {trial.number for trial in running_trials(study)}):
         trial = before[number]
-        if study.trials[number].state != TrialState.FAIL:
+        if study.get_trials(deepcopy=False)[number].state != TrialState.FAIL:
             continue  # finished by its worker meanwhile
         grace = search.options.study.search_grace_period
         where = f"pid {trial.user_attrs.get('pid', '?')} on {trial.user_attrs.get('host', '?')}"
