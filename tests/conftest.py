@@ -50,6 +50,35 @@ def write_cola_dir(root: Path, train: int = 200, in_domain: int = 40, out_of_dom
     return root
 
 
+def verb_rule_rows(count: int, seed: int) -> list[tuple]:
+    """CoLA-format rows whose label follows the verb ("saw": acceptable, "praised": not): a rule the tiny random
+    BERT learns within an epoch at a high learning rate and not at all at a tiny one, so searches' trials differ."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        label = int(rng.random() < 0.6)
+        verb = "saw" if label else "praised"
+        rows.append(
+            (
+                f"src{rng.randrange(4)}",
+                label,
+                "" if label else "*",
+                f"{rng.choice(SUBJECTS)} {verb} {rng.choice(OBJECTS)}.",
+            )
+        )
+    return rows
+
+
+@pytest.fixture(scope="session")
+def verb_cola_dir(tmp_path_factory) -> Path:
+    """Raw CoLA TSVs of the verb rule (train 200, in-domain dev 40, out-of-domain dev 36)."""
+    root = tmp_path_factory.mktemp("verb-cola")
+    write_tsv(root / "in_domain_train.tsv", verb_rule_rows(200, seed=1))
+    write_tsv(root / "in_domain_dev.tsv", verb_rule_rows(40, seed=2))
+    write_tsv(root / "out_of_domain_dev.tsv", verb_rule_rows(36, seed=3))
+    return root
+
+
 @pytest.fixture(scope="session")
 def cola_dir(tmp_path_factory) -> Path:
     """A directory of small synthetic raw CoLA TSVs (train 200, in-domain dev 40, out-of-domain dev 36)."""
@@ -124,6 +153,17 @@ def build_tiny_model(directory: Path) -> Path:
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide random BERT classifier and its WordPiece tokenizer, saved with save_pretrained."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def encoder_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny BERT without its classifier head, like a pretrained checkpoint: each run draws a new head."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    directory = tmp_path_factory.mktemp("tiny-encoder")
+    BertForSequenceClassification.from_pretrained(tiny_model_dir).bert.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(directory)
+    return directory
 
 
 def run_cola(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:

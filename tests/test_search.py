@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -22,42 +21,14 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, SCRIPT, write_tsv
+from conftest import REPO, SCRIPT
 
 from cola_hf.config import make_parser
 from cola_hf.errors import UsageError
 from cola_hf.studies.search.space import load_space
 
-SUBJECTS = ["the cat", "a dog", "john", "mary", "the students", "every linguist", "she", "they"]
-OBJECTS = ["the book", "a paper", "the homework problem", "it", "the analysis", "them"]
 WIDE = REPO / "experiments" / "sweeps" / "wide.yaml"
 GRID = REPO / "experiments" / "sweeps" / "bert_paper_grid.yaml"
-
-
-def verb_rule_rows(count: int, seed: int) -> list[tuple]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        label = int(rng.random() < 0.6)
-        verb = "saw" if label else "praised"
-        rows.append(
-            (
-                f"src{rng.randrange(4)}",
-                label,
-                "" if label else "*",
-                f"{rng.choice(SUBJECTS)} {verb} {rng.choice(OBJECTS)}.",
-            )
-        )
-    return rows
-
-
-@pytest.fixture(scope="module")
-def verb_cola_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("verb-cola")
-    write_tsv(root / "in_domain_train.tsv", verb_rule_rows(200, seed=1))
-    write_tsv(root / "in_domain_dev.tsv", verb_rule_rows(40, seed=2))
-    write_tsv(root / "out_of_domain_dev.tsv", verb_rule_rows(36, seed=3))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -65,17 +36,6 @@ def cola_main():
     from cola_hf.cli.train import main
 
     return main
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny BERT without its classifier head, like a pretrained checkpoint: each run draws a new head."""
-    from transformers import AutoTokenizer, BertForSequenceClassification
-
-    directory = tmp_path_factory.mktemp("tiny-encoder")
-    BertForSequenceClassification.from_pretrained(tiny_model_dir).bert.save_pretrained(directory)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture

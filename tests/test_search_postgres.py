@@ -21,30 +21,19 @@ from urllib.parse import urlsplit
 
 import optuna
 import pytest
-from conftest import REPO, postgres_admin, write_tsv
+from conftest import REPO, postgres_admin
 from optuna.trial import TrialState
-from test_search import cola_command, subprocess_env, verb_rule_rows, write_sweep
+from test_search import cola_command, subprocess_env, write_sweep
 
 from cola_hf.errors import UsageError
 from cola_hf.studies.search.storage import AdvisoryLock, lock_key, open_storage, study_lock
 
 
 @pytest.fixture(scope="module")
-def search_args(tmp_path_factory, tiny_model_dir) -> list[str]:
+def search_args(verb_cola_dir, encoder_dir) -> list[str]:
     """The options every worker of these searches shares: tiny encoder, verb-rule files, one epoch, no W&B."""
-    from transformers import AutoTokenizer, BertForSequenceClassification
-
-    root = tmp_path_factory.mktemp("pg-search")
-    cola = root / "cola"
-    cola.mkdir()
-    write_tsv(cola / "in_domain_train.tsv", verb_rule_rows(200, seed=1))
-    write_tsv(cola / "in_domain_dev.tsv", verb_rule_rows(40, seed=2))
-    write_tsv(cola / "out_of_domain_dev.tsv", verb_rule_rows(36, seed=3))
-    encoder = root / "encoder"  # without its classifier head, like a pretrained checkpoint
-    BertForSequenceClassification.from_pretrained(tiny_model_dir).bert.save_pretrained(encoder)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(encoder)
     return [
-        "--cola_source", str(cola), "--model_name_or_path", str(encoder), "--annotations_source", "none",
+        "--cola_source", str(verb_cola_dir), "--model_name_or_path", str(encoder_dir), "--annotations_source", "none",
         "--max_seq_length", "16", "--global_train_batch_size", "8", "--num_train_epochs", "1",
         "--report_to", "none", "--disable_tqdm", "true",
     ]  # fmt: skip
