@@ -214,7 +214,7 @@ def trial_states(url: str) -> list[str]:
 
 
 def test_three_workers_with_their_own_output_dirs_run_exactly_n_trials_and_build_one_best(
-    tmp_path, search_args, postgres_database
+    tmp_path, search_args, postgres_database, monkeypatch, capsys
 ):
     space = write_sweep(
         tmp_path / "space.yaml",
@@ -245,8 +245,8 @@ def test_three_workers_with_their_own_output_dirs_run_exactly_n_trials_and_build
 
     # The same command after the end: no trial added, best/ left alone.
     built = (best_dirs[0] / "results.json").stat().st_mtime_ns
-    again = subprocess.run(commands[1], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
+    code, err = cola_in_process(commands[1], monkeypatch, capsys)
+    assert code == 0, err[-3000:]
     assert trial_states(postgres_database) == ["COMPLETE"] * 4
     assert (best_dirs[0] / "results.json").stat().st_mtime_ns == built
 
@@ -359,30 +359,42 @@ def test_the_storage_password_is_recorded_nowhere(tmp_path, search_args, postgre
 
 
 # --- bad input -------------------------------------------------------------------------------------------------
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and lines and "Traceback" not in result.stderr, result.stderr[-3000:]
+def cola_in_process(command: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """A worker's command run in this process (saving a process start): its exit status and its stderr."""
+    from cola_hf.cli.train import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    capsys.readouterr()
+    code = main([str(arg) for arg in command[2:]])  # without python and the script
+    return code, capsys.readouterr().err
+
+
+def one_error_line(code: int, err: str) -> str:
+    lines = err.strip().splitlines()
+    assert code == 2 and lines and "Traceback" not in err, err[-3000:]
     return lines[-1]
 
 
-def test_a_server_that_never_answers_is_one_line_naming_it_within_the_connect_timeout(tmp_path, search_args):
+def test_a_server_that_never_answers_is_one_line_naming_it_within_the_connect_timeout(
+    tmp_path, search_args, monkeypatch, capsys
+):
     space = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"values": [1e-3]}})
     with socket.socket() as silent:  # accepts connections (the kernel does), never says a word
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         port = silent.getsockname()[1]
         url = f"postgresql+psycopg://cola:planted-secret@127.0.0.1:{port}/cola"
-        command = search_command(search_args, tmp_path / "out", space, 2, url)
         # Bounded by CONNECT_TIMEOUT_S (10 s), not by the operating system's minutes.
-        result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    line = one_error_line(result)
+        code, err = cola_in_process(search_command(search_args, tmp_path / "out", space, 2, url), monkeypatch, capsys)
+    line = one_error_line(code, err)
     assert line.startswith(f"cola: error: --search_storage postgresql+psycopg://cola:***@127.0.0.1:{port}/cola: ")
     assert f"no answer from the database server at 127.0.0.1:{port} within 10 s" in line
-    assert "planted-secret" not in result.stdout + result.stderr
+    assert "planted-secret" not in err
 
 
 def test_a_database_that_refuses_to_create_tables_is_one_line_saying_what_to_ask_for(
-    tmp_path, search_args, postgres_server, postgres_database
+    tmp_path, search_args, postgres_server, postgres_database, monkeypatch, capsys
 ):
     """A role that may log in and use the database, but not create tables in its schema (PostgreSQL 15's default
     for anyone but the owner)."""
@@ -393,21 +405,14 @@ def test_a_database_that_refuses_to_create_tables_is_one_line_saying_what_to_ask
     try:
         url = f"postgresql+psycopg://{guest}:guest-secret@{owner.hostname}:{owner.port}{owner.path}"
         space = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"values": [1e-3]}})
-        result = subprocess.run(
-            search_command(search_args, tmp_path / "out", space, 2, url),
-            cwd=REPO,
-            env=subprocess_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        code, err = cola_in_process(search_command(search_args, tmp_path / "out", space, 2, url), monkeypatch, capsys)
     finally:
         with postgres_admin(postgres_server) as admin:
             admin.execute(f"DROP OWNED BY {guest}")
             admin.execute(f"DROP ROLE {guest}")
-    line = one_error_line(result)
+    line = one_error_line(code, err)
     assert f"user {guest} may not create Optuna's tables in database {owner.path[1:]}" in line
-    assert "guest-secret" not in result.stderr
+    assert "guest-secret" not in err
 
 
 def test_two_sweep_files_under_one_study_name_the_second_is_refused(tmp_path, search_args, postgres_database):
