@@ -29,6 +29,10 @@ tutorial: install
 
 style: install
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+	$(VENV)/bin/nbstripout --keep-id notebooks/*.ipynb
 
+# ruff lints and formats the notebooks too; nbstripout fails on a notebook committed with outputs or execution
+# counts (--keep-id: the tests find cells by their ids).
 quality: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports
+	$(VENV)/bin/nbstripout --verify --keep-id notebooks/*.ipynb

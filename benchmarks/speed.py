@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="BertTokenizerLegacy is the pure-Python tokenizer the tutorial used in its day.",
     )
     parser.add_argument(
+        "--tutorial_bf16",
+        action="store_true",
+        help="The tutorial loop's forward passes under bf16 autocast, to set beside the package's --bf16 True "
+        "(the tutorial itself has no mixed precision).",
+    )
+    parser.add_argument(
         "--tutorial_trim_padding",
         action="store_true",
         help="Cut each tutorial batch to its longest sentence: the same math (padding is masked out) for less "
@@ -230,6 +236,8 @@ def run_tutorial(args: argparse.Namespace) -> dict[str, Any]:
     epochs = math.ceil(total_steps / len(train_dataloader))
     scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=total_steps)
 
+    # Not the tutorial's: bf16 autocast around its forward passes (--tutorial_bf16), as the Trainer's --bf16 does.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.tutorial_bf16)
     torch.manual_seed(args.seed)  # where the tutorial seeds: right before its loop
     memory_before_train_mb = peak_memory_mb()
     steps = samples = tokens = 0
@@ -249,7 +257,8 @@ def run_tutorial(args: argparse.Namespace) -> dict[str, Any]:
                 if args.tutorial_trim_padding:
                     b_input_ids, b_input_mask = trim_padding(b_input_ids, b_input_mask)
                 model.zero_grad()
-                output = model(b_input_ids, token_type_ids=None, attention_mask=b_input_mask, labels=b_labels)
+                with autocast:
+                    output = model(b_input_ids, token_type_ids=None, attention_mask=b_input_mask, labels=b_labels)
                 total_train_loss += output.loss.item()
                 output.loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -266,9 +275,9 @@ def run_tutorial(args: argparse.Namespace) -> dict[str, Any]:
             b_input_ids, b_input_mask, b_labels = (t.to(device) for t in batch)
             if args.tutorial_trim_padding:
                 b_input_ids, b_input_mask = trim_padding(b_input_ids, b_input_mask)
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 output = model(b_input_ids, token_type_ids=None, attention_mask=b_input_mask)
-            predictions.append(output.logits.detach().cpu().numpy())
+            predictions.append(output.logits.detach().float().cpu().numpy())  # float: bf16 has no numpy type
             true_labels.append(b_labels.to("cpu").numpy())
         return np.concatenate(true_labels), np.argmax(np.concatenate(predictions), axis=1)
 

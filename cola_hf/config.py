@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import sys
 from argparse import ArgumentTypeError
@@ -23,6 +24,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
 from cola_hf.data.annotations import ANNOTATIONS_URL
+from cola_hf.data.blimp import BLIMP_URL
 from cola_hf.data.cola import COLA_URL
 from cola_hf.errors import UsageError
 from cola_hf.files import read_yaml
@@ -73,6 +75,13 @@ class DataArguments:
     )
     minor_features: bool = field(
         default=False, metadata={"help": "Analyse the 63 minor grammatical features too, not only the 15 major."}
+    )
+    blimp_source: str | None = field(
+        default=BLIMP_URL,
+        metadata={
+            "help": "BLiMP's 67,000 minimal pairs, scored after the test sets (the authors' zip by URL, a local "
+            "copy, or a directory of its .jsonl files); 'none' skips them."
+        },
     )
 
 
@@ -142,6 +151,13 @@ class ColaTrainingArguments(TrainingArguments):
         metadata={
             "help": "Processes that collate batches. Default: 2 with a GPU, so batches are ready while it computes; "
             "0 on the CPU, where workers would take cores from the model."
+        },
+    )
+    hub_strategy: str = field(
+        default="end",
+        metadata={
+            "help": "When --push_to_hub publishes: 'end', once the run has finished, with its model card (the only "
+            "strategy cola-hf accepts: a checkpoint pushed mid-run would have no card, and stays local instead)."
         },
     )
     report_to: None | str | list[str] = field(
@@ -361,6 +377,77 @@ def options_with(role: str) -> tuple[str, ...]:
 
 TRAJECTORY_OPTIONS = options_with("trajectory")
 STUDY_OPTIONS = frozenset(options_with("study"))
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option accepts: a closed or open interval, and special values outside it."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    also: tuple = ()  # values with a meaning of their own (max_steps -1: train by epochs)
+
+    def __contains__(self, value: float) -> bool:
+        if value in self.also:
+            return True
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        low = f"{'>' if self.low_open else '>='} {_number(self.low)}" if self.low != -math.inf else ""
+        high = f"{'<' if self.high_open else '<='} {_number(self.high)}" if self.high != math.inf else ""
+        text = " and ".join(part for part in (low, high) if part)
+        return " or ".join([*map(_number, self.also), text])
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+POSITIVE, AT_LEAST_ONE, NOT_NEGATIVE = Range(0, low_open=True), Range(1), Range(0)
+# Checked before anything runs, for every value users set (flags, recipes, search spaces): one line naming the
+# option, the value and the range, exit 2, instead of a traceback from deep inside torch or datasets.
+OPTION_RANGES = {
+    "learning_rate": POSITIVE,
+    "num_train_epochs": POSITIVE,
+    "max_steps": Range(1, also=(-1,)),
+    "global_train_batch_size": NOT_NEGATIVE,
+    "per_device_train_batch_size": AT_LEAST_ONE,
+    "per_device_eval_batch_size": AT_LEAST_ONE,
+    "gradient_accumulation_steps": AT_LEAST_ONE,
+    "warmup_steps": NOT_NEGATIVE,
+    "weight_decay": NOT_NEGATIVE,
+    "adam_beta1": Range(0, 1, high_open=True),
+    "adam_beta2": Range(0, 1, high_open=True),
+    "adam_epsilon": POSITIVE,
+    "max_grad_norm": NOT_NEGATIVE,  # 0: no clipping
+    "max_seq_length": Range(2),  # [CLS] and [SEP]; the model's positions are checked once it is loaded
+    "max_train_samples": AT_LEAST_ONE,
+    "validation_fraction": Range(0, 1, low_open=True, high_open=True),
+    "logging_steps": POSITIVE,
+    "eval_steps": POSITIVE,
+    "save_steps": POSITIVE,
+    "save_total_limit": AT_LEAST_ONE,
+    "seed": Range(0, 2**32 - 1),  # numpy's seeds
+    "seeds": Range(0, 2**32 - 1),
+    "n_trials": AT_LEAST_ONE,
+    "dataloader_num_workers": NOT_NEGATIVE,
+}
+
+
+def check_range(name: str, value: Any, where: str = "") -> None:
+    """Raise UsageError (one line: `where`, the option, the value, the range) when `value` is outside `name`'s."""
+    allowed = OPTION_RANGES.get(name)
+    values = value if isinstance(value, list | tuple) else [value]
+    for each in values:
+        if allowed is None or each is None or isinstance(each, bool) or not isinstance(each, int | float):
+            continue
+        if each not in allowed or math.isnan(each):
+            shown = _number(each) if math.isfinite(each) else each
+            raise UsageError(f"{where}--{name} {shown}: out of range, expected {allowed}")
 
 
 @dataclass(frozen=True)
@@ -591,4 +678,7 @@ def parse_args(argv: list[str] | None = None) -> RunOptions:
         raise UsageError(" ".join(str(err).split())) from err
     if unused:
         raise UsageError(f"unrecognized arguments: {' '.join(unused)} (see --help)")
-    return RunOptions(*groups, recipe_file=recipe_file)
+    options = RunOptions(*groups, recipe_file=recipe_file)
+    for name, value in options.values().items():
+        check_range(name, value)
+    return options

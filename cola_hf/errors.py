@@ -17,6 +17,10 @@ class ColaDataError(UsageError):
     """A CoLA source that cannot be read; the message names the file and, where there is one, the line."""
 
 
+class BlimpDataError(UsageError):
+    """A BLiMP source that cannot be read; the message names the file and, where there is one, the line."""
+
+
 class RunFailed(Exception):
     """A run that cannot go on (diverged training, say). One line says why; exit status 1."""
 

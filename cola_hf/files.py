@@ -28,6 +28,20 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
+# What save_pretrained writes for a model and its tokenizer: the files that load it back (the Hub push and the
+# W&B model artifact upload these; --overwrite_output_dir clears them).
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab.*",
+    "merges.txt",
+    "added_tokens.json",
+)
+
 
 # --- writing -------------------------------------------------------------------------------------------------
 @contextmanager
@@ -135,6 +149,26 @@ def dataclass_from_json(kind: Any, value: Any) -> Any:
     if origin is list:
         return [dataclass_from_json(args[0], item) for item in value]
     return value
+
+
+class JsonRecord:
+    """A dataclass kept as an indented JSON file and read back typed (analysis.json, blimp.json); a file that does
+    not parse is one line naming it."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls, text: str) -> Any:
+        return dataclass_from_json(cls, json.loads(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Any:
+        path = Path(path)
+        try:
+            return cls.from_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise UsageError(f"{path}: cannot read ({type(err).__name__}: {err})") from err
 
 
 def read_yaml(path: str | Path, what: str) -> Any:

@@ -2,9 +2,10 @@
 
     prepare   the data, the model and its Trainer (and the W&B run the Trainer logs into)
     fit       train, save the model and the Trainer's state
-    evaluate  the test sets, and the validation split's predictions (which choose the analysis's threshold)
-    finish    the tutorial's tables and plots, the analysis, the model card, results.json (once, last: it marks
-              the run finished), then W&B and the Hub
+    evaluate  the test sets, the validation split's predictions (which choose the analysis's threshold), then
+              BLiMP's minimal pairs
+    finish    the tutorial's tables and plots, the analysis (CoLA's and BLiMP's), the model card, results.json
+              (once, last: it marks the run finished), then W&B and the Hub
 
 A run is all four, in its own output directory (`run`). A search trial is prepare (training and validation splits
 only) + fit + finish without test sets; the search's best/ is prepare (from the best trial's model) + evaluate +
@@ -24,19 +25,22 @@ from typing import Any
 
 import datasets
 import numpy as np
+import torch
 from transformers import TrainerCallback
 
-from cola_hf.analysis.run_analysis import analyze_run, phenomena_markdown, wandb_tables
+from cola_hf.analysis import blimp as blimp_report
+from cola_hf.analysis.run_analysis import ThresholdAnalysis, analyze_run, phenomena_markdown, wandb_tables
 from cola_hf.analysis.tutorial_report import format_test_summary, report_test_split, write_epoch_outputs
 from cola_hf.config import RunOptions
-from cola_hf.data import cola
+from cola_hf.data import blimp, cola
 from cola_hf.data.annotations import load_annotations
 from cola_hf.data.sources import is_url
-from cola_hf.errors import StoppedBySignal
+from cola_hf.errors import StoppedBySignal, UsageError
 from cola_hf.integrations import hub, tracking
 from cola_hf.predictions import predictions_file, write_predictions
 from cola_hf.redaction import redact_argv
 from cola_hf.results import TEST_SPLITS, RunResults
+from cola_hf.training.inference import acceptable_probabilities
 from cola_hf.training.model import load_model
 from cola_hf.training.output_dir import hold_output_dir, prepare_output_dir
 from cola_hf.training.preemption import catching_sigterm
@@ -60,10 +64,20 @@ class PreparedRun:
     data_sha256: dict[str, str]  # of the raw CoLA files, for W&B's provenance
     annotations_source: str | None  # checked: a local source was readable
     data_s: float  # reading and tokenizing CoLA (0 when a study's cache had them)
+    blimp_source: str | None = None  # checked likewise; None: no BLiMP (`none`, or a trial)
 
     @property
     def output_dir(self) -> Path:
         return Path(self.options.training.output_dir)
+
+
+@dataclass
+class Evaluation:
+    """What evaluate predicted: CoLA's test sets and validation split, and BLiMP's pairs (None when BLiMP was not
+    at hand, and on every process but the main one)."""
+
+    predictions: Predictions
+    blimp: blimp_report.BlimpPredictions | None = None
 
 
 def run(options: RunOptions, files_cache: FilesCache | None = None) -> RunResults | None:
@@ -81,11 +95,11 @@ def run(options: RunOptions, files_cache: FilesCache | None = None) -> RunResult
         prepared.trainer.stop_on_signal.watch(sigterm)  # from now on: a checkpoint at the next step, then a stop
         try:
             fit(prepared, checkpoint)
-            predictions = evaluate(prepared)
+            evaluation = evaluate(prepared)
         except StoppedBySignal:
             tracking.stop_run_preempted()
             raise
-        return finish(prepared, predictions)
+        return finish(prepared, evaluation)
 
 
 # --- the phases ------------------------------------------------------------------------------------------------
@@ -101,6 +115,7 @@ def prepare(
     build its Trainer; without `test_sets` the Trainer gets the training and validation splits only."""
     args = options.training
     annotations_source = check_annotations(options) if test_sets else None
+    blimp_source = check_blimp_source(options) if test_sets else None
     if args.do_train:
         logger.info(args.batch_layout())  # world size x per-device batch x accumulation = global
     files_cache = {} if files_cache is None else files_cache
@@ -115,6 +130,7 @@ def prepare(
         options.model.cache_dir,
         options.model.trust_remote_code,
     )
+    check_range_for_model(options, model)
     if not cached:
         started = time.perf_counter()
         with args.main_process_first(desc="tokenizing"):
@@ -127,7 +143,7 @@ def prepare(
     trainer = build_trainer(options, splits, model, tokenizer, callbacks=callbacks)
     data_sha256 = cola.file_hashes(files)
     tracking.start_run(trainer, options, data_sha256)  # before training: the callback logs into it
-    return PreparedRun(options, trainer, splits, data_sha256, annotations_source, data_s)
+    return PreparedRun(options, trainer, splits, data_sha256, annotations_source, data_s, blimp_source)
 
 
 def fit(prepared: PreparedRun, checkpoint: str | None = None, *, save_model: bool = True) -> None:
@@ -142,22 +158,53 @@ def fit(prepared: PreparedRun, checkpoint: str | None = None, *, save_model: boo
     trainer.save_state()
 
 
-def evaluate(prepared: PreparedRun) -> Predictions:
+def evaluate(prepared: PreparedRun) -> Evaluation:
     """(labels, probability of 'acceptable') of every sentence of the test sets and of the validation split (whose
-    predictions choose the analysis's decision threshold), in order."""
+    predictions choose the analysis's decision threshold), in order; then BLiMP's pairs."""
     trainer, splits = prepared.trainer, prepared.splits
     predictions = {split: predict_split(trainer, splits[split]) for split in TEST_SPLITS}
-    return {**predictions, "validation": trainer.validation_predictions(splits["validation"])}
+    predictions["validation"] = trainer.validation_predictions(splits["validation"])
+    return Evaluation(predictions, score_blimp(prepared))
+
+
+def score_blimp(prepared: PreparedRun) -> blimp_report.BlimpPredictions | None:
+    """P(acceptable) of both sentences of every BLiMP pair, on the main process only: the others would repeat
+    its work. None without BLiMP (`none`, or offline: read_blimp has said how to point at a copy)."""
+    trainer, options = prepared.trainer, prepared.options
+    if prepared.blimp_source is None or not trainer.is_world_process_zero():
+        return None
+    pairs = blimp.read_blimp(prepared.blimp_source, options.model.cache_dir)
+    if pairs is None:
+        return None
+    tokenizer = trainer.processing_class
+    sentences = blimp.tokenize_blimp(pairs, tokenizer, options.data.max_seq_length)
+    args = options.training
+    started = time.perf_counter()
+    probabilities = acceptable_probabilities(
+        trainer.model,
+        sentences,
+        pad_token_id=tokenizer.pad_token_id,
+        # As the Trainer evaluates under --bf16 / --fp16.
+        autocast_dtype=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None,
+        progress=not args.disable_tqdm,
+        desc="Scoring BLiMP",
+    )
+    seconds = time.perf_counter() - started
+    logger.info(
+        "BLiMP: %d sentences scored in %.1f s (%.0f a second)", len(sentences), seconds, len(sentences) / seconds
+    )
+    columns = sentences.with_format("numpy", columns=["pair", "label"])[:]
+    return blimp_report.pair_predictions(pairs, columns["pair"], columns["label"], probabilities)
 
 
 def finish(
     prepared: PreparedRun,
-    predictions: Predictions | None,
+    evaluation: Evaluation | None,
     *,
     search: dict[str, Any] | None = None,
     card_sections: Sequence[str] = (),
 ) -> RunResults | None:
-    """Write the tutorial's reports, the analysis and the card from the predictions (None: a trial, which has no
+    """Write the tutorial's reports, the analyses and the card from the predictions (None: a trial, which has no
     test sets), then results.json with `search` (the search's section, if any); upload last. The results on the
     main process, else None."""
     trainer, options, output_dir = prepared.trainer, prepared.options, prepared.output_dir
@@ -168,8 +215,9 @@ def finish(
         write_epoch_outputs(output_dir, epochs)
     config = options.config() | ({"search": search} if search is not None else {})
     results = RunResults(epochs=epochs, config=config)
-    tables = None
-    if predictions is not None:
+    tables, summary = None, {}
+    if evaluation is not None:
+        predictions = evaluation.predictions
         results.test = {
             split: report_test_split(output_dir, split, prepared.splits[split], *predictions[split])
             for split in TEST_SPLITS
@@ -185,6 +233,14 @@ def finish(
             cache_dir=options.model.cache_dir,
         )
         tables = wandb_tables(analysis)
+        blimp_table = ""
+        if evaluation.blimp is None:
+            blimp_report.remove_blimp_outputs(output_dir)
+        else:
+            blimp_figures = finish_blimp(output_dir, evaluation.blimp, analysis.threshold)
+            tables |= blimp_report.wandb_tables(blimp_figures)
+            summary = blimp_report.summary_metrics(blimp_figures)
+            blimp_table = blimp_report.phenomena_markdown(blimp_figures)
         hub.write_model_card(
             output_dir,
             results,
@@ -193,13 +249,22 @@ def finish(
             options.training.hub_model_id,
             base_model=options.model.base_model,
             phenomena=phenomena_markdown(analysis),
+            blimp=blimp_table,
             sections=card_sections,
         )
     results.save(output_dir)  # last: its presence means "finished"
-    tracking.log_run_outputs(output_dir, results, log_model=options.tracking.log_model, tables=tables)
+    tracking.log_run_outputs(output_dir, results, log_model=options.tracking.log_model, tables=tables, summary=summary)
     if options.training.push_to_hub:
         hub.push_trainer_output(trainer)  # after results.json: a failed upload leaves a finished local run
     return results
+
+
+def finish_blimp(
+    output_dir: Path, predictions: blimp_report.BlimpPredictions, threshold: ThresholdAnalysis | None
+) -> blimp_report.BlimpAnalysis:
+    """predictions_blimp.tsv, then blimp.json, blimp.md and the chart from it, at the run's decision threshold."""
+    blimp_report.write_blimp_predictions(output_dir / blimp_report.PREDICTIONS_FILE, predictions)
+    return blimp_report.analyze_blimp_run(output_dir, threshold.threshold if threshold is not None else None)
 
 
 # --- the steps of prepare ---------------------------------------------------------------------------------------
@@ -211,6 +276,26 @@ def check_annotations(options: RunOptions) -> str | None:
     if not is_url(source):
         load_annotations(source, options.data.minor_features, options.model.cache_dir)
     return source
+
+
+def check_blimp_source(options: RunOptions) -> str | None:
+    """BLiMP's source; a local one is read and checked now, so a wrong path fails before training."""
+    source = options.data.blimp_source
+    if blimp.skipped(source):
+        return None
+    if not is_url(source):
+        blimp.check_blimp(source, options.model.cache_dir)
+    return source
+
+
+def check_range_for_model(options: RunOptions, model: Any) -> None:
+    """--max_seq_length within the model's position embeddings (config.py checks every range it can alone)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and options.data.max_seq_length > positions:
+        raise UsageError(
+            f"--max_seq_length {options.data.max_seq_length}: out of range, expected <= {positions} "
+            f"(the position embeddings of {options.model.model_name_or_path})"
+        )
 
 
 def tokenize_files(options: RunOptions, files: datasets.DatasetDict, tokenizer: Any) -> datasets.DatasetDict:

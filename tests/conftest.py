@@ -1,10 +1,11 @@
-"""Shared fixtures: a tiny random-initialised BERT with its own WordPiece vocabulary, and synthetic CoLA files.
+"""Shared fixtures: a tiny random-initialised BERT with its own WordPiece vocabulary, synthetic CoLA and BLiMP files.
 
 Nothing here touches the network: the WordPiece vocabulary is built on the fly with `tokenizers`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -17,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "cola.py"
 COLA_ZIP = os.environ.get("COLA_ZIP")
 COLA_ANNOTATIONS_ZIP = os.environ.get("COLA_ANNOTATIONS_ZIP")
+BLIMP_ZIP = os.environ.get("BLIMP_ZIP")
 
 SUBJECTS = ["the cat", "a dog", "john", "mary", "the students", "every linguist", "she", "they"]
 VERBS = ["saw", "liked", "read", "wrote about", "praised"]
@@ -102,6 +104,75 @@ def annotations_zip() -> Path:
     return Path(COLA_ANNOTATIONS_ZIP)
 
 
+# --- synthetic BLiMP: real paradigm names, made-up sentences ------------------------------------------------------
+# Real paradigm names with their data's linguistics_term and field (both spellings of syntax_semantics, and one
+# s-selection paradigm, which the paper counts as argument_structure); one made-up paradigm the reference lacks.
+BLIMP_PARADIGMS = {
+    "anaphor_gender_agreement": ("anaphor_agreement", "morphology"),
+    "animate_subject_passive": ("s-selection", "syntax_semantics"),
+    "causative": ("argument_structure", "syntax"),
+    "wh_island": ("island_effects", "syntax/semantics"),
+    "made_up_paradigm": ("island_effects", "syntax"),
+}
+BLIMP_PAIRS = 30
+
+
+def synthetic_pair(rng: random.Random) -> tuple[str, str]:
+    """A BLiMP-like pair: a sentence in subject-verb-object order, and the same words shuffled."""
+    words = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}".split()
+    shuffled = words[:]
+    while shuffled == words:
+        rng.shuffle(shuffled)
+    return " ".join(words) + ".", " ".join(shuffled) + "."
+
+
+def paradigm_lines(uid: str, pairs: int = BLIMP_PAIRS, seed: int = 0) -> list[str]:
+    term, field = BLIMP_PARADIGMS[uid]
+    rng = random.Random(f"{uid}{seed}")
+    lines = []
+    for pair_id in range(pairs):
+        good, bad = synthetic_pair(rng)
+        record = {
+            "sentence_good": good,
+            "sentence_bad": bad,
+            "field": field,
+            "linguistics_term": term,
+            "UID": uid,
+            "simple_LM_method": True,
+            "one_prefix_method": False,
+            "two_prefix_method": False,
+            "lexically_identical": False,
+            "pairID": str(pair_id),
+        }
+        lines.append(json.dumps(record))
+    return lines
+
+
+def write_blimp_dir(root: Path, lines: dict[str, list[str]] | None = None) -> Path:
+    """data/<UID>.jsonl for BLIMP_PARADIGMS (or the given lines), with the release's macOS litter beside them."""
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for uid, content in (lines or {uid: paradigm_lines(uid) for uid in BLIMP_PARADIGMS}).items():
+        (data / f"{uid}.jsonl").write_text("\n".join(content) + "\n", encoding="utf-8")
+    (data / ".DS_Store").write_bytes(b"\0Bud1\0")
+    (root / "__MACOSX" / "data").mkdir(parents=True, exist_ok=True)
+    (root / "__MACOSX" / "data" / "._causative.jsonl").write_bytes(b"\0\x05\x16\x07 not json")
+    return root
+
+
+@pytest.fixture(scope="session")
+def blimp_dir(tmp_path_factory) -> Path:
+    """Synthetic BLiMP: 5 paradigms of 30 pairs, as the release lays them out (data/<UID>.jsonl)."""
+    return write_blimp_dir(tmp_path_factory.mktemp("blimp"))
+
+
+@pytest.fixture(scope="session")
+def blimp_zip() -> Path:
+    if not BLIMP_ZIP or not Path(BLIMP_ZIP).is_file():
+        pytest.skip("BLIMP_ZIP is not set to BLiMP's release (../shared/data/BLiMP.zip)")
+    return Path(BLIMP_ZIP)
+
+
 def build_tiny_model(directory: Path) -> Path:
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -167,10 +238,17 @@ def encoder_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def run_cola(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """experiments/cola.py in a subprocess, offline, as a user would run it."""
+    """experiments/cola.py in a subprocess, offline, as a user would run it.
+
+    Without BLiMP unless the test asks for it (--blimp_source): offline the default URL is skipped anyway, but a
+    copy in datasets' cache would have every run score 134,000 sentences.
+    """
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env or {})}
+    args = tuple(map(str, args))
+    if "--blimp_source" not in args:
+        args = (*args, "--blimp_source", "none")
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=full_env, cwd=REPO
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=full_env, cwd=REPO
     )
     if check and result.returncode != 0:
         raise AssertionError(f"cola.py exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")

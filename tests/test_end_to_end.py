@@ -152,6 +152,7 @@ def test_train_from_python_returns_the_results_it_writes(tmp_path, cola_dir, tin
     results = train(
         cola_source=str(cola_dir), model_name_or_path=str(tiny_model_dir), output_dir=str(output_dir),
         num_train_epochs=1, max_seq_length=16, report_to="none", disable_tqdm=True, annotations_source="none",
+        blimp_source="none",
     )  # fmt: skip
     assert isinstance(results, RunResults)
     assert json.loads(json.dumps(results.to_dict())) == json.loads((output_dir / "results.json").read_text())

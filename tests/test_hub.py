@@ -263,11 +263,11 @@ def test_push_uploads_the_output_dir_with_our_card(stand_in, tiny_model_dir, tmp
         "model.safetensors",
         "tokenizer.json",
         "tokenizer_config.json",
-        "training_args.bin",
         "results.json",
         "learning_curve.png",
     }
-    assert set(files) == expected  # no checkpoint-*, no predictions TSV with the corpus' sentences
+    # No checkpoint-*, no predictions TSV with the corpus' sentences, no pickled training_args.bin.
+    assert set(files) == expected
     assert files["README.md"] == (output_dir / "README.md").read_bytes()  # our card, not the Trainer's
     assert ModelCard(files["README.md"].decode()).data.eval_results
     assert json.loads(files["config.json"])["id2label"] == {"0": "unacceptable", "1": "acceptable"}
@@ -316,3 +316,90 @@ def test_push_flags_are_checked_before_any_work(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UsageError, match="HF_HUB_OFFLINE"):
         hub.prepare_push(args())
+
+
+# --- what a whole run publishes (the real command line, in this process, against the stand-in) ---------------
+def run_args(output_dir: Path, cola_dir: Path, model_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--output_dir", str(output_dir), "--cola_source", str(cola_dir), "--model_name_or_path", str(model_dir),
+        "--num_train_epochs", "1", "--max_train_samples", "64", "--learning_rate", "1e-3", "--disable_tqdm", "true",
+        "--annotations_source", "none", "--push_to_hub", "true", "--hub_model_id", REPO_ID, *extra,
+    ]  # fmt: skip
+
+
+# A default run's commit: the model and its tokenizer, the card and every chart it or analysis.md shows, the
+# measured results. Nothing hidden, no predictions TSV, no checkpoint, no W&B directory, nothing of an earlier run.
+PUBLISHED = {
+    "README.md", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "results.json",
+    "training_stats.csv", "analysis.json", "analysis.md", "learning_curve.png", "mcc_per_batch_out_of_domain_dev.png",
+    "mcc_per_batch_in_domain_dev.png", "mcc_per_batch_glue_dev.png", "reliability.png", "confusion_matrix.png",
+    "threshold.png",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("tracking", ["none", "wandb"])
+def test_a_run_over_a_finished_one_publishes_its_own_files_once(
+    stand_in, tracking, tmp_path, cola_dir, tiny_model_dir, monkeypatch
+):
+    from cola_hf.cli.train import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)  # W&B's offline run lands inside the output directory
+    output_dir = tmp_path / "run"
+    first = run_args(output_dir, cola_dir, tiny_model_dir, "--report_to", tracking)
+    assert main(first) == 0
+    # What another run (an older version, other options) left: a chart this run does not draw, another split's
+    # predictions, a checkpoint.
+    (output_dir / "phenomena.png").write_bytes(b"an older run's chart")
+    (output_dir / "predictions_old.tsv").write_text("sentence_source\tlabel\tsentence\n", encoding="utf-8")
+    (output_dir / "checkpoint-999").mkdir()
+    stand_in.requests.clear()
+
+    assert main([*first, "--overwrite_output_dir", "true", "--seed", "7"]) == 0
+    commits = stand_in.commits()
+    assert len(commits) == 1  # nothing during training: one commit, once the run has finished
+    _, files = commits[0]
+    assert set(files) == PUBLISHED
+    assert not (output_dir / "phenomena.png").exists() and not (output_dir / "checkpoint-999").exists()
+    assert "phenomena.png" not in files["README.md"].decode()  # the card links only this run's charts
+    assert json.loads(files["results.json"])["config"]["seed"] == 7
+    if tracking == "wandb":
+        assert any(path.is_dir() for path in (output_dir / "wandb").iterdir())  # kept locally, never published
+
+
+def test_a_run_stopped_by_sigterm_publishes_nothing(stand_in, tmp_path, cola_dir, tiny_model_dir, monkeypatch):
+    import os
+    import signal
+    import threading
+    import time
+
+    from cola_hf.cli.train import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    output_dir = tmp_path / "run"
+
+    def stop_after_the_first_checkpoint() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not list(output_dir.glob("checkpoint-*/trainer_state.json")):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=stop_after_the_first_checkpoint)
+    killer.start()
+    args = run_args(output_dir, cola_dir, tiny_model_dir, "--report_to", "none", "--num_train_epochs", "3")
+    status = main([*args, "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "2"])
+    killer.join()
+    assert status == 75
+    assert stand_in.commits() == []  # a stopped run is not a result: its weights stay local
+
+
+def test_a_hub_strategy_other_than_end_is_refused_before_any_work(stand_in, tmp_path, capsys):
+    from cola_hf.cli.train import main
+
+    status = main(["--output_dir", str(tmp_path / "run"), "--push_to_hub", "true", "--hub_model_id", REPO_ID,
+                   "--hub_strategy", "every_save"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1
+    assert "--hub_strategy every_save: a run is published once, when it has finished" in err
+    assert not (tmp_path / "run").exists() and stand_in.commits() == []

@@ -225,7 +225,7 @@ def test_bad_search_flags_are_one_line_and_exit_2(flags, message, tmp_path, base
 
 # --- a whole search --------------------------------------------------------------------------------------------
 def test_search_end_to_end_keeps_only_the_best_model_and_never_scores_a_test_set(
-    tmp_path, base_args, encoder_dir, verb_cola_dir, cola_main, capsys
+    tmp_path, base_args, encoder_dir, verb_cola_dir, cola_main, capsys, blimp_dir
 ):
     from transformers import pipeline
 
@@ -241,7 +241,7 @@ def test_search_end_to_end_keeps_only_the_best_model_and_never_scores_a_test_set
         {"learning_rate": {"values": [1e-7, 5e-3, 2e-3]}, "num_train_epochs": {"value": 2}},
     )
     out = tmp_path / "search"
-    argv = [*base_args, "--output_dir", str(out), "--search", str(space)]
+    argv = [*base_args, "--output_dir", str(out), "--search", str(space), "--blimp_source", str(blimp_dir)]
 
     # Every read of a test file's rows is timed: none may come before the last trial ended.
     options = parse_args(argv)
@@ -270,7 +270,7 @@ def test_search_end_to_end_keeps_only_the_best_model_and_never_scores_a_test_set
     for trial in trials:
         trial_dir = out / "trials" / f"trial-{trial.number:03d}"
         results = json.loads((trial_dir / "results.json").read_text())
-        # The objective is the trial's best validation MCC; no test set was scored for it.
+        # The objective is the trial's best validation MCC; no test set (nor BLiMP) was scored for it.
         assert trial.value == max(epoch["valid_mcc"] for epoch in results["epochs"])
         assert results["test"] == {} and not list(trial_dir.glob("predictions_*"))
         # Disk: no checkpoints left, and a model only in the best trial.
@@ -287,6 +287,7 @@ def test_search_end_to_end_keeps_only_the_best_model_and_never_scores_a_test_set
     )
     assert results["test"]["glue_dev"]["matthews_correlation"] == 1.0  # the rule holds on the test sets too
     assert (best_dir / "predictions_glue_dev.tsv").is_file() and (best_dir / "learning_curve.png").is_file()
+    assert (best_dir / "predictions_blimp.tsv").is_file() and (best_dir / "blimp.json").is_file()  # best/ only
     card = (best_dir / "README.md").read_text()
     assert "## Hyperparameter search" in card and f"trial {best.number}" in card
     classifier = pipeline("text-classification", model=str(best_dir))

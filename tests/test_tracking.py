@@ -118,7 +118,7 @@ def sha256(path: Path) -> str:
 
 
 def test_run_without_api_key_goes_offline_and_wandb_stores_metrics_config_summary_media(
-    tmp_path, cola_dir, tiny_model_dir
+    tmp_path, cola_dir, tiny_model_dir, blimp_dir
 ):
     out = tmp_path / "run"
     result = subprocess.run(
@@ -128,6 +128,7 @@ def test_run_without_api_key_goes_offline_and_wandb_stores_metrics_config_summar
             "--num_train_epochs", "2", "--max_train_samples", "64", "--max_seq_length", "16",
             "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true",
             "--report_to", "wandb", "--experiment_name", "tracking-test", "--log_model", "true",
+            "--blimp_source", str(blimp_dir),
         ],
         capture_output=True, text=True, env=no_credentials_env(tmp_path), cwd=REPO, timeout=300,
     )  # fmt: skip
@@ -196,6 +197,16 @@ def test_run_without_api_key_goes_offline_and_wandb_stores_metrics_config_summar
     table = json.loads((run_dir / "files" / summary["misclassified/in_domain_dev.path"]).read_text())
     assert table["columns"] == ["sentence_source", "sentence", "label", "prob_acceptable"]
     assert [row[1] for row in table["data"]] == list(wrong["sentence"])
+
+    # BLiMP: its figures in the summary, its tables (the published figures beside) and its chart.
+    blimp = json.loads((out / "blimp.json").read_text())
+    assert summary["blimp/pair_accuracy"] == blimp["overall"]["pair_accuracy"]
+    assert summary["blimp/sentence_matthews_correlation"] == blimp["sentences"]["matthews_correlation"]
+    phenomena = json.loads((run_dir / "files" / summary["analysis/blimp_phenomena.path"]).read_text())
+    assert {"phenomenon", "pair_accuracy", "gpt2", "human"} <= set(phenomena["columns"])
+    assert [row[phenomena["columns"].index("phenomenon")] for row in phenomena["data"]][-1] == "overall"
+    assert summary["charts/blimp._type"] == "image-file"
+    assert not any(key.startswith("misclassified/blimp") for key in summary)  # its file has no sentences
 
     # --log_model: the final model as an artifact.
     (artifact,) = [artifact for artifact in stored["artifacts"] if artifact.type == "model"]

@@ -2,8 +2,9 @@
 
 Into an output directory: comparison.md and comparison.csv (one row per run: its hyperparameters, validation
 MCC, every test set's MCC) and comparison.png (validation MCC and loss per epoch, one line per run); on demand,
-phenomena.md/.csv (MCC per grammatical phenomenon) and significance.md (cola_hf.analysis.significance: paired
-bootstrap for two runs, Welch's t-test for two groups of seeds).
+phenomena.md/.csv (MCC per grammatical phenomenon), significance.md (cola_hf.analysis.significance: paired
+bootstrap for two runs, Welch's t-test for two groups of seeds) and blimp_comparison.md/.csv (BLiMP's pair
+accuracy per phenomenon, cola_hf.analysis.blimp: exact McNemar for two runs, Welch for two groups).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from cola_hf.errors import UsageError
 from cola_hf.files import markdown_table, pyplot, save_figure, write_csv, write_text
 from cola_hf.predictions import predictions_file
 from cola_hf.results import RESULTS_FILE, RunResults
@@ -117,3 +119,20 @@ def write_significance(labels: list[str], groups: list[list[Path]], output_dir: 
     table = significance_markdown(significance_tests(labels, groups))
     write_text(output_dir / "significance.md", table)
     return table
+
+
+def write_blimp(labels: list[str], groups: list[list[Path]], output_dir: Path) -> str:
+    """blimp_comparison.md and .csv: each run or group against the first on BLiMP's pairs, per phenomenon."""
+    from cola_hf.analysis.blimp import compare_blimp, comparison_markdown
+
+    if len(groups) < 2:
+        raise UsageError("--blimp needs two runs, or two directories of seed runs, to compare")
+    sections, frames = [], []
+    for label, members in zip(labels[1:], groups[1:], strict=True):
+        frame = compare_blimp([groups[0], members])
+        sections.append(f"## {labels[0]} (a) against {label} (b)\n\n{comparison_markdown(frame, labels[0], label)}")
+        frames.append(frame.assign(a=labels[0], b=label))
+    text = "\n".join(sections)
+    write_text(output_dir / "blimp_comparison.md", text)
+    write_csv(output_dir / "blimp_comparison.csv", pd.concat(frames, ignore_index=True))
+    return text

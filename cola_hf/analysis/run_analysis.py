@@ -12,7 +12,6 @@ takes well under two seconds.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,8 +21,7 @@ import numpy as np
 import pandas as pd
 
 from cola_hf.data.annotations import ANNOTATIONS_URL, HOW_TO_PROVIDE, check_rows, load_annotations
-from cola_hf.errors import UsageError
-from cola_hf.files import dataclass_from_json, pyplot, save_figure, write_text
+from cola_hf.files import JsonRecord, pyplot, save_figure, write_text
 from cola_hf.predictions import Predictions, predictions_file, read_predictions
 from cola_hf.results import TEST_SPLITS
 
@@ -103,7 +101,7 @@ class AnnotationInfo:
 
 
 @dataclass
-class RunAnalysis:
+class RunAnalysis(JsonRecord):
     """Everything in analysis.json. `phenomena` maps each major feature's name to its scores on glue_dev."""
 
     run_dir: str
@@ -118,21 +116,6 @@ class RunAnalysis:
     charts: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> RunAnalysis:
-        return dataclass_from_json(cls, json.loads(text))
-
-    @classmethod
-    def load(cls, path: str | Path) -> RunAnalysis:
-        path = Path(path)
-        try:
-            return cls.from_json(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, TypeError, KeyError) as err:
-            raise UsageError(f"{path}: cannot read ({type(err).__name__}: {err})") from err
-
 
 # --- vectorised scores ----------------------------------------------------------------------------------------
 def mcc_from_counts(counts: np.ndarray) -> np.ndarray:
@@ -146,6 +129,11 @@ def mcc_from_counts(counts: np.ndarray) -> np.ndarray:
 def confusion_cells(labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
     """Each sentence's confusion cell: 0 tn, 1 fp, 2 fn, 3 tp."""
     return 2 * labels.astype(np.int64) + predictions
+
+
+def matthews_correlation(labels: np.ndarray, predictions: np.ndarray) -> float:
+    """MCC of 0/1 arrays; 0 where a margin is empty, as sklearn defines it."""
+    return float(mcc_from_counts(np.bincount(confusion_cells(labels, predictions), minlength=4)))
 
 
 def resampled_counts(cells: np.ndarray, indices: np.ndarray) -> np.ndarray:

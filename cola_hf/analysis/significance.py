@@ -20,6 +20,7 @@ from cola_hf.analysis.run_analysis import (
     SubsetScore,
     confusion_cells,
     format_number,
+    matthews_correlation,
     mcc_cell,
     mcc_from_counts,
     phenomenon_scores,
@@ -222,7 +223,7 @@ def _glue_dev_mccs(members: list[Path]) -> list[float]:
     values = []
     for run_dir in members:
         run = read_predictions(predictions_file(run_dir, "glue_dev"))
-        values.append(float(mcc_from_counts(np.bincount(confusion_cells(run.labels, run.predictions), minlength=4))))
+        values.append(matthews_correlation(run.labels, run.predictions))
     return values
 
 

@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
         "groups of seeds (significance.md)",
     )
     parser.add_argument(
+        "--blimp",
+        action="store_true",
+        help="test each DIR against the first on BLiMP's pairs, per phenomenon: exact McNemar for two runs, Welch's "
+        "t-test for two groups of seeds (blimp_comparison.md/.csv)",
+    )
+    parser.add_argument(
         "--annotations_source",
         default=ANNOTATIONS_URL,
         help="CoLA_grammatical_annotations.zip (URL, zip or directory), for runs without phenomena in analysis.json",
@@ -55,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.significance:
             table = comparison.write_significance(labels, groups, args.output)
             print(f"\nSignificance on glue_dev (against {labels[0]}):\n{table}", end="")
+        if args.blimp:
+            table = comparison.write_blimp(labels, groups, args.output)
+            print(f"\nBLiMP pair accuracy per phenomenon, against {labels[0]}:\n{table}", end="")
     except UsageError as err:
         print(f"cola-compare: error: {err}", file=sys.stderr)
         return err.exit_code

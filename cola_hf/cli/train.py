@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +19,14 @@ import datasets
 import transformers
 
 from cola_hf.config import RunOptions, parse_args
-from cola_hf.errors import HubPushError, RunFailed, StoppedBySignal, UsageError
+from cola_hf.errors import HubPushError, RunFailed, StoppedBySignal, UsageError, one_line
 from cola_hf.integrations import hub
 from cola_hf.redaction import install_on, redact_argv, redact_text
 from cola_hf.results import RunResults
 from cola_hf.run import run
 from cola_hf.studies.search.worker import run_search
 from cola_hf.studies.seeds import run_options, run_seeds
-from cola_hf.training.output_dir import mark_failed
+from cola_hf.training.output_dir import ERROR_LOG, mark_failed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,11 +56,29 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, RunFailed) as err:
         if debug:
             raise
-        args = options.training if options is not None else None
-        if args is not None and args.should_save and Path(args.output_dir).is_dir():
-            mark_failed(args.output_dir, redact_text(str(err)))
+        if (output_dir := run_directory(options)) is not None:
+            mark_failed(output_dir, redact_text(str(err)))
         print(f"cola: error: {redact_text(str(err))}", file=sys.stderr)
         return err.exit_code
+    except Exception as err:  # nobody foresaw it: one line on the console, the traceback in a file
+        if debug:
+            raise
+        output_dir = run_directory(options)
+        log = Path(output_dir) / ERROR_LOG if output_dir else Path(tempfile.mkstemp(prefix="cola-error-")[1])
+        log.write_text(redact_text(traceback.format_exc()), encoding="utf-8")
+        message = redact_text(f"unexpected {one_line(err)}; the traceback is in {log} (--debug shows it here)")
+        if output_dir is not None:
+            mark_failed(output_dir, message)
+        print(f"cola: error: {message}", file=sys.stderr)
+        return RunFailed.exit_code
+
+
+def run_directory(options: RunOptions | None) -> str | None:
+    """The run's output directory, where it exists and this process writes it; else None."""
+    args = options.training if options is not None else None
+    if args is not None and args.should_save and Path(args.output_dir).is_dir():
+        return args.output_dir
+    return None
 
 
 def train(recipe: str | Path | None = None, **options: Any) -> RunResults | dict | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import datasets
 
-from cola_hf.errors import ColaDataError
+from cola_hf.errors import ColaDataError, UsageError
 
 
 def is_url(source: str) -> bool:
@@ -29,21 +29,23 @@ def download(url: str, cache_dir: str | None = None, *, check_for_updates: bool 
 
 
 def local_root(
-    path: Path, option: str = "--cola_source", expected: str = "the CoLA 1.1 zip or a directory of TSVs"
+    path: Path,
+    option: str = "--cola_source",
+    expected: str = "the CoLA 1.1 zip or a directory of TSVs",
+    error: type[UsageError] = ColaDataError,
 ) -> Path:
-    """A local source given by `option`: a directory as it is, a zip extracted (and cached) by datasets."""
+    """A local source given by `option`: a directory as it is, a zip extracted (and cached) by datasets.
+
+    What is wrong with it raises `error`, the data set's own kind of UsageError.
+    """
     try:
         if not path.exists():
-            raise ColaDataError(f"{path}: no such file or directory ({option})")
+            raise error(f"{path}: no such file or directory ({option})")
         if path.is_dir():
             return path
         with path.open("rb") as handle:  # open it first: is_zipfile calls an unreadable file "not a zip"
             if not zipfile.is_zipfile(handle):
-                raise ColaDataError(f"{path}: not a zip file; expected {expected}")
+                raise error(f"{path}: not a zip file; expected {expected}")
     except PermissionError as err:
-        raise _unreadable(err) from err
+        raise error(f"{err.filename}: cannot read ({err.strerror})") from err
     return Path(datasets.DownloadManager().extract(str(path)))
-
-
-def _unreadable(err: PermissionError) -> ColaDataError:
-    return ColaDataError(f"{err.filename}: cannot read ({err.strerror})")

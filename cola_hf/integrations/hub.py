@@ -23,10 +23,11 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import HubStrategy
 
 from cola_hf.config import options_with
 from cola_hf.errors import HubPushError, UsageError, one_line
-from cola_hf.files import write_text
+from cola_hf.files import MODEL_FILES, write_text
 from cola_hf.redaction import redact_text
 from cola_hf.results import EPOCH_COLUMNS, RunResults, TestSetResults
 
@@ -52,10 +53,23 @@ EPOCH_TITLES = {
     "training_time_s": "Training time (s)",
     "validation_time_s": "Validation time (s)",
 }
-# What the final upload leaves out: the Trainer's own exclusions (checkpoints go through --hub_strategy),
-# hidden temporary files of atomic writes, and the predictions TSVs, which hold the CoLA dev sentences
-# themselves: republishing the corpus is its authors' call, and nyu-mll/glue already hosts it.
-PUSH_IGNORE_PATTERNS = ("_*", "checkpoint-*", ".*", "predictions_*.tsv")
+# What a run publishes, and nothing else (an allow-list: a hidden file, a W&B directory, a checkpoint, a
+# predictions TSV or another run's leftover never matches): the model and its tokenizer, the card and the files
+# it shows or links, and the run's measured results. The predictions TSVs hold the CoLA dev sentences themselves:
+# republishing the corpus is its authors' call, and nyu-mll/glue already hosts it.
+PUBLISHED_FILES = (
+    *MODEL_FILES,
+    "README.md",  # the model card
+    "*.png",  # the card's and analysis.md's charts
+    "results.json",  # every figure of the card's model-index, and the options the run ran with
+    "training_stats.csv",  # the tutorial's per-epoch table
+    "analysis.json",  # what the model gets wrong, linked from the card
+    "analysis.md",
+    "blimp.json",  # BLiMP beside GPT-2 and humans, linked from the card too
+    "blimp.md",
+)
+# Top-level files only (a pattern like *.png would match inside checkpoint-*/ or wandb/ too), never a hidden one.
+UNPUBLISHED = ("*/*", ".*")
 
 
 # --- the model card --------------------------------------------------------------------------------------------
@@ -69,6 +83,7 @@ def build_model_card(
     base_model: str | None = None,
     license: str | None = None,
     phenomena: str = "",
+    blimp: str = "",
     sections: Sequence[str] = (),
 ) -> ModelCard:
     """The card of a finished run: YAML metadata with a model-index of the three test sets, then the body.
@@ -76,8 +91,9 @@ def build_model_card(
     `results` is the run's results.json. `base_model` defaults to `model_name_or_path` when that is a Hub id
     (or a snapshot in the Hub cache); a local directory has no Hub id, so pass it when you know it.
     `license` defaults to the base model's, where its card is on disk, else apache-2.0. `phenomena` is the
-    analysis's per-phenomenon table (markdown), left out when empty; `sections` are markdown sections appended
-    after the body (a search's, say).
+    analysis's per-phenomenon table (markdown), left out when empty, and `blimp` BLiMP's (pair accuracy per
+    phenomenon beside the published figures), likewise; `sections` are markdown sections appended after the body
+    (a search's, say).
     """
     output_dir = Path(output_dir)
     base_model = base_model or _hub_id_of(model_name_or_path)
@@ -122,6 +138,7 @@ def build_model_card(
         epoch_rows=[[_format(column, getattr(row, column)) for column in EPOCH_COLUMNS] for row in results.epochs],
         plots=_plots(output_dir),
         phenomena=phenomena,
+        blimp=blimp,
         command=redact_text(command),
         versions=_versions(),
     )
@@ -206,6 +223,7 @@ def _plots(output_dir: Path) -> list[tuple[str, str]]:
         ("Learning curve: training and validation loss per epoch", "learning_curve.png"),
         *((f"MCC per batch of 32: {split}", f"mcc_per_batch_{split}.png") for split in TEST_SETS),
         ("MCC per grammatical phenomenon (glue_dev, 95% intervals)", "phenomena.png"),
+        ("BLiMP: pair accuracy per phenomenon beside GPT-2, an LSTM, a 5-gram model and humans", "blimp.png"),
         ("Calibration: reliability diagram", "reliability.png"),
     ]
     return [(title, file) for title, file in candidates if (output_dir / file).is_file()]
@@ -251,6 +269,12 @@ def prepare_push(training_args: TrainingArguments) -> str | None:
         raise UsageError(f"--hub_model_id {repo_id!r}: not a valid repository id (user/name)") from err
     if huggingface_hub.get_token() is None:
         raise UsageError("--push_to_hub: no Hub token found; set HF_TOKEN or run `hf auth login`")
+    if training_args.hub_strategy != HubStrategy.END:
+        raise UsageError(
+            f"--hub_strategy {training_args.hub_strategy.value}: a run is published once, when it has finished, "
+            "with its model card (checkpoints stay in --output_dir, and the same command resumes from them); "
+            "leave --hub_strategy at 'end'"
+        )
     try:
         return _api().create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True).repo_id
     except Exception as err:  # the network boundary: whatever failed, nothing was created
@@ -284,7 +308,7 @@ def push_output_dir(
     private: bool | None = None,
     revision: str | None = None,
     commit_message: str = "End of training",
-    ignore_patterns: Sequence[str] = PUSH_IGNORE_PATTERNS,
+    allow_patterns: Sequence[str] = PUBLISHED_FILES,
 ) -> str:
     """Create the repository if needed and upload `output_dir` to it in one commit; return the commit URL.
 
@@ -301,10 +325,12 @@ def push_output_dir(
             folder_path=output_dir,
             commit_message=commit_message,
             revision=revision,
-            ignore_patterns=list(ignore_patterns),
+            allow_patterns=list(allow_patterns),
+            ignore_patterns=list(UNPUBLISHED),
         )
     except Exception as err:  # the network boundary: any failure means the upload did not (fully) happen
-        retry = shlex.join(["hf", "upload", repo_id, str(output_dir), *_exclude_flags(ignore_patterns)])
+        flags = [*_include_flags(allow_patterns), *_exclude_flags()]
+        retry = shlex.join(["hf", "upload", repo_id, str(output_dir), *flags])
         raise HubPushError(
             f"{output_dir} was not uploaded to the Hub repository {repo_id} ({redact_text(one_line(err))}); "
             f"the local outputs are complete, retry with: {retry}"
@@ -327,5 +353,9 @@ def _cola_hf_version() -> str:
         return "unknown"
 
 
-def _exclude_flags(patterns: Sequence[str]) -> list[str]:
-    return [flag for pattern in patterns for flag in ("--exclude", pattern)]
+def _include_flags(patterns: Sequence[str]) -> list[str]:
+    return [flag for pattern in patterns for flag in ("--include", pattern)]
+
+
+def _exclude_flags() -> list[str]:
+    return [flag for pattern in UNPUBLISHED for flag in ("--exclude", pattern)]

@@ -33,9 +33,10 @@ from transformers.integrations import WandbCallback
 
 from cola_hf.config import model_short_name
 from cola_hf.errors import StoppedBySignal, one_line
-from cola_hf.predictions import read_predictions
+from cola_hf.files import MODEL_FILES
+from cola_hf.predictions import predictions_file, read_predictions
 from cola_hf.redaction import redact_options
-from cola_hf.results import EPOCH_COLUMNS
+from cola_hf.results import EPOCH_COLUMNS, TEST_SPLITS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -47,19 +48,6 @@ if TYPE_CHECKING:
 PROJECT = "cola-hf"
 TRACKED_PACKAGES = ("torch", "transformers", "datasets", "evaluate", "accelerate", "wandb", "cola-hf")
 TEST_METRICS = ("matthews_correlation", "accuracy", "positive_ratio", "n")
-# What save_pretrained writes for a model and its tokenizer (plus the model card): the --log_model artifact.
-MODEL_FILE_PATTERNS = (
-    "config.json",
-    "generation_config.json",
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "vocab.*",
-    "merges.txt",
-    "added_tokens.json",
-    "README.md",
-)
 RUN_ID_FILE = ".wandb_run_id"
 SERVER_TIMEOUT_S = 3.0
 # wandb waits 90 s by default for a server it cannot reach; after our reachability probe passed, a
@@ -263,10 +251,12 @@ def log_run_outputs(
     results: RunResults,
     log_model: bool = False,
     tables: dict[str, pd.DataFrame] | None = None,
+    summary: dict[str, float] | None = None,
 ) -> None:
     """Upload what the run wrote, then finish the W&B run: summary, tables, charts and (optionally) the model.
 
-    `tables` (the analysis's, say) go up as `analysis/<name>` W&B tables.
+    `tables` (the analysis's, say) go up as `analysis/<name>` W&B tables; `summary` (BLiMP's figures, say) joins
+    the test metrics in the run's summary.
     Each upload is tried on its own: whatever fails is named in one message, the rest still goes up, and the
     local outputs (already complete when this is called) are never touched.
     """
@@ -290,12 +280,16 @@ def log_run_outputs(
             f"test metrics of {split}",
             functools.partial(run.summary.update, {key: value for key, value in values.items() if value is not None}),
         )
+    if summary:
+        attempt("summary metrics", functools.partial(run.summary.update, summary))
     media: dict[str, Any] = {}
     attempt("training_stats table", lambda: media.update(_epoch_table(results)))
     for png in sorted(output_dir.glob("*.png")):
         attempt(png.name, lambda png=png: media.__setitem__(f"charts/{png.stem}", wandb.Image(str(png))))
-    for predictions in sorted(output_dir.glob("predictions_*.tsv")):
-        split = predictions.stem.removeprefix("predictions_")
+    for split in ("validation", *TEST_SPLITS):  # CoLA's predictions files (BLiMP's has no sentences)
+        predictions = predictions_file(output_dir, split)
+        if not predictions.is_file():
+            continue
         attempt(
             f"misclassified sentences of {split}",
             lambda split=split, tsv=predictions: media.__setitem__(f"misclassified/{split}", _misclassified_table(tsv)),
@@ -339,7 +333,8 @@ def _misclassified_table(predictions_tsv: Path) -> Any:
 def _log_model_artifact(run: Any, output_dir: Path, results: RunResults) -> None:
     import wandb
 
-    files = sorted({path for pattern in MODEL_FILE_PATTERNS for path in output_dir.glob(pattern) if path.is_file()})
+    patterns = (*MODEL_FILES, "README.md")  # the model and its card
+    files = sorted({path for pattern in patterns for path in output_dir.glob(pattern) if path.is_file()})
     if not any(path.suffix == ".safetensors" for path in files):
         raise FileNotFoundError(f"no saved model (*.safetensors) in {output_dir}")
     metadata = {f"test/{split}/matthews_correlation": mcc for split, mcc in results.test_mccs().items()}

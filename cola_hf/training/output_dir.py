@@ -8,6 +8,8 @@
 - A checkpoint continues only under the options it was trained with (`RunOptions.trajectory`, recorded in
   `.cola.run_options.json` when the run starts): other ones are refused, naming what changed.
 - One run at a time per directory: a second one stops at once, naming the holder (`hold_output_dir`).
+- An evaluation-only run never writes into a training run's directory (it would finish a run it did not train).
+- --overwrite_output_dir clears what the previous run left (`PREVIOUS_RUN_FILES`) before anything is written.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import filelock
 from transformers import TrainingArguments
 
 from cola_hf.errors import UsageError
-from cola_hf.files import write_json, write_text
+from cola_hf.files import MODEL_FILES, write_json, write_text
 from cola_hf.results import RESULTS_FILE
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,29 @@ HOLDER_FILE = ".cola.lock.holder"  # who holds the lock, for the message of the 
 INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"  # transformers' own marker of a checkpoint being written
 RUN_OPTIONS_FILE = ".cola.run_options.json"  # hidden, like the lock: bookkeeping, not pushed to the Hub
 FAILED_MARKER = "RUN_FAILED"  # a failed or interrupted directory never passes for a finished one
+ERROR_LOG = "error.log"  # the traceback of an error nobody foresaw; the console gets one line
+# What a run leaves in its directory, cleared by --overwrite_output_dir before the new run writes anything: the
+# new run would otherwise publish them or read them back as its own (the card links every chart that exists, the
+# analysis and W&B read every predictions file there, the same command later resumes from any checkpoint, an
+# evaluation-only run leaves the old epochs and model in place). W&B's own directory and a study's files stay.
+PREVIOUS_RUN_FILES = (
+    RESULTS_FILE,
+    "README.md",
+    FAILED_MARKER,
+    ERROR_LOG,
+    "predictions_*.tsv",
+    "analysis.json",
+    "analysis.md",
+    "blimp.json",
+    "blimp.md",
+    "*.png",
+    "training_stats.csv",
+    "trainer_state.json",
+    "training_args.bin",
+    "checkpoint-*",
+    *MODEL_FILES,
+    RUN_OPTIONS_FILE,
+)
 
 
 def is_finished(output_dir: str | Path) -> bool:
@@ -66,6 +91,7 @@ def prepare_output_dir(
     if is_finished(output_dir) and not (resume or overwrite):
         raise UsageError(f"{output_dir}: holds a finished run; pass --overwrite_output_dir or another --output_dir")
     if not training_args.do_train:
+        check_not_a_training_run(output_dir)
         checkpoint = None
     if checkpoint is not None:
         if trajectory is not None:
@@ -73,11 +99,36 @@ def prepare_output_dir(
         logger.info("%s holds an unfinished run: continuing from %s", output_dir, Path(checkpoint).name)
     if training_args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (RESULTS_FILE, "README.md", FAILED_MARKER):
+        if overwrite and not resume:
+            clear_previous_run(output_dir)
+        for stale in (RESULTS_FILE, "README.md", FAILED_MARKER, ERROR_LOG):
             (output_dir / stale).unlink(missing_ok=True)
         if trajectory is not None:
             write_json(output_dir / RUN_OPTIONS_FILE, trajectory)
     return checkpoint
+
+
+def check_not_a_training_run(output_dir: Path) -> None:
+    """An evaluation-only run writes its own directory: in a training run's, its results.json would mark that run
+    finished (and publish its weights with another model's test results)."""
+    checkpoint = latest_complete_checkpoint(output_dir)
+    if checkpoint is None and not (output_dir / "trainer_state.json").is_file():
+        return
+    held = f"an unfinished training run ({Path(checkpoint).name})" if checkpoint else "a training run"
+    raise UsageError(
+        f"{output_dir}: holds {held}; an evaluation-only run (--do_train False) needs a directory of its own: "
+        "pass another --output_dir"
+    )
+
+
+def clear_previous_run(output_dir: Path) -> None:
+    """Remove every file of PREVIOUS_RUN_FILES from `output_dir`."""
+    for pattern in PREVIOUS_RUN_FILES:
+        for path in output_dir.glob(pattern):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def check_same_trajectory(output_dir: Path, trajectory: dict[str, Any]) -> None:

@@ -33,7 +33,7 @@ from optuna.distributions import (
 )
 from optuna.trial import Trial
 
-from cola_hf.config import OptionSpec, option_specs
+from cola_hf.config import OptionSpec, check_range, option_specs
 from cola_hf.errors import UsageError
 from cola_hf.files import read_yaml
 
@@ -195,6 +195,7 @@ def parse_parameter(path: Path, name: str, spec: Any, option: OptionSpec) -> Par
         if not isinstance(values, list) or not values:
             raise UsageError(f"{where} 'values' must be a non-empty list")
         choices = [categorical_choice(where, option, value) for value in values]
+        check_range(name, [choice for choice in choices if isinstance(choice, int | float)], f"{where} ")
         if len(set(map(repr, choices))) != len(choices):
             raise UsageError(f"{where} 'values' lists a value twice")
         return Parameter(name, CategoricalDistribution(choices), convert)
@@ -202,6 +203,8 @@ def parse_parameter(path: Path, name: str, spec: Any, option: OptionSpec) -> Par
     low, high = (bound(where, spec, key) for key in ("min", "max"))
     if low > high:
         raise UsageError(f"{where} min {low:g} is greater than max {high:g}")
+    if distribution != "log_uniform":  # W&B's log_uniform bounds are logarithms, checked once exponentiated
+        check_range(name, [low, high], f"{where} ")
     if distribution == "int_uniform":
         if not (float(low).is_integer() and float(high).is_integer()):
             raise UsageError(f"{where} int_uniform needs integer min and max")
@@ -217,6 +220,7 @@ def parse_parameter(path: Path, name: str, spec: Any, option: OptionSpec) -> Par
         return Parameter(name, FloatDistribution(low, high, step=step), checked(where, convert, low, high))
     if distribution == "log_uniform":  # W&B: min and max are natural logarithms of the bounds
         low, high = math.exp(low), math.exp(high)
+        check_range(name, [low, high], f"{where} ")
     elif low <= 0:
         raise UsageError(f"{where} a log range needs min > 0, found {low:g}")
     return Parameter(name, FloatDistribution(low, high, log=True), checked(where, convert, low, high))

@@ -5,6 +5,7 @@ which trials lost their worker, which is best, who builds best/, what stays on d
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import shutil
@@ -17,20 +18,22 @@ from pathlib import Path
 
 import optuna
 from filelock import FileLock
-from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from cola_hf.config import RunOptions
 from cola_hf.errors import UsageError
+from cola_hf.files import write_json
 from cola_hf.run import FilesCache
 from cola_hf.studies.search.space import SearchSpace
-from cola_hf.studies.search.storage import MAX_RETRIES, StudyLock
+from cola_hf.studies.search.storage import JOURNAL_FILE, MAX_RETRIES, STUDY_LOCK_FILE, StudyLock
 from cola_hf.training.output_dir import is_held
 
 logger = logging.getLogger(__name__)
 
 SEARCH_DIR, TRIALS_DIR, BEST_DIR = "search", "trials", "best"
 MODEL_DIR = "model"  # inside a trial directory: its best-epoch model, kept while it is the study's best
+STUDY_RECORD = "study.json"  # in OUTPUT_DIR/search: the one study this directory's trials/ and best/ belong to
 
 
 @dataclass
@@ -76,17 +79,48 @@ def timed(seconds: dict[str, float], part: str) -> Iterator[None]:
 
 
 # --- the study's set-up ------------------------------------------------------------------------------------------
-def check_same_search(study: optuna.Study, space: SearchSpace) -> None:
-    """A resumed study must search the same space: trials from another space would mislead the sampler."""
-    fingerprint = space.fingerprint()
-    stored = study.user_attrs.get("space")
-    if stored is None:
-        study.set_user_attr("space", fingerprint)
-    elif stored != fingerprint:
+def claim_output_dir(options: RunOptions, group: str, space: SearchSpace, storage: BaseStorage) -> None:
+    """OUTPUT_DIR holds one study (its trials/ and best/ are that study's): another one there is refused, naming
+    both, unless --overwrite_output_dir, which clears the directory's search and deletes its previous study."""
+    output_dir = Path(options.training.output_dir)
+    record_path = output_dir / SEARCH_DIR / STUDY_RECORD
+    try:
+        recorded = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        recorded = None
+    if options.training.overwrite_output_dir:
+        names = {summary.study_name for summary in optuna.get_all_study_summaries(storage)}
+        for name in {group, (recorded or {}).get("study")} & names:
+            optuna.delete_study(study_name=name, storage=storage)
+        for folder in (TRIALS_DIR, BEST_DIR):
+            shutil.rmtree(output_dir / folder, ignore_errors=True)
+        for path in (output_dir / SEARCH_DIR).iterdir():
+            if path.name not in ("search.lock", STUDY_LOCK_FILE, JOURNAL_FILE):  # all in use by this worker
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    elif recorded is not None and recorded.get("study") != group:
         raise UsageError(
-            f"study '{study.study_name}' in this storage searched another space than {space.path}; "
-            "pass another --output_dir (or --experiment_name with --search_storage)"
+            f"{output_dir}: holds the search '{recorded.get('study')}' ({recorded.get('sweep')}); this one is "
+            f"'{group}' ({space.path}): pass another --output_dir, or --overwrite_output_dir to replace it"
         )
+    write_json(record_path, {"study": group, "sweep": str(space.path)})
+
+
+def check_same_search(study: optuna.Study, space: SearchSpace, options: RunOptions) -> None:
+    """A resumed study must search the same space from the same recipe: trials of another space would mislead the
+    sampler, and trials of another base recipe (a model, a sequence length) would not be comparable."""
+    searched = set(space.parameters)
+    recipe = {name: value for name, value in options.trajectory().items() if name not in searched}
+    for attribute, now, what in (("space", space.fingerprint(), "space"), ("recipe", recipe, "recipe")):
+        stored = study.user_attrs.get(attribute)
+        if stored is None:
+            study.set_user_attr(attribute, now)
+        elif stored != now:
+            changed = sorted(key for key in {*stored, *now} if stored.get(key) != now.get(key))
+            raise UsageError(
+                f"study '{study.study_name}' in this storage searched another {what} than {space.path} with "
+                f"these options ({', '.join(changed)} differ); pass another --output_dir (or --experiment_name "
+                "with --search_storage), or --overwrite_output_dir to start over"
+            )
 
 
 def make_sampler(space: SearchSpace, seed: int, n_trials: int) -> optuna.samplers.BaseSampler:

@@ -35,6 +35,7 @@ from cola_hf.studies.search.study import (
     best_trial,
     check_same_search,
     claim_best,
+    claim_output_dir,
     discard_models,
     fail_interrupted_trials,
     has_free_slot,
@@ -88,18 +89,20 @@ def join_study(options: RunOptions, tokenized_files: datasets.DatasetDict | None
     )
     group = options.tracking.experiment_name or f"{options.recipe}-{space.path.stem}"
     shared = study_lock(study_args.search_storage, group, search_dir)
-    # Under the study's lock: of two workers that start a study with different sweep files, one creates it and
-    # records its space, and the other is refused.
-    with shared:
+    lock = FileLock(str(search_dir / "search.lock"))
+    # Under this directory's lock (its trials/ and best/ are one study's) and the study's: of two workers that start
+    # a study with different sweep files or recipes, one creates it and records them, and the other is refused.
+    with lock, shared:
+        claim_output_dir(options, group, space, storage)
         study = optuna.create_study(study_name=group, storage=storage, direction="maximize", load_if_exists=True)
-        check_same_search(study, space)
+        check_same_search(study, space, options)
         worker = study.user_attrs.get("workers_started", 0)
         study.set_user_attr("workers_started", worker + 1)
     # Each worker draws from its own random stream (the run's seed + its start order): two workers started
     # together must not draw the same random trials, and a lone worker's search is reproducible.
     study.sampler = make_sampler(space, options.training.seed + worker, n_trials)
     study.pruner = make_pruner(study_args.search_pruner, space, options)
-    search = Search(options, space, n_trials, study, group, shared, FileLock(str(search_dir / "search.lock")))
+    search = Search(options, space, n_trials, study, group, shared, lock)
     if tokenized_files is not None:
         search.files_cache[options.tokenization_key()] = tokenized_files
     logger.info(
