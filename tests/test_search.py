@@ -151,9 +151,13 @@ BAD_SPACES = {
         {"learning_rate": {"distribution": "uniform", "min": 3e-4, "max": 1e-5}},
         "min 0.0003 is greater than max 1e-05",
     ),
-    "log range from 0": (
-        {"learning_rate": {"distribution": "log_uniform_values", "min": 0, "max": 1e-4}},
+    "log range from 0": (  # weight decay may be 0 (learning_rate's own range refuses 0 before the log check)
+        {"weight_decay": {"distribution": "log_uniform_values", "min": 0, "max": 1e-2}},
         "a log range needs min > 0",
+    ),
+    "out of the option's range": (
+        {"learning_rate": {"distribution": "log_uniform_values", "min": 0, "max": 1e-4}},
+        "--learning_rate 0: out of range, expected > 0",
     ),
     "wrong type": ({"global_train_batch_size": {"values": [16, "big"]}}, "does not take 'big'"),
     "fractions for an integer option": (
@@ -200,7 +204,7 @@ def test_bad_sweep_file_shapes(tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--search", str(WIDE), "--n_trials", "0"], "--n_trials must be at least 1"),
+        (["--search", str(WIDE), "--n_trials", "0"], "--n_trials 0: out of range, expected >= 1"),
         (["--search", str(WIDE)], "needs --n_trials N"),
         (["--search", str(WIDE), "--n_trials", "2", "--seeds", "1", "2"], "--search with --seeds or --grid"),
         (["--search", str(WIDE), "--n_trials", "2", "--grid", str(GRID)], "--search with --seeds or --grid"),
@@ -523,3 +527,20 @@ def test_a_trial_that_has_returned_but_is_not_recorded_yet_does_not_look_dead(tm
     checker.join(timeout=60)
     assert looked == ["RUNNING"]  # B looked inside the window, and left the trial alone
     assert [trial.state.name for trial in worker_a.study.get_trials()] == ["COMPLETE"]  # no rerun queued
+
+
+def test_overwrite_refuses_to_delete_a_study_other_workers_are_running(tmp_path, base_args, cola_main, capsys):
+    """A job array given --overwrite_output_dir: a task must not delete the study another task is running a trial of."""
+    space = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"values": [5e-3]}})
+    out = tmp_path / "search"
+    argv = [*base_args, "--output_dir", str(out), "--search", str(space), "--n_trials", "2"]
+    argv += ["--num_train_epochs", "1", "--experiment_name", "shared"]
+    (out / "search").mkdir(parents=True)
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "search" / "study.journal"))
+    )
+    optuna.create_study(study_name="shared", storage=storage, direction="maximize").ask()  # another worker's trial
+    assert cola_main([*argv, "--overwrite_output_dir", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite_output_dir: study 'shared' has trials running (0); stop its workers first" in err
+    assert [trial.state.name for trial in load_study(out).get_trials()] == ["RUNNING"]  # the study is still there

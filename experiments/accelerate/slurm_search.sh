@@ -11,6 +11,7 @@
 # password from PGPASSWORD or ~/.pgpass, never in the URL). --n_trials is the study's total: the tasks
 # together run exactly that many trials, whichever task takes which; a task with no trial left waits for
 # the trials still running (it reruns one whose worker dies), then the one that ends the study writes best/.
+# Leave --overwrite_output_dir out: every task (and every restart of one) would start the study over.
 #
 # Preemption and the time limit (as in slurm.sh, whose approach this is):
 #   - 300 s before the time limit Slurm sends SIGTERM to this batch shell (--signal=B:TERM@300), which passes

@@ -91,6 +91,16 @@ def claim_output_dir(options: RunOptions, group: str, space: SearchSpace, storag
     if options.training.overwrite_output_dir:
         names = {summary.study_name for summary in optuna.get_all_study_summaries(storage)}
         for name in {group, (recorded or {}).get("study")} & names:
+            # Other workers may share the study (a job array given the same command): not while they run trials.
+            running = optuna.load_study(study_name=name, storage=storage).get_trials(
+                deepcopy=False, states=(TrialState.RUNNING,)
+            )
+            if running:
+                numbers = ", ".join(str(trial.number) for trial in running)
+                raise UsageError(
+                    f"--overwrite_output_dir: study '{name}' has trials running ({numbers}); stop its workers first "
+                    "(or, to join it, leave --overwrite_output_dir out)"
+                )
             optuna.delete_study(study_name=name, storage=storage)
         for folder in (TRIALS_DIR, BEST_DIR):
             shutil.rmtree(output_dir / folder, ignore_errors=True)
