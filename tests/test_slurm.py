@@ -1,7 +1,9 @@
-"""experiments/accelerate/slurm.sh under a real Slurm: a job stopped mid-training saves, requeues itself, finishes.
+"""The sbatch scripts under a real Slurm: experiments/accelerate/slurm.sh (a job stopped mid-training saves,
+requeues itself, finishes) and slurm_search.sh (a job array of search workers runs exactly N trials, through a
+preempted task too).
 
 Needs a Slurm that answers on this machine, with a free node (tests/slurm/start_local_slurm.sh starts one on
-localhost); skipped otherwise. The job is submitted exactly as a user submits it, told to stay on the CPU.
+localhost); skipped otherwise. Jobs are submitted exactly as a user submits them, told to stay on the CPU.
 """
 
 from __future__ import annotations
