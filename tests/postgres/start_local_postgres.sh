@@ -49,6 +49,11 @@ if [[ "${1:-start}" == "stop" ]]; then
   exit 0
 fi
 
+# One start at a time (two test processes may call this together): the rest of the script holds the lock.
+mkdir -p "$(dirname "$STATE_DIR")"
+exec 9>"$STATE_DIR.start-lock"
+flock 9
+
 if [[ $EUID -eq 0 ]] && ! id -u "$OS_USER" >/dev/null 2>&1; then
   useradd --system --no-create-home --shell /usr/sbin/nologin "$OS_USER"
 fi
