@@ -88,7 +88,8 @@ if [[ $EUID -eq 0 ]]; then chown "$OS_USER" "$SOCKET_DIR"; fi
 
 if ! as_owner "$bin_dir/pg_isready" -q -h "$SOCKET_DIR" -p "$PORT"; then
   # A server killed without a clean stop leaves its pid file; pg_ctl start copes with a stale one.
-  as_owner "$bin_dir/pg_ctl" -D "$DATA_DIR" -l "$STATE_DIR/server.log" -w -t 60 start >/dev/null || {
+  # 9>&-: the server must not inherit the start lock, or it would hold it for as long as it runs.
+  as_owner "$bin_dir/pg_ctl" -D "$DATA_DIR" -l "$STATE_DIR/server.log" -w -t 60 start >/dev/null 9>&- || {
     echo "start_local_postgres: the server did not start; see $STATE_DIR/server.log" >&2
     tail -n 20 "$STATE_DIR/server.log" >&2 || true
     exit 1
