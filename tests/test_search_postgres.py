@@ -199,7 +199,12 @@ def start_worker(command: list[str], env: dict | None = None) -> subprocess.Pope
 
 
 def finish_workers(workers: list[subprocess.Popen], timeout: float = 300) -> list[str]:
-    logs = [worker.communicate(timeout=timeout)[0] for worker in workers]
+    try:
+        logs = [worker.communicate(timeout=timeout)[0] for worker in workers]
+    except subprocess.TimeoutExpired:
+        for worker in workers:
+            worker.kill()
+        raise AssertionError(f"a worker still runs after {timeout:.0f} s") from None
     failed = [f"exit {worker.returncode}:\n{log[-3000:]}" for worker, log in zip(workers, logs, strict=True)]
     assert all(worker.returncode == 0 for worker in workers), "\n\n".join(failed)
     return logs
@@ -332,6 +337,21 @@ def test_a_worker_paused_past_the_grace_period_loses_its_trial_to_another_and_go
     assert sorted(trial.state.name for trial in trials) == ["COMPLETE", "COMPLETE", "FAIL"]
     assert f"Trial {taken.number} was failed by another worker while this one ran it" in logs[0]
     assert "Traceback" not in logs[0] and "Should not reach" not in logs[0]
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_run_again(tmp_path, search_args, postgres_database):
+    """A worker killed between creating its trial and its first heartbeat (milliseconds apart) leaves a RUNNING
+    trial that Optuna's heartbeat check never looks at: without another check the study would wait for it forever."""
+    space = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"values": [5e-3]}})
+    storage = optuna.storages.RDBStorage(postgres_database)
+    optuna.create_study(study_name=SHARED_STUDY, storage=storage, direction="maximize").ask()  # then it died
+    heartbeat = ["--search_heartbeat_interval", "1", "--search_grace_period", "3"]
+    command = search_command(search_args, tmp_path / "out", space, 1, postgres_database, *heartbeat)
+    (log,) = finish_workers([start_worker(command)], timeout=120)  # a subprocess: waiting forever fails the test
+    assert "Trial 0 started over 3 s ago and never recorded a heartbeat" in log
+    trials = shared_study(postgres_database).get_trials()
+    assert [trial.state.name for trial in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].system_attrs["retry_history"] == [0]
 
 
 def test_the_storage_password_is_recorded_nowhere(tmp_path, search_args, postgres_database):

@@ -23,6 +23,7 @@ It is held for milliseconds at a time: nothing slow (a trial, the reports, best/
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import warnings
@@ -139,6 +140,34 @@ def why_not_opened(err: BaseException, parsed: Any) -> str:
     if isinstance(cause, Exception) and type(cause).__module__.startswith(("psycopg", "sqlite3", "sqlalchemy")):
         return f"cannot open the database at {where} ({message})"  # refused, unknown host, bad password...
     return f"cannot open ({redact_text(one_line(err))})"
+
+
+def trials_never_beating(url: str, study_name: str, numbers: list[int]) -> list[int]:
+    """Of the trials `numbers` of the study, those with no heartbeat at all in the database.
+
+    Optuna's own check (fail_stale_trials) looks only at trials that have a heartbeat, so a worker that died
+    between creating its trial and the first heartbeat (milliseconds apart) would leave it RUNNING forever, and
+    the study would never end. Read from Optuna's tables directly: its API says nothing about missing heartbeats.
+    """
+    import sqlalchemy
+
+    if not numbers:
+        return []
+    query = sqlalchemy.text(
+        "SELECT t.number FROM trials t JOIN studies s ON s.study_id = t.study_id "
+        "LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+        "WHERE s.study_name = :study AND h.trial_id IS NULL AND t.number IN :numbers"
+    ).bindparams(sqlalchemy.bindparam("numbers", expanding=True))
+    with _engine(url).connect() as connection:
+        rows = connection.execute(query, {"study": study_name, "numbers": list(numbers)})
+        return sorted(row[0] for row in rows)
+
+
+@functools.cache
+def _engine(url: str) -> Any:
+    import sqlalchemy
+
+    return sqlalchemy.create_engine(url, pool_size=1, max_overflow=0, **engine_kwargs(url))
 
 
 def describe_storage(url: str | None, search_dir: Path) -> str:

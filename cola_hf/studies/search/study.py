@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -26,7 +27,13 @@ from cola_hf.errors import UsageError
 from cola_hf.files import write_json
 from cola_hf.run import FilesCache
 from cola_hf.studies.search.space import SearchSpace
-from cola_hf.studies.search.storage import JOURNAL_FILE, MAX_RETRIES, STUDY_LOCK_FILE, StudyLock
+from cola_hf.studies.search.storage import (
+    JOURNAL_FILE,
+    MAX_RETRIES,
+    STUDY_LOCK_FILE,
+    StudyLock,
+    trials_never_beating,
+)
 from cola_hf.training.output_dir import is_held
 
 logger = logging.getLogger(__name__)
@@ -232,6 +239,30 @@ def fail_silent_trials(search: Search) -> None:
             where,
             grace,
         )
+    fail_trials_never_beating(search)
+
+
+def fail_trials_never_beating(search: Search) -> None:
+    """Fail and queue again the RUNNING trials, not of this directory, that started longer than the grace period
+    ago and never recorded a heartbeat: their worker died at their very start (storage.trials_never_beating)."""
+    study, grace = search.study, search.options.study.search_grace_period
+    now = datetime.now()  # the clock Optuna's RDB storage dates trials with (naive, the workers' own)
+    started_long_ago = [
+        trial.number
+        for trial in running_trials(study)
+        if trial.datetime_start is not None
+        and (now - trial.datetime_start).total_seconds() > grace
+        and not search.trial_dir(trial.number).is_dir()
+    ]
+    for number in trials_never_beating(search.options.study.search_storage, study.study_name, started_long_ago):
+        logger.warning(
+            "Trial %d started over %d s ago and never recorded a heartbeat (its worker died as it began): recorded "
+            "as failed, queued again",
+            number,
+            grace,
+        )
+        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+        retry_trial(study, number)
 
 
 def retry_trial(study: optuna.Study, number: int) -> None:
