@@ -28,6 +28,7 @@ from cola_hf.data.blimp import BLIMP_URL
 from cola_hf.data.cola import COLA_URL
 from cola_hf.errors import UsageError
 from cola_hf.files import read_yaml
+from cola_hf.redaction import redact_options
 
 DEFAULT_MODEL = "bert-base-uncased"
 
@@ -286,8 +287,19 @@ class StudyArguments:
     search_storage: str | None = field(
         default=None,
         metadata={
-            "help": "Optuna storage URL that the search's workers share (postgresql://..., mysql://...); "
-            "default: a journal file in OUTPUT_DIR/search."
+            "help": "Optuna storage URL that the search's workers share (postgresql://user@host/db, the password "
+            "from PGPASSWORD or ~/.pgpass; sqlite:///PATH); default: a journal file in OUTPUT_DIR/search."
+        },
+    )
+    search_heartbeat_interval: int = field(
+        default=60,
+        metadata={"help": "With --search_storage: seconds between the heartbeats a worker records for its trial."},
+    )
+    search_grace_period: int = field(
+        default=300,
+        metadata={
+            "help": "With --search_storage: a trial whose worker has recorded no heartbeat for this many seconds "
+            "is taken for dead: failed, and run again by another worker."
         },
     )
     search_pruner: str = field(
@@ -528,17 +540,21 @@ class RunOptions:
         return name
 
     def values(self) -> dict[str, Any]:
-        """Every option by name, as results.json, W&B, the card and a recipe record them (hub tokens redacted).
+        """Every option by name, as results.json, W&B, the card and a recipe record them.
 
-        The one flattening of the options: everything that records a run's options starts from it.
+        The one flattening of the options: everything that records a run's options starts from it, so this is
+        where passwords and tokens are masked (`--search_storage postgresql://cola:***@db/optuna`, a source URL's
+        password, `hub_token`): cola_hf/redaction.py.
         """
-        return {
-            **dataclasses.asdict(self.model),
-            **dataclasses.asdict(self.data),
-            **self.training.to_dict(),
-            **dataclasses.asdict(self.tracking),
-            **dataclasses.asdict(self.study),
-        }
+        return redact_options(
+            {
+                **dataclasses.asdict(self.model),
+                **dataclasses.asdict(self.data),
+                **self.training.to_dict(),
+                **dataclasses.asdict(self.tracking),
+                **dataclasses.asdict(self.study),
+            }
+        )
 
     def config(self) -> dict[str, Any]:
         """The run's options as results.json records them: all but the study's (how many runs, not this one)."""

@@ -38,6 +38,7 @@ from cola_hf.data.sources import is_url
 from cola_hf.errors import StoppedBySignal, UsageError
 from cola_hf.integrations import hub, tracking
 from cola_hf.predictions import predictions_file, write_predictions
+from cola_hf.redaction import redact_argv
 from cola_hf.results import TEST_SPLITS, RunResults
 from cola_hf.training.inference import acceptable_probabilities
 from cola_hf.training.model import load_model
@@ -244,7 +245,7 @@ def finish(
             output_dir,
             results,
             options.model.model_name_or_path,
-            shlex.join(["python", *sys.argv]),
+            shlex.join(["python", *redact_argv(sys.argv)]),
             options.training.hub_model_id,
             base_model=options.model.base_model,
             phenomena=phenomena_markdown(analysis),

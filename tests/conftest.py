@@ -52,6 +52,35 @@ def write_cola_dir(root: Path, train: int = 200, in_domain: int = 40, out_of_dom
     return root
 
 
+def verb_rule_rows(count: int, seed: int) -> list[tuple]:
+    """CoLA-format rows whose label follows the verb ("saw": acceptable, "praised": not): a rule the tiny random
+    BERT learns within an epoch at a high learning rate and not at all at a tiny one, so searches' trials differ."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        label = int(rng.random() < 0.6)
+        verb = "saw" if label else "praised"
+        rows.append(
+            (
+                f"src{rng.randrange(4)}",
+                label,
+                "" if label else "*",
+                f"{rng.choice(SUBJECTS)} {verb} {rng.choice(OBJECTS)}.",
+            )
+        )
+    return rows
+
+
+@pytest.fixture(scope="session")
+def verb_cola_dir(tmp_path_factory) -> Path:
+    """Raw CoLA TSVs of the verb rule (train 200, in-domain dev 40, out-of-domain dev 36)."""
+    root = tmp_path_factory.mktemp("verb-cola")
+    write_tsv(root / "in_domain_train.tsv", verb_rule_rows(200, seed=1))
+    write_tsv(root / "in_domain_dev.tsv", verb_rule_rows(40, seed=2))
+    write_tsv(root / "out_of_domain_dev.tsv", verb_rule_rows(36, seed=3))
+    return root
+
+
 @pytest.fixture(scope="session")
 def cola_dir(tmp_path_factory) -> Path:
     """A directory of small synthetic raw CoLA TSVs (train 200, in-domain dev 40, out-of-domain dev 36)."""
@@ -197,6 +226,17 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
 
 
+@pytest.fixture(scope="session")
+def encoder_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny BERT without its classifier head, like a pretrained checkpoint: each run draws a new head."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    directory = tmp_path_factory.mktemp("tiny-encoder")
+    BertForSequenceClassification.from_pretrained(tiny_model_dir).bert.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(directory)
+    return directory
+
+
 def run_cola(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """experiments/cola.py in a subprocess, offline, as a user would run it.
 
@@ -213,3 +253,49 @@ def run_cola(*args: str, env: dict | None = None, check: bool = True) -> subproc
     if check and result.returncode != 0:
         raise AssertionError(f"cola.py exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+# --- a real PostgreSQL server ----------------------------------------------------------------------------------
+POSTGRES_SCRIPT = REPO / "tests" / "postgres" / "start_local_postgres.sh"
+POSTGRES_NOT_INSTALLED = 3  # start_local_postgres.sh's exit status when the server's binaries are missing
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The superuser URL of a running PostgreSQL: $COLA_TEST_POSTGRES_URL (.ci/run starts one), else the server
+    tests/postgres/start_local_postgres.sh starts (idempotent). Skipped only where PostgreSQL is not installed."""
+    url = os.environ.get("COLA_TEST_POSTGRES_URL")
+    if url:
+        return url
+    started = subprocess.run(["bash", str(POSTGRES_SCRIPT)], capture_output=True, text=True, timeout=180)
+    if started.returncode == POSTGRES_NOT_INSTALLED:
+        pytest.skip(f"PostgreSQL is not installed here ({started.stderr.strip()})")
+    if started.returncode != 0:
+        raise RuntimeError(f"{POSTGRES_SCRIPT.name} failed:\n{started.stderr}")
+    return started.stdout.strip().splitlines()[-1]
+
+
+def postgres_admin(server_url: str):
+    """An autocommit connection as the superuser (CREATE DATABASE cannot run inside a transaction)."""
+    import psycopg
+
+    return psycopg.connect(server_url, autocommit=True, connect_timeout=10)
+
+
+@pytest.fixture
+def postgres_database(postgres_server) -> str:
+    """A fresh database for one test, owned by a fresh role whose password is random, as a SQLAlchemy URL
+    (postgresql+psycopg://ROLE:PASSWORD@127.0.0.1:PORT/DB); both are dropped afterwards."""
+    import secrets
+    from urllib.parse import urlsplit
+
+    name = f"cola_test_{secrets.token_hex(6)}"
+    password = f"pw-{secrets.token_hex(12)}"
+    with postgres_admin(postgres_server) as admin:
+        admin.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
+        admin.execute(f"CREATE DATABASE {name} OWNER {name}")
+    server = urlsplit(postgres_server)
+    yield f"postgresql+psycopg://{name}:{password}@{server.hostname}:{server.port}/{name}"
+    with postgres_admin(postgres_server) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.execute(f"DROP ROLE IF EXISTS {name}")

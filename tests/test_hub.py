@@ -147,7 +147,7 @@ def test_model_card_never_holds_a_token(tmp_path, monkeypatch):
     results["config"]["note"] = f"copied by mistake: {FAKE_TOKEN}"
     text = str(hub.build_model_card(tmp_path, RunResults.from_dict(results), "org/base", command, REPO_ID))
     assert FAKE_TOKEN not in text and "hf_another0123456789abcd" not in text
-    assert "--hub_token <HUB_TOKEN> --hub_token=<HUB_TOKEN>" in text
+    assert "--hub_token *** --hub_token=***" in text
 
 
 # --- the push ---------------------------------------------------------------------------------------------------

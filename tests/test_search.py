@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -21,42 +21,14 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, SCRIPT, write_tsv
+from conftest import REPO, SCRIPT
 
 from cola_hf.config import make_parser
 from cola_hf.errors import UsageError
 from cola_hf.studies.search.space import load_space
 
-SUBJECTS = ["the cat", "a dog", "john", "mary", "the students", "every linguist", "she", "they"]
-OBJECTS = ["the book", "a paper", "the homework problem", "it", "the analysis", "them"]
 WIDE = REPO / "experiments" / "sweeps" / "wide.yaml"
 GRID = REPO / "experiments" / "sweeps" / "bert_paper_grid.yaml"
-
-
-def verb_rule_rows(count: int, seed: int) -> list[tuple]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        label = int(rng.random() < 0.6)
-        verb = "saw" if label else "praised"
-        rows.append(
-            (
-                f"src{rng.randrange(4)}",
-                label,
-                "" if label else "*",
-                f"{rng.choice(SUBJECTS)} {verb} {rng.choice(OBJECTS)}.",
-            )
-        )
-    return rows
-
-
-@pytest.fixture(scope="module")
-def verb_cola_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("verb-cola")
-    write_tsv(root / "in_domain_train.tsv", verb_rule_rows(200, seed=1))
-    write_tsv(root / "in_domain_dev.tsv", verb_rule_rows(40, seed=2))
-    write_tsv(root / "out_of_domain_dev.tsv", verb_rule_rows(36, seed=3))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +36,6 @@ def cola_main():
     from cola_hf.cli.train import main
 
     return main
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny BERT without its classifier head, like a pretrained checkpoint: each run draws a new head."""
-    from transformers import AutoTokenizer, BertForSequenceClassification
-
-    directory = tmp_path_factory.mktemp("tiny-encoder")
-    BertForSequenceClassification.from_pretrained(tiny_model_dir).bert.save_pretrained(directory)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture
@@ -190,9 +151,13 @@ BAD_SPACES = {
         {"learning_rate": {"distribution": "uniform", "min": 3e-4, "max": 1e-5}},
         "min 0.0003 is greater than max 1e-05",
     ),
-    "log range from 0": (
-        {"learning_rate": {"distribution": "log_uniform_values", "min": 0, "max": 1e-4}},
+    "log range from 0": (  # weight decay may be 0 (learning_rate's own range refuses 0 before the log check)
+        {"weight_decay": {"distribution": "log_uniform_values", "min": 0, "max": 1e-2}},
         "a log range needs min > 0",
+    ),
+    "out of the option's range": (
+        {"learning_rate": {"distribution": "log_uniform_values", "min": 0, "max": 1e-4}},
+        "--learning_rate 0: out of range, expected > 0",
     ),
     "wrong type": ({"global_train_batch_size": {"values": [16, "big"]}}, "does not take 'big'"),
     "fractions for an integer option": (
@@ -239,7 +204,7 @@ def test_bad_sweep_file_shapes(tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--search", str(WIDE), "--n_trials", "0"], "--n_trials must be at least 1"),
+        (["--search", str(WIDE), "--n_trials", "0"], "--n_trials 0: out of range, expected >= 1"),
         (["--search", str(WIDE)], "needs --n_trials N"),
         (["--search", str(WIDE), "--n_trials", "2", "--seeds", "1", "2"], "--search with --seeds or --grid"),
         (["--search", str(WIDE), "--n_trials", "2", "--grid", str(GRID)], "--search with --seeds or --grid"),
@@ -527,3 +492,70 @@ def test_best_is_built_once_by_the_run_phases_its_card_complete_before_any_uploa
     results = json.loads((out / "best" / "results.json").read_text())
     assert results["config"]["search"]["trial"] == 0 and results["test"]
     assert "## Hyperparameter search" in (out / "best" / "README.md").read_text()
+
+
+class PausingSampler(optuna.samplers.RandomSampler):
+    """A random sampler that pauses inside Optuna's recording of a trial's end (its after_trial hook runs in
+    `tell`, after the objective has returned and before the storage holds the new state) until told to go on."""
+
+    def __init__(self, seed: int, in_window: threading.Event, go_on: threading.Event) -> None:
+        super().__init__(seed=seed)
+        self.in_window, self.go_on = in_window, go_on
+
+    def after_trial(self, study, trial, state, values) -> None:
+        super().after_trial(study, trial, state, values)
+        self.in_window.set()
+        assert self.go_on.wait(timeout=120)
+
+
+def test_a_trial_that_has_returned_but_is_not_recorded_yet_does_not_look_dead(tmp_path, base_args):
+    """Two workers on one journal: A's trial has returned and Optuna is recording it when B looks for trials whose
+    worker is gone. B leaves it alone, and A records it. (A worker that let go of its trial's directory lock when
+    the trial returned looked dead in that window: B failed the finished trial and queued it again, and A died with
+    Optuna's "AssertionError: Should not reach.")"""
+    from cola_hf.config import parse_args
+    from cola_hf.studies.search.study import fail_interrupted_trials
+    from cola_hf.studies.search.worker import join_study, run_trials
+
+    space = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"values": [5e-3]}})
+    options = parse_args(
+        [*base_args, "--output_dir", str(tmp_path / "search"), "--search", str(space), "--n_trials", "1"]
+        + ["--num_train_epochs", "1"]
+    )
+    worker_a, worker_b = join_study(options), join_study(options)
+    in_window, go_on = threading.Event(), threading.Event()
+    worker_a.study.sampler = PausingSampler(0, in_window, go_on)
+    looked: list[str] = []
+
+    def worker_b_looks() -> None:
+        try:
+            assert in_window.wait(timeout=240)
+            with worker_b.study_lock:
+                fail_interrupted_trials(worker_b)
+            looked.extend(trial.state.name for trial in worker_b.study.get_trials())
+        finally:
+            go_on.set()
+
+    checker = threading.Thread(target=worker_b_looks)
+    checker.start()
+    run_trials(worker_a)  # the trial trains in this (main) thread: SIGTERM handling needs the main thread
+    checker.join(timeout=60)
+    assert looked == ["RUNNING"]  # B looked inside the window, and left the trial alone
+    assert [trial.state.name for trial in worker_a.study.get_trials()] == ["COMPLETE"]  # no rerun queued
+
+
+def test_overwrite_refuses_to_delete_a_study_other_workers_are_running(tmp_path, base_args, cola_main, capsys):
+    """A job array given --overwrite_output_dir: a task must not delete the study another task is running a trial of."""
+    space = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"values": [5e-3]}})
+    out = tmp_path / "search"
+    argv = [*base_args, "--output_dir", str(out), "--search", str(space), "--n_trials", "2"]
+    argv += ["--num_train_epochs", "1", "--experiment_name", "shared"]
+    (out / "search").mkdir(parents=True)
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "search" / "study.journal"))
+    )
+    optuna.create_study(study_name="shared", storage=storage, direction="maximize").ask()  # another worker's trial
+    assert cola_main([*argv, "--overwrite_output_dir", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite_output_dir: study 'shared' has trials running (0); stop its workers first" in err
+    assert [trial.state.name for trial in load_study(out).get_trials()] == ["RUNNING"]  # the study is still there

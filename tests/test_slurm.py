@@ -1,7 +1,9 @@
-"""experiments/accelerate/slurm.sh under a real Slurm: a job stopped mid-training saves, requeues itself, finishes.
+"""The sbatch scripts under a real Slurm: experiments/accelerate/slurm.sh (a job stopped mid-training saves,
+requeues itself, finishes) and slurm_search.sh (a job array of search workers runs exactly N trials, through a
+preempted task too).
 
 Needs a Slurm that answers on this machine, with a free node (tests/slurm/start_local_slurm.sh starts one on
-localhost); skipped otherwise. The job is submitted exactly as a user submits it, told to stay on the CPU.
+localhost); skipped otherwise. Jobs are submitted exactly as a user submits them, told to stay on the CPU.
 """
 
 from __future__ import annotations
@@ -96,3 +98,89 @@ def test_job_stopped_mid_training_saves_requeues_itself_and_finishes(tmp_path, t
     assert f"holds an unfinished run: continuing from checkpoint-{step}" in text  # the requeued job went on from it
     assert f"training stopped with exit status 75; requeueing job {job_id}" in text
     assert (output_dir / "results.json").exists()
+
+
+# --- a search as a job array ------------------------------------------------------------------------------------
+SEARCH_SCRIPT = REPO / "experiments" / "accelerate" / "slurm_search.sh"
+
+
+def submit_search_array(tmp_path: Path, tiny_model_dir: Path, n_trials: int, epochs: int) -> tuple[str, Path]:
+    """Two search workers as an array, sharing the study's journal in one OUTPUT_DIR; the array's job id."""
+    data = write_cola_dir(tmp_path / "raw", train=600)
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "method: random\nmetric: {name: eval/matthews_correlation, goal: maximize}\n"
+        "parameters: {learning_rate: {values: [0.005, 0.002, 0.001]}}\n"
+    )
+    output_dir = tmp_path / "search"
+    submit = ["sbatch", "--parsable", "--array=0-1", "--gpus=0", "--cpus-per-task=1", "--time=10"]
+    submit.append(f"--output={tmp_path}/slurm-%A_%a.out")
+    worker = [
+        *("--model_name_or_path", tiny_model_dir, "--cola_source", data, "--output_dir", output_dir),
+        *("--search", space, "--n_trials", n_trials, "--num_train_epochs", epochs),
+        *("--global_train_batch_size", "16", "--annotations_source", "none"),
+        *("--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true"),
+    ]
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    submitted = subprocess.run(
+        [*submit, str(SEARCH_SCRIPT), *map(str, worker)], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.strip().split(";")[0], output_dir
+
+
+def search_states(output_dir: Path) -> list[str]:
+    import optuna
+
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(output_dir / "search" / "study.journal"))
+    )
+    (name,) = optuna.get_all_study_names(storage)
+    return [trial.state.name for trial in optuna.load_study(study_name=name, storage=storage).get_trials()]
+
+
+def wait_for_tasks(array_id: str, logs: list[Path], timeout: float) -> list[dict[str, str]]:
+    def ended() -> list[dict[str, str]] | None:
+        tasks = [job_fields(f"{array_id}_{task}") for task in range(len(logs))]
+        return tasks if all(task.get("JobState") in FINAL_STATES for task in tasks) else None
+
+    return wait_for(ended, "end of both tasks", logs[-1], timeout=timeout)
+
+
+def test_a_job_array_of_two_workers_runs_exactly_n_trials_and_one_best(tmp_path, tiny_model_dir):
+    array_id, output_dir = submit_search_array(tmp_path, tiny_model_dir, n_trials=3, epochs=1)
+    logs = [tmp_path / f"slurm-{array_id}_{task}.out" for task in range(2)]
+    try:
+        tasks = wait_for_tasks(array_id, logs, timeout=300)
+    finally:
+        subprocess.run(["scancel", array_id], capture_output=True)
+    texts = [log.read_text() if log.exists() else "" for log in logs]
+    assert [(task["JobState"], task["ExitCode"]) for task in tasks] == [("COMPLETED", "0:0")] * 2, texts
+    assert search_states(output_dir) == ["COMPLETE"] * 3
+    assert (output_dir / "best" / "results.json").is_file()
+    assert sum(text.count("its model and test results are in") for text in texts) == 1
+    for task, text in enumerate(texts):
+        assert f"cola-hf: search worker {array_id}_{task} " in text
+
+
+def test_a_preempted_array_task_requeues_and_the_study_still_ends_with_n_trials(tmp_path, tiny_model_dir):
+    # Trials of 20 epochs (hundreds of steps): the signal, sent after the first 10, comes mid-trial.
+    array_id, output_dir = submit_search_array(tmp_path, tiny_model_dir, n_trials=3, epochs=20)
+    logs = [tmp_path / f"slurm-{array_id}_{task}.out" for task in range(2)]
+    try:
+        wait_for(lambda: logs[1].exists() and "{'loss':" in logs[1].read_text(), "task 1 training", logs[1], 120)
+        # What the time limit's --signal=B:TERM does (preemption signals the step the same way).
+        subprocess.run(["scancel", "--batch", "--signal=TERM", f"{array_id}_1"], check=True)
+        tasks = wait_for_tasks(array_id, logs, timeout=400)
+    finally:
+        subprocess.run(["scancel", array_id], capture_output=True)
+    texts = [log.read_text() if log.exists() else "" for log in logs]
+    assert [(task["JobState"], task["ExitCode"]) for task in tasks] == [("COMPLETED", "0:0")] * 2, texts
+    assert [task["Restarts"] for task in tasks] == ["0", "1"], texts
+    assert f"requeueing task {array_id}_1" in texts[1] and texts[1].count(f"search worker {array_id}_1 ") == 2
+    # The stopped trial is recorded as failed and was run again: 3 finished trials, one best/.
+    states = search_states(output_dir)
+    assert sorted(states) == ["COMPLETE"] * 3 + ["FAIL"], states
+    assert (output_dir / "best" / "results.json").is_file()
+    print(f"\ntrial states: {states}")

@@ -21,6 +21,7 @@ import transformers
 from cola_hf.config import RunOptions, parse_args
 from cola_hf.errors import HubPushError, RunFailed, StoppedBySignal, UsageError, one_line
 from cola_hf.integrations import hub
+from cola_hf.redaction import install_on, redact_argv, redact_text
 from cola_hf.results import RunResults
 from cola_hf.run import run
 from cola_hf.studies.search.worker import run_search
@@ -30,18 +31,23 @@ from cola_hf.training.output_dir import ERROR_LOG, mark_failed
 
 def main(argv: list[str] | None = None) -> int:
     """`python experiments/cola.py [RECIPE.yaml] [--flags]`: exit 0, 1 (the run failed) or 2 (bad input)."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [arg for arg in argv if arg != "--debug"]
     options = None
     try:
         options = parse_args(argv)
+        if from_command_line:
+            # Parsed: from here on the process's own command line is masked, for what records it (W&B's run
+            # metadata, the model card): a password in --search_storage or a source URL stays in the options only.
+            sys.argv[1:] = redact_argv(sys.argv[1:])
         configure_logging(options)
         hub.prepare_push(options.training)  # fails in one line before any work: no token, offline, bad repo id
         dispatch(options)
         return 0
     except HubPushError as err:  # the local run is complete: no RUN_FAILED marker
-        print(f"cola: error: {err}", file=sys.stderr)
+        print(f"cola: error: {redact_text(str(err))}", file=sys.stderr)
         return err.exit_code
     except StoppedBySignal as err:  # not a failure: the checkpoint is complete, the same command continues
         if options is None or options.training.process_index == 0:  # one line for the run, not one per process
@@ -51,16 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         if (output_dir := run_directory(options)) is not None:
-            mark_failed(output_dir, str(err))
-        print(f"cola: error: {err}", file=sys.stderr)
+            mark_failed(output_dir, redact_text(str(err)))
+        print(f"cola: error: {redact_text(str(err))}", file=sys.stderr)
         return err.exit_code
     except Exception as err:  # nobody foresaw it: one line on the console, the traceback in a file
         if debug:
             raise
         output_dir = run_directory(options)
         log = Path(output_dir) / ERROR_LOG if output_dir else Path(tempfile.mkstemp(prefix="cola-error-")[1])
-        log.write_text(traceback.format_exc(), encoding="utf-8")
-        message = f"unexpected {one_line(err)}; the traceback is in {log} (--debug shows it here)"
+        log.write_text(redact_text(traceback.format_exc()), encoding="utf-8")
+        message = redact_text(f"unexpected {one_line(err)}; the traceback is in {log} (--debug shows it here)")
         if output_dir is not None:
             mark_failed(output_dir, message)
         print(f"cola: error: {message}", file=sys.stderr)
@@ -120,3 +126,6 @@ def configure_logging(options: RunOptions) -> None:
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
     transformers.utils.logging.enable_default_handler()
+    # No password or token in any log line: every handler that writes ours or the libraries' masks them
+    # (transformers and Optuna have handlers of their own, not the root's).
+    install_on(logging.getLogger(), logging.getLogger("transformers"), logging.getLogger("optuna"))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import logging
-import os
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -29,6 +28,7 @@ from transformers.trainer_utils import HubStrategy
 from cola_hf.config import options_with
 from cola_hf.errors import HubPushError, UsageError, one_line
 from cola_hf.files import MODEL_FILES, write_text
+from cola_hf.redaction import redact_text
 from cola_hf.results import EPOCH_COLUMNS, RunResults, TestSetResults
 
 logger = logging.getLogger(__name__)
@@ -70,10 +70,6 @@ PUBLISHED_FILES = (
 )
 # Top-level files only (a pattern like *.png would match inside checkpoint-*/ or wandb/ too), never a hidden one.
 UNPUBLISHED = ("*/*", ".*")
-
-# Redaction is a second line of defence: no token is ever passed to this module on purpose.
-_TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
-_TOKEN_FLAG = re.compile(r"(--hub_token(?:=|\s+))\S+")
 
 
 # --- the model card --------------------------------------------------------------------------------------------
@@ -143,10 +139,10 @@ def build_model_card(
         plots=_plots(output_dir),
         phenomena=phenomena,
         blimp=blimp,
-        command=_redact_command(command),
+        command=redact_text(command),
         versions=_versions(),
     )
-    return ModelCard(redact_secrets("".join([str(card), *sections])))
+    return ModelCard(redact_text("".join([str(card), *sections])))
 
 
 def write_model_card(
@@ -162,19 +158,6 @@ def write_model_card(
     card = build_model_card(output_dir, results, model_name_or_path, command, hub_model_id, **card_options)
     write_text(path, str(card))
     return path
-
-
-def redact_secrets(text: str) -> str:
-    """Replace anything that is, or looks like, a Hub token with a placeholder."""
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        secret = os.environ.get(name, "").strip()
-        if len(secret) >= 8:  # a short value would mangle ordinary words
-            text = text.replace(secret, f"<{name}>")
-    return _TOKEN_LIKE.sub("<HF_TOKEN>", text)
-
-
-def _redact_command(command: str) -> str:
-    return redact_secrets(_TOKEN_FLAG.sub(r"\1<HUB_TOKEN>", command))
 
 
 def _hub_id_of(model_name_or_path: str) -> str | None:
@@ -295,7 +278,7 @@ def prepare_push(training_args: TrainingArguments) -> str | None:
     try:
         return _api().create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True).repo_id
     except Exception as err:  # the network boundary: whatever failed, nothing was created
-        raise HubPushError(f"cannot create the Hub repository {repo_id} ({redact_secrets(one_line(err))})") from err
+        raise HubPushError(f"cannot create the Hub repository {repo_id} ({redact_text(one_line(err))})") from err
 
 
 def push_trainer_output(trainer: Trainer, commit_message: str = "End of training") -> str | None:
@@ -349,7 +332,7 @@ def push_output_dir(
         flags = [*_include_flags(allow_patterns), *_exclude_flags()]
         retry = shlex.join(["hf", "upload", repo_id, str(output_dir), *flags])
         raise HubPushError(
-            f"{output_dir} was not uploaded to the Hub repository {repo_id} ({redact_secrets(one_line(err))}); "
+            f"{output_dir} was not uploaded to the Hub repository {repo_id} ({redact_text(one_line(err))}); "
             f"the local outputs are complete, retry with: {retry}"
         ) from err
     logger.info("Pushed %s to %s", output_dir, commit.commit_url)

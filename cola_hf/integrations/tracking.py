@@ -35,6 +35,7 @@ from cola_hf.config import model_short_name
 from cola_hf.errors import StoppedBySignal, one_line
 from cola_hf.files import MODEL_FILES
 from cola_hf.predictions import predictions_file, read_predictions
+from cola_hf.redaction import redact_options
 from cola_hf.results import EPOCH_COLUMNS, TEST_SPLITS
 
 if TYPE_CHECKING:
@@ -142,18 +143,22 @@ def package_versions() -> dict[str, str | None]:
 
 
 def provenance(options: RunOptions, data_sha256: dict[str, str]) -> dict[str, Any]:
-    """What the callback's config (every TrainingArguments field) lacks: our other options and reproducibility."""
+    """What the callback's config (every TrainingArguments field) lacks: our other options and reproducibility.
+
+    Masked like every record of the options (cola_hf/redaction.py): `wandb sync` uploads it."""
     code = git_commit()
-    return {
-        **options.values(),
-        "recipe": options.recipe,
-        "model/name": options.model.model_name_or_path,
-        "data/source": options.data.cola_source,
-        "data/sha256": data_sha256,
-        "code/git_commit": code["commit"],
-        "code/git_dirty": code["dirty"],
-        "versions": package_versions(),
-    }
+    return redact_options(
+        {
+            **options.values(),
+            "recipe": options.recipe,
+            "model/name": options.model.model_name_or_path,
+            "data/source": options.data.cola_source,
+            "data/sha256": data_sha256,
+            "code/git_commit": code["commit"],
+            "code/git_dirty": code["dirty"],
+            "versions": package_versions(),
+        }
+    )
 
 
 def start_run(trainer: Trainer, options: RunOptions, data_sha256: dict[str, str]) -> Any | None:

@@ -19,26 +19,19 @@ from cola_hf.errors import UsageError
 from cola_hf.results import RunResults
 from cola_hf.run import evaluate, finish, prepare
 from cola_hf.studies.search.report import search_card_section
-from cola_hf.studies.search.study import BEST_DIR, MODEL_DIR, Search, best_trial
+from cola_hf.studies.search.study import BEST_DIR, MODEL_DIR, Search
 from cola_hf.studies.search.trial import trial_options
 
 logger = logging.getLogger(__name__)
 
 
-def finish_best(search: Search) -> RunResults | None:
-    """Build best/ for the study's best trial, unless it holds that trial already; its results, or None."""
-    best = best_trial(search.study)
-    if best is None:
-        logger.warning("No trial finished: nothing to put in %s", search.output_dir / BEST_DIR)
-        return None
+def finish_best(search: Search, best: FrozenTrial, trial_dir: Path) -> RunResults | None:
+    """Build best/ for the study's best trial from its directory `trial_dir` (this worker's or another's, see
+    study.claim_best), unless best/ holds that trial already; its results, or None."""
     best_dir = search.output_dir / BEST_DIR
     if is_current_best(best_dir, best.number):
         return None
-    model_dir = search.trial_dir(best.number) / MODEL_DIR
-    if not model_dir.is_dir():
-        where = best.user_attrs.get("host") or "another worker"
-        logger.warning("The best trial, %d, keeps its model on %s: best/ is written there", best.number, where)
-        return None
+    model_dir = trial_dir / MODEL_DIR
     if best_dir.exists():
         shutil.rmtree(best_dir)  # an earlier best's outputs
     changes = search.space.option_values(best.params)
@@ -46,7 +39,7 @@ def finish_best(search: Search) -> RunResults | None:
     options = options.replace(log_model=search.options.tracking.log_model)  # a whole run's model, unlike a trial's
     link_or_copy_tree(model_dir, best_dir)
     prepared = prepare(options, search.files_cache, model_dir=str(best_dir))
-    state = TrainerState.load_from_json(str(search.trial_dir(best.number) / "trainer_state.json"))
+    state = TrainerState.load_from_json(str(trial_dir / "trainer_state.json"))
     prepared.trainer.state.log_history = state.log_history  # the best trial's epochs, for the reports and the card
     results = finish(
         prepared,

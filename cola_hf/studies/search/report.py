@@ -26,8 +26,9 @@ from optuna.trial import FrozenTrial, TrialState
 from cola_hf.analysis.comparison import compare
 from cola_hf.config import RunOptions
 from cola_hf.files import markdown_table, save_figure, write_csv, write_json, write_text
+from cola_hf.redaction import redact_text
 from cola_hf.results import RESULTS_FILE
-from cola_hf.studies.search.study import BEST_DIR, Search
+from cola_hf.studies.search.study import BEST_BUILDER, BEST_DIR, Search
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def note(trial: FrozenTrial, rerun_as: dict[int, int]) -> str:
         return f"rerun of trial {trial.system_attrs['retry_history'][-1]}"
     if trial.user_attrs.get("pruned_at") is not None:
         return f"pruned after epoch {trial.user_attrs['pruned_at']}"
-    return trial.user_attrs.get("error", "")
+    return redact_text(trial.user_attrs.get("error", ""))
 
 
 def trials_markdown(
@@ -151,13 +152,21 @@ def write_best_params(search: Search, best: FrozenTrial, options: RunOptions, pa
     header = [
         f"# The best trial of the search {search.study.study_name} ({search.space.method} over {search.space.path}):",
         f"# trial {best.number} of {search.n_trials}, best validation MCC {best.value:.4f} at epoch "
-        f"{best.user_attrs.get('best_epoch')}. Its model is in {search.output_dir / BEST_DIR}.",
+        f"{best.user_attrs.get('best_epoch')}. Its model is in {best_dir_of(search, best)}.",
         "# Confirm it over seeds (each seed its own run, summary.md aggregates the test MCCs):",
         f"#   python experiments/cola.py {path} --seeds 42 43 44",
         "# load_best_model_at_end: the search ranked trials by their best epoch, so this recipe keeps its best",
         "# epoch (by validation MCC) too.",
     ]
     write_text(path, "\n".join(header) + "\n" + yaml.safe_dump(recipe, sort_keys=False))
+
+
+def best_dir_of(search: Search, best: FrozenTrial) -> str:
+    """Where best/ is (or will be): the OUTPUT_DIR of the worker that builds it, which may be another's."""
+    builder = search.study.user_attrs.get(BEST_BUILDER) or {}
+    if builder.get("trial") == best.number and builder.get("output_dir") != str(search.output_dir.resolve()):
+        return f"{Path(builder['output_dir']) / BEST_DIR} on {builder['host']}"
+    return str(search.output_dir / BEST_DIR)
 
 
 def search_card_section(search: Search, best: FrozenTrial) -> str:
@@ -200,7 +209,7 @@ def write_plots(study: optuna.Study, search_dir: Path) -> None:
 
 # --- time ------------------------------------------------------------------------------------------------------
 def worker_times(search: Search) -> dict[str, float]:
-    return {"bookkeeping_s": search.bookkeeping_s, "data_s": search.data_s}
+    return {"bookkeeping_s": search.bookkeeping_s, "data_s": search.data_s, "waiting_s": search.waiting_s}
 
 
 def overhead_table(search: Search) -> pd.DataFrame:
@@ -218,6 +227,7 @@ def overhead_table(search: Search) -> pd.DataFrame:
         "trial end: keeping the best model, reports, W&B": total("finish_s"),
         "study bookkeeping: locks, stale-trial check, ask, tell, sampler": sum(w["bookkeeping_s"] for w in workers),
         "reading and tokenizing CoLA (once per worker)": sum(w["data_s"] for w in workers),
+        "waiting for other workers' last trials (no slot left)": sum(w.get("waiting_s", 0.0) for w in workers),
     }
     overall = sum(parts.values()) or math.nan
     rows = [{"part": part, "seconds": seconds, "share": seconds / overall} for part, seconds in parts.items()]

@@ -1,5 +1,5 @@
 """A worker's view of a search's study, and what every part of the search asks of it: which slots are taken,
-which trials lost their worker, which is best, what stays on disk.
+which trials lost their worker, which is best, who builds best/, what stays on disk.
 """
 
 from __future__ import annotations
@@ -9,10 +9,12 @@ import json
 import logging
 import math
 import shutil
+import socket
 import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -25,7 +27,13 @@ from cola_hf.errors import UsageError
 from cola_hf.files import write_json
 from cola_hf.run import FilesCache
 from cola_hf.studies.search.space import SearchSpace
-from cola_hf.studies.search.storage import JOURNAL_FILE, MAX_RETRIES
+from cola_hf.studies.search.storage import (
+    JOURNAL_FILE,
+    MAX_RETRIES,
+    STUDY_LOCK_FILE,
+    StudyLock,
+    trials_never_beating,
+)
 from cola_hf.training.output_dir import is_held
 
 logger = logging.getLogger(__name__)
@@ -44,11 +52,15 @@ class Search:
     n_trials: int
     study: optuna.Study
     group: str
+    # Two locks: the study's, wherever the study lives (slots, new trials, failing dead ones, claiming best/), and
+    # this OUTPUT_DIR's (its reports, models and best/, which workers sharing the directory write in turn).
+    study_lock: StudyLock
     lock: FileLock
     # Tokenized CoLA files by what tokenizing depends on: one entry unless the space varies one of those.
     files_cache: FilesCache = field(default_factory=dict)
     bookkeeping_s: float = 0.0
     data_s: float = 0.0
+    waiting_s: float = 0.0  # for the trials of other workers, with no slot left to take
     trials_run: list[int] = field(default_factory=list)
 
     @property
@@ -86,11 +98,21 @@ def claim_output_dir(options: RunOptions, group: str, space: SearchSpace, storag
     if options.training.overwrite_output_dir:
         names = {summary.study_name for summary in optuna.get_all_study_summaries(storage)}
         for name in {group, (recorded or {}).get("study")} & names:
+            # Other workers may share the study (a job array given the same command): not while they run trials.
+            running = optuna.load_study(study_name=name, storage=storage).get_trials(
+                deepcopy=False, states=(TrialState.RUNNING,)
+            )
+            if running:
+                numbers = ", ".join(str(trial.number) for trial in running)
+                raise UsageError(
+                    f"--overwrite_output_dir: study '{name}' has trials running ({numbers}); stop its workers first "
+                    "(or, to join it, leave --overwrite_output_dir out)"
+                )
             optuna.delete_study(study_name=name, storage=storage)
         for folder in (TRIALS_DIR, BEST_DIR):
             shutil.rmtree(output_dir / folder, ignore_errors=True)
         for path in (output_dir / SEARCH_DIR).iterdir():
-            if path.name not in ("search.lock", JOURNAL_FILE):  # both in use by this worker
+            if path.name not in ("search.lock", STUDY_LOCK_FILE, JOURNAL_FILE):  # all in use by this worker
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     elif recorded is not None and recorded.get("study") != group:
         raise UsageError(
@@ -168,23 +190,79 @@ def study_finished(search: Search) -> bool:
     return not active and slots_taken(search.study) >= search.n_trials
 
 
+def running_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials RUNNING now, as the storage has them (not a cached copy: it is read afresh)."""
+    return study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+
+
 def fail_interrupted_trials(search: Search) -> None:
     """Fail every RUNNING trial whose worker is gone, and queue it to run again with the same parameters.
 
-    A worker holds its trial directory's lock for the whole trial, and the kernel drops the lock of a killed
-    process, so a RUNNING trial whose directory lock is free has lost its worker. Trials whose directory is
-    not here (run by another machine) are left to the storage's heartbeat.
+    Called under the study lock, as is every other failing of a trial. Two ways to tell that a worker is gone:
+    - its trial directory's lock is free: a worker holds it from the trial's start until Optuna has recorded
+      the trial's end, and the kernel drops the lock of a killed process. A free lock on a trial still RUNNING
+      is read again, so that a trial recorded and let go by its worker between the two looks is left alone;
+    - its heartbeat (an RDB storage, for trials whose directory is not here: another machine's): no heartbeat for
+      --search_grace_period seconds. Optuna's own check fails the trial and queues it again.
     """
     study = search.study
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    for trial in running_trials(study):
         trial_dir = search.trial_dir(trial.number)
-        if not trial_dir.is_dir():
-            continue
-        if is_held(trial_dir):
-            continue  # its worker is alive
+        if not trial_dir.is_dir() or is_held(trial_dir):
+            continue  # another machine's trial, or its worker is alive
+        if trial.number not in {again.number for again in running_trials(study)}:
+            continue  # recorded (finished) by its worker in the meantime
         logger.warning("Trial %d was interrupted (its worker is gone): recorded as failed, queued again", trial.number)
         study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
         retry_trial(study, trial.number)
+    fail_silent_trials(search)
+
+
+def fail_silent_trials(search: Search) -> None:
+    """Optuna's heartbeat check (RDB storages): fail and queue again the trials whose worker stopped beating."""
+    if search.options.study.search_storage is None:
+        return  # the journal file keeps no heartbeats
+    study = search.study
+    before = {trial.number: trial for trial in running_trials(study)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    for number in sorted(set(before) - {trial.number for trial in running_trials(study)}):
+        trial = before[number]
+        if study.get_trials(deepcopy=False)[number].state != TrialState.FAIL:
+            continue  # finished by its worker meanwhile
+        grace = search.options.study.search_grace_period
+        where = f"pid {trial.user_attrs.get('pid', '?')} on {trial.user_attrs.get('host', '?')}"
+        logger.warning(
+            "Trial %d: no heartbeat from its worker (%s) for %d s: recorded as failed, queued again",
+            number,
+            where,
+            grace,
+        )
+    fail_trials_never_beating(search)
+
+
+def fail_trials_never_beating(search: Search) -> None:
+    """Fail and queue again the RUNNING trials, not of this directory, that started longer than the grace period
+    ago and never recorded a heartbeat: their worker died at their very start (storage.trials_never_beating)."""
+    study, grace = search.study, search.options.study.search_grace_period
+    now = datetime.now()  # the clock Optuna's RDB storage dates trials with (naive, the workers' own)
+    started_long_ago = [
+        trial.number
+        for trial in running_trials(study)
+        if trial.datetime_start is not None
+        and (now - trial.datetime_start).total_seconds() > grace
+        and not search.trial_dir(trial.number).is_dir()
+    ]
+    for number in trials_never_beating(search.options.study.search_storage, study.study_name, started_long_ago):
+        logger.warning(
+            "Trial %d started over %d s ago and never recorded a heartbeat (its worker died as it began): recorded "
+            "as failed, queued again",
+            number,
+            grace,
+        )
+        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+        retry_trial(study, number)
 
 
 def retry_trial(study: optuna.Study, number: int) -> None:
@@ -199,6 +277,50 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     """The best finished trial; among equals, the first."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return max(complete, key=lambda trial: (trial.value, -trial.number), default=None)
+
+
+# The study's record of which worker builds best/ (user attribute): {"trial", "output_dir", "host"}.
+BEST_BUILDER = "best_built_by"
+
+
+def best_model_dir(search: Search, best: FrozenTrial) -> Path | None:
+    """The directory of the best trial where this worker can read its model: its own trials/, or the directory
+    the trial ran in (another worker's OUTPUT_DIR, on this machine or on a shared file system); else None."""
+    ran_in = best.user_attrs.get("output_dir")
+    for trial_dir in (search.trial_dir(best.number), Path(ran_in) if ran_in else None):
+        if trial_dir is not None and (trial_dir / MODEL_DIR).is_dir():
+            return trial_dir
+    return None
+
+
+def claim_best(search: Search, best: FrozenTrial) -> Path | None:
+    """The trial directory to build best/ from, if this worker is the one to build it; else None.
+
+    One best/ per study, built once: by the first worker that sees the study end and can read the best trial's
+    model, which records the claim in the study (under the study lock), so that workers with other output
+    directories leave it alone. A worker in the claimant's OUTPUT_DIR may build it again (a claimant killed
+    mid-way: the same command finishes it).
+    """
+    trial_dir = best_model_dir(search, best)
+    me = {"trial": best.number, "output_dir": str(search.output_dir.resolve()), "host": socket.gethostname()}
+    with search.study_lock:
+        builder = search.study.user_attrs.get(BEST_BUILDER)
+        if trial_dir is not None and (builder is None or builder["trial"] != best.number):
+            search.study.set_user_attr(BEST_BUILDER, me)
+            return trial_dir
+    if builder is not None and builder["trial"] == best.number:
+        if builder["output_dir"] == me["output_dir"]:
+            return trial_dir
+        logger.info("best/ (trial %d) is built in %s on %s", best.number, builder["output_dir"], builder["host"])
+        return None
+    where = f"{best.user_attrs.get('output_dir', 'its directory')} on {best.user_attrs.get('host', 'another machine')}"
+    logger.warning(
+        "The best trial, %d, keeps its model in %s, which this worker cannot read: run the same command there "
+        "to build best/",
+        best.number,
+        where,
+    )
+    return None
 
 
 def discard_models(search: Search) -> None:

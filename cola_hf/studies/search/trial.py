@@ -8,6 +8,7 @@ Only the best trial's best-epoch model stays on disk (`keep_if_best`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -42,10 +43,16 @@ SELECT_BEST_EPOCH = {
 
 
 class TrialObjective:
-    """Optuna's objective for one trial: its directory locked, the search lock let go, then `run_trial`."""
+    """Optuna's objective for one trial: its directory locked, the study lock let go, then `run_trial`.
 
-    def __init__(self, search: Search) -> None:
+    The trial directory's lock goes into `held`, which the worker closes only after `study.optimize` returns, that
+    is after Optuna has recorded the trial's end: a worker whose trial has returned but is not yet recorded must
+    not look dead to the others (they fail a RUNNING trial whose directory lock is free).
+    """
+
+    def __init__(self, search: Search, held: contextlib.ExitStack) -> None:
         self.search = search
+        self.held = held
         self.trial_number: int | None = None
         self.wall_s = 0.0
 
@@ -54,10 +61,11 @@ class TrialObjective:
         started = time.perf_counter()
         trial_dir = self.search.trial_dir(trial.number)
         try:
-            with hold_output_dir(trial_dir):  # the same lock as any run's: one worker per trial directory
-                # The trial exists and its directory is locked: other workers may now count slots and ask.
-                self.search.lock.release()
-                return run_trial(self.search, trial, trial_dir)
+            # The same lock as any run's: one worker per trial directory.
+            self.held.enter_context(hold_output_dir(trial_dir))
+            # The trial exists and its directory is locked: other workers may now count slots and ask.
+            self.search.study_lock.release()
+            return run_trial(self.search, trial, trial_dir)
         finally:
             self.wall_s = time.perf_counter() - started
 
@@ -75,6 +83,9 @@ class ReportEpochs(TrainerCallback):
         self.last_epoch = last_epoch
         self.best = -math.inf
         self.pruned_at: int | None = None
+        # The storage refused the report: the trial was failed by another worker (no heartbeat from this one for
+        # the grace period: a suspended process, a network cut) and is queued to run again. Training stops.
+        self.taken_over = False
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         mcc = (metrics or {}).get("eval_matthews_correlation")
@@ -82,7 +93,13 @@ class ReportEpochs(TrainerCallback):
             return
         epoch = round(state.epoch)
         self.best = max(self.best, mcc)
-        self.trial.report(self.best, epoch)
+        try:
+            self.trial.report(self.best, epoch)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.taken_over = True
+            control.should_training_stop = True
+            control.should_save = False
+            return
         if epoch < self.last_epoch and self.trial.should_prune():
             self.pruned_at = epoch
             control.should_training_stop = True
@@ -122,7 +139,9 @@ def trial_options(search: Search, changes: dict[str, Any], output_dir: Path, run
 def run_trial(search: Search, trial: optuna.Trial, trial_dir: Path) -> float:
     """Train one trial; return its best validation MCC (nan, recorded as failed, if training diverged)."""
     changes = search.space.suggest(trial)
-    for name, value in {"host": socket.gethostname(), "pid": os.getpid(), "output_dir": str(trial_dir)}.items():
+    # Where the trial runs: for the reports, and for a worker elsewhere that builds best/ from its model.
+    where = {"host": socket.gethostname(), "pid": os.getpid(), "output_dir": str(trial_dir.resolve())}
+    for name, value in where.items():
         trial.set_user_attr(name, value)
     options = trial_options(search, changes, trial_dir, f"{search.group}-trial-{trial.number:03d}")
     logger.info("Trial %d: %s", trial.number, ", ".join(f"{name}={value}" for name, value in changes.items()))
@@ -138,6 +157,10 @@ def run_trial(search: Search, trial: optuna.Trial, trial_dir: Path) -> float:
     except RunFailed as err:  # diverged: these parameters fail, the search goes on
         trial.set_user_attr("error", str(err))
         logger.warning("Trial %d failed: %s", trial.number, err)
+        tracking.log_run_outputs(trial_dir, RunResults(epochs=epoch_table(prepared.trainer.state.log_history)))
+        remove_checkpoints(trial_dir)
+        return math.nan
+    if reporter.taken_over:  # nothing of it is recorded: its rerun, elsewhere, is the trial (worker.py says so)
         tracking.log_run_outputs(trial_dir, RunResults(epochs=epoch_table(prepared.trainer.state.log_history)))
         remove_checkpoints(trial_dir)
         return math.nan

@@ -5,12 +5,14 @@
     OUTPUT_DIR/best/       a normal run's complete outputs for the best trial's best epoch, model included
 
 This module is a worker: it takes free slots of the study and runs trials in them (trial.py) until the study
-holds --n_trials, then writes the reports (report.py) and, as the last worker, best/ (best.py). Why not
-`Trainer.hyperparameter_search`: docs/design.md.
+holds --n_trials, waits for the trials other workers still run (taking over any whose worker dies), then writes
+the reports (report.py) and, if it is the worker to, best/ (best.py). Why not `Trainer.hyperparameter_search`:
+docs/design.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -19,18 +21,20 @@ from pathlib import Path
 import datasets
 import optuna
 from filelock import FileLock
+from optuna.trial import TrialState
 
 from cola_hf.config import RunOptions
 from cola_hf.errors import StoppedBySignal, UsageError
 from cola_hf.studies.search.best import finish_best
 from cola_hf.studies.search.report import write_reports
 from cola_hf.studies.search.space import SearchSpace, load_space
-from cola_hf.studies.search.storage import describe_storage, open_storage
+from cola_hf.studies.search.storage import describe_storage, open_storage, study_lock
 from cola_hf.studies.search.study import (
     SEARCH_DIR,
     Search,
     best_trial,
     check_same_search,
+    claim_best,
     claim_output_dir,
     discard_models,
     fail_interrupted_trials,
@@ -38,6 +42,7 @@ from cola_hf.studies.search.study import (
     make_pruner,
     make_sampler,
     retry_trial,
+    running_trials,
     study_finished,
 )
 from cola_hf.studies.search.trial import TrialObjective, recipe_options
@@ -46,24 +51,48 @@ logger = logging.getLogger(__name__)
 
 
 def run_search(options: RunOptions, tokenized_files: datasets.DatasetDict | None = None) -> dict:
-    """The worker: run trials until the study holds --n_trials of them, then report (and build best/, if last).
+    """The worker: run trials until the study holds --n_trials of them and none is running, then report (and
+    build best/, if this worker is the one to).
 
     `tokenized_files` (read_cola's files after run.tokenize_files, for `options`) saves this worker tokenizing
     them. Returns the search's summary (search/summary.json).
     """
+    search = join_study(options, tokenized_files)
+    run_trials(search)
+    study = search.study
+    logger.info("This worker ran trials %s; the study holds %d", search.trials_run, len(study.get_trials()))
+    with search.lock:
+        discard_models(search)
+        best = best_trial(study)
+        build_from = claim_best(search, best) if best is not None and study_finished(search) else None
+        best_options = None if best is None else recipe_options(search, search.space.option_values(best.params))
+        summary = write_reports(search, best, best_options)
+        if build_from is not None:
+            finish_best(search, best, build_from)
+    return summary
+
+
+def join_study(options: RunOptions, tokenized_files: datasets.DatasetDict | None = None) -> Search:
+    """This worker's view of the study its options name, creating the study if it is the first worker."""
     study_args = options.study
     if options.training.world_size > 1:
         raise UsageError("--search runs every trial in one process; start one worker per GPU instead")
+    check_heartbeat(study_args.search_heartbeat_interval, study_args.search_grace_period)
     grid_alias = bool(study_args.grid)
     space = load_space(study_args.grid or study_args.search, method="grid" if grid_alias else None)
     n_trials = resolve_n_trials(study_args.n_trials, space)
     output_dir = Path(options.training.output_dir)
     search_dir = output_dir / SEARCH_DIR
     search_dir.mkdir(parents=True, exist_ok=True)
-    storage = open_storage(study_args.search_storage, search_dir)
+    storage = open_storage(
+        study_args.search_storage, search_dir, study_args.search_heartbeat_interval, study_args.search_grace_period
+    )
     group = options.tracking.experiment_name or f"{options.recipe}-{space.path.stem}"
+    shared = study_lock(study_args.search_storage, group, search_dir)
     lock = FileLock(str(search_dir / "search.lock"))
-    with lock:
+    # Under this directory's lock (its trials/ and best/ are one study's) and the study's: of two workers that start
+    # a study with different sweep files or recipes, one creates it and records them, and the other is refused.
+    with lock, shared:
         claim_output_dir(options, group, space, storage)
         study = optuna.create_study(study_name=group, storage=storage, direction="maximize", load_if_exists=True)
         check_same_search(study, space, options)
@@ -73,7 +102,7 @@ def run_search(options: RunOptions, tokenized_files: datasets.DatasetDict | None
     # together must not draw the same random trials, and a lone worker's search is reproducible.
     study.sampler = make_sampler(space, options.training.seed + worker, n_trials)
     study.pruner = make_pruner(study_args.search_pruner, space, options)
-    search = Search(options, space, n_trials, study, group, lock)
+    search = Search(options, space, n_trials, study, group, shared, lock)
     if tokenized_files is not None:
         search.files_cache[options.tokenization_key()] = tokenized_files
     logger.info(
@@ -86,15 +115,15 @@ def run_search(options: RunOptions, tokenized_files: datasets.DatasetDict | None
         study_args.search_pruner,
         describe_storage(study_args.search_storage, search_dir),
     )
-    run_trials(search)
-    logger.info("This worker ran trials %s; the study holds %d", search.trials_run, len(study.get_trials()))
-    with lock:
-        best = best_trial(study)
-        best_options = None if best is None else recipe_options(search, space.option_values(best.params))
-        summary = write_reports(search, best, best_options)
-        if study_finished(search):
-            finish_best(search)
-    return summary
+    return search
+
+
+def check_heartbeat(interval: int, grace: int) -> None:
+    if interval < 1 or grace <= interval:
+        raise UsageError(
+            f"--search_heartbeat_interval {interval} and --search_grace_period {grace}: the interval must be at least "
+            "1 s and the grace period longer than it (a live worker must get a heartbeat in before it runs out)"
+        )
 
 
 def resolve_n_trials(n_trials: int | None, space: SearchSpace) -> int:
@@ -111,37 +140,78 @@ def resolve_n_trials(n_trials: int | None, space: SearchSpace) -> int:
 
 
 # --- the worker loop -------------------------------------------------------------------------------------------
-def run_trials(search: Search) -> None:
-    """Take a free slot, run a trial in it, repeat; stop when every slot of --n_trials is taken.
+# A worker with no slot left looks this often whether the trials still running have ended or lost their worker.
+WAIT_POLL_S = 5
 
-    A slot is taken by every trial except an interrupted one that is queued to run again: so finished,
-    pruned and failed trials count, and N workers together run N trials, not N x n. Counting the slots and
-    creating the trial happen under one file lock (let go once the trial's directory is locked), so two
-    workers never take the same last slot.
+
+def run_trials(search: Search) -> None:
+    """Take a free slot, run a trial in it, repeat; when every slot of --n_trials is taken, wait for the trials
+    of other workers to end, taking over any whose worker dies; return when the study is finished.
+
+    A slot is taken by every trial except an interrupted one that is queued to run again: so finished, pruned
+    and failed trials count, and N workers together run N trials, not N x n. Counting the slots and creating the
+    trial happen under the study's lock (let go once the trial's directory is locked), which lives where the
+    study does (storage.py): workers never take the same last slot, on one machine or many.
     """
     study = search.study
+    waiting_for: list[int] = []
     while True:
         started = time.perf_counter()
-        objective = TrialObjective(search)
-        search.lock.acquire()
-        try:
-            fail_interrupted_trials(search)
-            if not has_free_slot(search):
-                break
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                # One trial per call: Optuna asks, keeps the heartbeat, records the state and logs the result.
-                study.optimize(objective, n_trials=1, catch=())
-        except (KeyboardInterrupt, StoppedBySignal):
-            # Optuna recorded the trial as failed; queue it again, so the same command redoes it.
-            if objective.trial_number is not None:
-                with search.lock:
-                    retry_trial(study, objective.trial_number)
-            raise
-        finally:
-            if search.lock.is_locked:
-                search.lock.release()
-            search.bookkeeping_s += time.perf_counter() - started - objective.wall_s
+        running: list[int] = []
+        with contextlib.ExitStack() as held:  # the trial directory's lock, until Optuna has recorded the trial
+            objective = TrialObjective(search, held)
+            search.study_lock.acquire()
+            try:
+                fail_interrupted_trials(search)
+                if has_free_slot(search):
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        # One trial per call: Optuna asks, keeps the heartbeat, records the state, logs the result.
+                        study.optimize(objective, n_trials=1, catch=())
+                else:
+                    running = [trial.number for trial in running_trials(study)]
+                    if not running:
+                        break
+            except (KeyboardInterrupt, StoppedBySignal):
+                # Optuna recorded the trial as failed; queue it again, so the same command redoes it.
+                if objective.trial_number is not None:
+                    with search.study_lock:
+                        retry_trial(study, objective.trial_number)
+                raise
+            except (AssertionError, ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                # How optimize ends when the trial it is recording was failed by another worker meanwhile: this
+                # worker's heartbeat had stopped for longer than the grace period (a paused process, a network cut).
+                if not failed_by_another_worker(search, objective.trial_number):
+                    raise
+            finally:
+                if search.study_lock.is_locked:
+                    search.study_lock.release()
+                search.bookkeeping_s += time.perf_counter() - started - objective.wall_s
+        if running:
+            if running != waiting_for:
+                logger.info(
+                    "No trial left to take; waiting for trials %s of other workers to end (one whose worker dies "
+                    "is run again here)",
+                    ", ".join(map(str, running)),
+                )
+                waiting_for = running
+            waited = time.perf_counter()
+            time.sleep(min(WAIT_POLL_S, search.options.study.search_heartbeat_interval))
+            search.waiting_s += time.perf_counter() - waited
+            continue
+        waiting_for = []
         with search.lock:
             discard_models(search)
         search.trials_run.append(objective.trial_number)
+
+
+def failed_by_another_worker(search: Search, number: int | None) -> bool:
+    if number is None or search.study.get_trials(deepcopy=False)[number].state != TrialState.FAIL:
+        return False
+    logger.warning(
+        "Trial %d was failed by another worker while this one ran it (no heartbeat from here for "
+        "--search_grace_period %d s): its result is not recorded, and its retry runs it again",
+        number,
+        search.options.study.search_grace_period,
+    )
+    return True
