@@ -6,6 +6,7 @@ Nothing here touches the network: the WordPiece vocabulary is built on the fly w
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import subprocess
@@ -79,6 +80,17 @@ def verb_cola_dir(tmp_path_factory) -> Path:
     write_tsv(root / "in_domain_dev.tsv", verb_rule_rows(40, seed=2))
     write_tsv(root / "out_of_domain_dev.tsv", verb_rule_rows(36, seed=3))
     return root
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logging():
+    """A run in this process configures the root logger (cola_hf.cli.train.configure_logging): the next test
+    starts from the logging it had, as a new process would."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

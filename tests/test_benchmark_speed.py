@@ -112,9 +112,9 @@ def grouped_data(tiny_model_dir, tmp_path_factory):
 def train_and_record_batches(tiny_model_dir, grouped_data, tmp_path, seed: int, epochs: int = 2):
     """Train with the package's default arguments; return the training batches each epoch saw, as token rows."""
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
-    from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from cola_hf.config import parse_args
+    from cola_hf.training.sampler import GlobalBatchSampler
     from cola_hf.training.trainer import TutorialTrainer
 
     class RecordingTrainer(TutorialTrainer):
@@ -137,7 +137,8 @@ def train_and_record_batches(tiny_model_dir, grouped_data, tmp_path, seed: int, 
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
     )
-    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, GlobalBatchSampler) and sampler.order == "group_by_length"
     trainer.train()
     steps_per_epoch = math.ceil(len(tokenized["train"]) / BATCH)
     assert len(batches) == epochs * steps_per_epoch

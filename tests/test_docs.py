@@ -98,8 +98,8 @@ def test_translation_matches_the_readme(translation):
 
 def test_a_changed_flag_fails_and_a_translated_comment_passes():
     readme = README.read_text(encoding="utf-8")
-    assert "--num_train_epochs 2" in readme and "# the tutorial, exactly" in readme
-    assert not differences(readme, readme.replace("# the tutorial, exactly", "# 原样复现教程"))
+    assert "--num_train_epochs 2" in readme and "# the tutorial's recipe" in readme
+    assert not differences(readme, readme.replace("# the tutorial's recipe", "# 教程的配方"))
     changed = differences(readme, readme.replace("--num_train_epochs 2", "--num_train_epochs 3", 1))
     assert len(changed) == 1 and "--num_train_epochs 3" in changed[0]
     assert differences(readme, readme.replace("num_train_epochs=2", "num_train_epochs=3"))  # the python block

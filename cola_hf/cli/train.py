@@ -117,11 +117,26 @@ def dispatch(options: RunOptions) -> RunResults | dict | None:
     return run(options)
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a line is logged: a notebook or a test harness that replaces it
+    between two runs would otherwise get the first run's, closed, stream."""
+
+    @property
+    def stream(self):  # noqa: ANN201 (StreamHandler's attribute)
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: object) -> None:
+        pass
+
+
 def configure_logging(options: RunOptions) -> None:
     args = options.training
     # Our own progress lines on the main process; the libraries at the level TrainingArguments asks for.
     ours = logging.INFO if args.should_log else logging.WARNING
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=ours, force=True)
+    handler = StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(handlers=[handler], level=ours, force=True)
     level = args.get_process_log_level()
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
