@@ -70,7 +70,8 @@ if os.environ.get("COLA_TEST_SLOW_STEPS"):
     _training_step = transformers.Trainer.training_step
 
     def training_step(self, *args, **kwargs):
-        time.sleep(float(os.environ["COLA_TEST_SLOW_STEPS"]))  # a run long enough to be caught running
+        if os.path.exists(os.environ["COLA_TEST_SLOW_STEPS"]):  # slow while the test needs the run caught running
+            time.sleep(0.5)
         return _training_step(self, *args, **kwargs)
 
     transformers.Trainer.training_step = training_step
@@ -253,13 +254,15 @@ def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 120) -
 def test_a_second_run_on_the_same_directory_stops_at_once_and_the_first_finishes_unaffected(
     tmp_path, tiny_model_dir, data, uninterrupted, hooks
 ):
-    output_dir = tmp_path / "run"
-    first = start(command(tiny_model_dir, data, output_dir), PYTHONPATH=str(hooks), COLA_TEST_SLOW_STEPS="0.5")
+    output_dir, slow = tmp_path / "run", tmp_path / "slow"
+    slow.touch()
+    first = start(command(tiny_model_dir, data, output_dir), PYTHONPATH=str(hooks), COLA_TEST_SLOW_STEPS=str(slow))
     output: list[str] = []
     wait_for_epoch(first, 0.1, output)
     second = subprocess.run(
         command(tiny_model_dir, data, output_dir), capture_output=True, text=True, env=environment(), cwd=REPO
     )
+    slow.unlink()  # the first run goes on at full speed
     assert second.returncode == 2
     (line,) = [line for line in second.stderr.splitlines() if line.startswith("cola: error:")]
     assert re.fullmatch(

@@ -5,22 +5,18 @@ Every run here is `experiments/cola.py` in a subprocess, offline, on a tiny rand
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
-import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from conftest import REPO, SCRIPT, run_cola, synthetic_rows, write_cola_dir
 
@@ -28,7 +24,6 @@ from cola_hf.config import parse_args
 from cola_hf.data.cola import RAW_FILES
 from cola_hf.errors import UsageError
 from cola_hf.integrations import hub
-from cola_hf.results import TEST_SPLITS
 from cola_hf.training.output_dir import FAILED_MARKER
 
 FAST = ["--report_to", "none", "--disable_tqdm", "true"]
@@ -277,68 +272,6 @@ def uninterrupted(tmp_path_factory, resume_data, tiny_model_dir) -> tuple[Path, 
     result = run_cola("--model_name_or_path", tiny_model_dir, "--cola_source", resume_data, "--output_dir", output_dir,
                       *RESUME_RUN, env=ENV)  # fmt: skip
     return output_dir, result
-
-
-def logged_training_steps(result: subprocess.CompletedProcess) -> int:
-    """How many training-loss logs (one per logging_steps) a run printed: the steps it trained itself."""
-    return result.stdout.count("{'loss':")
-
-
-def read_predictions(output_dir: Path, split: str) -> pd.DataFrame:
-    return pd.read_csv(output_dir / f"predictions_{split}.tsv", sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False)
-
-
-def kill_at_checkpoint(command: list[str], checkpoint: Path, log: Path) -> None:
-    """Start a run and SIGKILL it as soon as `checkpoint` is complete (the Trainer writes trainer_state.json last)."""
-    with open(log, "w") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=cola_env(), cwd=REPO)
-        while not (checkpoint / "trainer_state.json").exists():
-            assert process.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    # Killed with epochs left to train. SIGKILL leaves no marker: no results.json is the sign of it.
-    assert not (checkpoint.parent / "results.json").exists()
-
-
-@pytest.mark.parametrize(
-    "save, kills",
-    [
-        ([], ["checkpoint-34"]),  # the default: a checkpoint after each epoch's validation
-        # Every 17 steps: killed mid-epoch 1, resumed, killed again on the last step of epoch 1, resumed.
-        (["--save_strategy", "steps", "--save_steps", "17"], ["checkpoint-17", "checkpoint-34"]),
-    ],
-    ids=["checkpoint-every-epoch", "checkpoint-every-17-steps"],
-)
-def test_killed_run_resumes_to_the_same_results(tmp_path, resume_data, tiny_model_dir, uninterrupted, save, kills):
-    output_dir = tmp_path / "run"
-    command = [sys.executable, str(SCRIPT), "--model_name_or_path", str(tiny_model_dir), "--cola_source",
-               str(resume_data), "--output_dir", str(output_dir), *RESUME_RUN, *save]  # fmt: skip
-    for number, checkpoint in enumerate(kills):
-        kill_at_checkpoint(command + (["--resume", "true"] if number else []), output_dir / checkpoint,
-                           tmp_path / f"killed-{number}.log")  # fmt: skip
-    # What a kill in the middle of saving the next checkpoint leaves: weights begun, no trainer_state.json.
-    half_saved = output_dir / "checkpoint-99999"
-    half_saved.mkdir()
-    (half_saved / "model.safetensors").write_bytes(b"\0" * 100)
-
-    resumed = run_cola(*command[2:], "--resume", "true", env=ENV)
-    assert f"{half_saved} is incomplete" in resumed.stderr and not half_saved.exists()
-    reference, reference_run = uninterrupted
-    # It went on from the checkpoint (a run from scratch would reach the same results too).
-    assert logged_training_steps(resumed) < logged_training_steps(reference_run)
-
-    expected = json.loads((reference / "results.json").read_text())
-    got = json.loads((output_dir / "results.json").read_text())
-    for split in TEST_SPLITS:
-        assert got["test"][split] == expected["test"][split], split
-        # Sentence by sentence, to 6 decimals: any difference in the training shows here.
-        assert read_predictions(output_dir, split).equals(read_predictions(reference, split)), split
-    # The per-epoch table too. The training loss of an epoch cut by the kill is summed in two parts.
-    same = ["epoch", "valid_loss", "valid_accuracy", "valid_mcc", "collapsed"]
-    assert [[row[c] for c in same] for row in got["epochs"]] == [[row[c] for c in same] for row in expected["epochs"]]
-    training_losses = [row["training_loss"] for row in got["epochs"]]
-    assert training_losses == pytest.approx([row["training_loss"] for row in expected["epochs"]], rel=1e-12)
 
 
 def test_a_checkpoint_continues_only_under_the_options_it_was_trained_with(
