@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 
 # Two pytest workers, one thread each: on 2 cores this beats one worker with two threads.
 test: install
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # setup.cfg's lower bounds, proven: a second environment (.venv-lowest) with every direct dependency at its bound
 # runs the suite's `lowest` subset.

@@ -82,6 +82,25 @@ def verb_cola_dir(tmp_path_factory) -> Path:
     return root
 
 
+# The files that take a minute or more of the suite, longest first. `make test` hands whole files to its two
+# workers in collection order (--dist loadfile --no-loadscope-reorder): these go first, so that the workers end
+# together instead of one waiting while the other runs the longest file last.
+LONGEST_FILES_FIRST = (
+    "test_fault_injection.py",
+    "test_preemption.py",
+    "test_search_postgres.py",
+    "test_reliability.py",
+    "test_slurm.py",
+    "test_search.py",
+    "test_blimp.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order is kept
+
+
 @pytest.fixture(autouse=True)
 def restore_root_logging():
     """A run in this process configures the root logger (cola_hf.cli.train.configure_logging): the next test

@@ -1,11 +1,15 @@
 """Reliability through the real CLI: bad input, kill and resume, secrets, collapse and divergence, a failing Hub.
 
-Every run here is `experiments/cola.py` in a subprocess, offline, on a tiny random BERT and synthetic TSVs.
+Every run here is `experiments/cola.py` in a subprocess, offline, on a tiny random BERT and synthetic TSVs; most bad
+inputs, which stop before anything runs, go through the same `main` in this process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,6 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SCRIPT, run_cola, synthetic_rows, write_cola_dir
 
+from cola_hf.cli.train import main
 from cola_hf.config import parse_args
 from cola_hf.data.cola import RAW_FILES
 from cola_hf.errors import UsageError
@@ -163,6 +168,8 @@ BAD_INPUTS = {
     ),
 }
 UNREADABLE = {"unreadable-file": "raw/in_domain_dev.tsv", "unreadable-directory": "raw"}
+# Cases that need a process of their own: root's file access dropped, or the Hub offline from the first import on.
+IN_A_SUBPROCESS = {*UNREADABLE, "unknown-model-id-offline"}
 
 
 def zip_with(archive: Path, cola: Path, *names: str) -> Path:
@@ -188,19 +195,34 @@ def bad_input_runs(tmp_path_factory, cola_dir, tiny_model_dir) -> dict:
             args += ["--model_name_or_path", str(tiny_model_dir)]
         if case in UNREADABLE:
             (work / UNREADABLE[case]).chmod(0)
-        command = [*python_command(case in UNREADABLE), str(SCRIPT), *args, "--output_dir", str(work / "out"), *FAST]
-        commands[case] = (work, command)
+        commands[case] = (work, [*args, "--output_dir", str(work / "out"), *FAST])
 
     def run(item):
-        case, (work, command) = item
+        case, (work, argv) = item
+        command = [*python_command(case in UNREADABLE), str(SCRIPT), *argv]
         return case, (work, subprocess.run(command, capture_output=True, text=True, env=cola_env(), cwd=REPO))
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        runs = dict(pool.map(run, commands.items()))
+        runs = dict(pool.map(run, [item for item in commands.items() if item[0] in IN_A_SUBPROCESS]))
+    runs |= {case: (work, main_here(argv)) for case, (work, argv) in commands.items() if case not in IN_A_SUBPROCESS}
     for case, path in UNREADABLE.items():
         if case in runs:
             (root / case / path).chmod(0o755)  # so that pytest can clean up
     return runs
+
+
+def main_here(argv: list[str]) -> subprocess.CompletedProcess:
+    """The command's `main` in this process, its output captured as a subprocess's would be."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stdout, stderr = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            status = main(argv)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return subprocess.CompletedProcess(argv, status, stdout.getvalue(), stderr.getvalue())
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -164,7 +165,7 @@ def run_trials(search: Search) -> None:
             try:
                 fail_interrupted_trials(search)
                 if has_free_slot(search):
-                    with warnings.catch_warnings():
+                    with warnings.catch_warnings(), without_stop_tracebacks():
                         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                         # One trial per call: Optuna asks, keeps the heartbeat, records the state, logs the result.
                         study.optimize(objective, n_trials=1, catch=())
@@ -177,6 +178,7 @@ def run_trials(search: Search) -> None:
                 if objective.trial_number is not None:
                     with search.study_lock:
                         retry_trial(study, objective.trial_number)
+                    logger.info("Trial %d stopped; it is queued to run again from its start", objective.trial_number)
                 raise
             except (AssertionError, ValueError, optuna.exceptions.UpdateFinishedTrialError):
                 # How optimize ends when the trial it is recording was failed by another worker meanwhile: this
@@ -203,6 +205,34 @@ def run_trials(search: Search) -> None:
         with search.lock:
             discard_models(search)
         search.trials_run.append(objective.trial_number)
+
+
+class _DropStopTracebacks(logging.Filter):
+    """Optuna logs the exception that ended a trial with its traceback, then "Trial N failed with value None". A
+    stop on a signal is no failure of the trial: it is queued again, and the command says so in its own line
+    ("stopped by SIGTERM ...; run the same command to continue")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped_trial: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        raised = record.exc_info[1] if record.exc_info else None
+        if isinstance(raised, StoppedBySignal | KeyboardInterrupt):
+            self.stopped_trial = record.getMessage().split(" failed ")[0]  # "Trial N"
+            return False
+        return self.stopped_trial is None or not record.getMessage().startswith(f"{self.stopped_trial} failed ")
+
+
+@contextlib.contextmanager
+def without_stop_tracebacks() -> Iterator[None]:
+    optimize_logger = logging.getLogger("optuna.study._optimize")  # where Optuna logs how each trial ended
+    dropped = _DropStopTracebacks()
+    optimize_logger.addFilter(dropped)
+    try:
+        yield
+    finally:
+        optimize_logger.removeFilter(dropped)
 
 
 def failed_by_another_worker(search: Search, number: int | None) -> bool:
