@@ -159,15 +159,18 @@ def check_blimp(source: str | None, cache_dir: str | None = None) -> list[Path] 
 
     A run calls this before training so that a wrong local source fails at once, not after hours.
     """
+    checked = _checked_paradigms(source, cache_dir)
+    return None if checked is None else list(checked)
+
+
+def _checked_paradigms(source: str | None, cache_dir: str | None) -> dict[Path, tuple[int, str]] | None:
+    """Each paradigm file of the source with its check (pairs, sha256); None when `none` or not at hand."""
     if skipped(source):
         return None
     root = blimp_root(source, cache_dir)
     if root is None:
         return None
-    files = paradigm_files(root, source)
-    for path in files:
-        check_paradigm(path)
-    return files
+    return {path: check_paradigm(path) for path in paradigm_files(root, source)}
 
 
 def read_blimp(source: str | None, cache_dir: str | None = None) -> datasets.Dataset | None:
@@ -176,13 +179,10 @@ def read_blimp(source: str | None, cache_dir: str | None = None) -> datasets.Dat
     Each file is checked first (a bad line raises naming it); the pairs are then kept in datasets' cache,
     keyed by the files' contents, so a later run reads Arrow instead of JSON and tokenize_blimp's cache holds.
     """
-    if skipped(source):
+    checked = _checked_paradigms(source, cache_dir)
+    if checked is None:
         return None
-    root = blimp_root(source, cache_dir)
-    if root is None:
-        return None
-    files = paradigm_files(root, source)
-    checks = [check_paradigm(path) for path in files]
+    files, checks = list(checked), list(checked.values())
     pairs = datasets.Dataset.from_generator(
         _generate_pairs,
         features=PAIR_FEATURES,
