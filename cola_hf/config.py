@@ -149,7 +149,10 @@ class ColaTrainingArguments(TrainingArguments):
         default="group_by_length",
         metadata={
             "help": "Training batches: 'group_by_length' (similar lengths together: faster, other batches than the "
-            "tutorial's), 'random' (the tutorial's), or 'sequential'."
+            "tutorial's), 'random' (the tutorial's), or 'sequential'.",
+            # Orders the package's sampler (training/sampler.py) makes exact on resume and on N processes; not
+            # transformers' batch_rebalance.
+            "choices": ["group_by_length", "random", "sequential"],
         },
     )
     # A speed lever that keeps the recipe's math (see README, Performance).

@@ -70,6 +70,14 @@ def test_a_value_out_of_range_is_one_line_and_exit_2_before_anything_runs(flags,
     assert not output_dir.exists()  # refused before any directory was taken
 
 
+def test_a_batch_order_that_is_not_exact_on_resume_is_refused(tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    assert main(["--output_dir", str(output_dir), *QUICK, "--train_sampling_strategy", "batch_rebalance"]) == 2
+    line = error_line(capsys)
+    assert "--train_sampling_strategy" in line and "invalid choice: 'batch_rebalance'" in line
+    assert not output_dir.exists()
+
+
 def test_a_recipe_value_out_of_range_is_refused_too(tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"learning_rate": -0.001}))

@@ -124,7 +124,7 @@ class TutorialTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         args = self.args
-        if args.train_sampling_strategy not in ORDERS:  # batch_rebalance: the Trainer's own
+        if args.train_sampling_strategy not in ORDERS:  # set on TrainingArguments by hand: the Trainer's own
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         try:
