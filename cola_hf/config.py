@@ -201,15 +201,13 @@ class ColaTrainingArguments(TrainingArguments):
                 f"launched as {launched} processes, but they did not form one group; on a machine without GPUs "
                 "add --use_cpu true to run them on the CPU (gloo backend)"
             )
-        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise UsageError("--per_device_train_batch_size and --gradient_accumulation_steps must be at least 1")
         if not self.global_train_batch_size:
             return
         processes = self.world_size
-        if self.global_train_batch_size < 0 or self.global_train_batch_size % processes:
+        if self.global_train_batch_size % processes:  # its range (>= 0) is checked with every option's
             raise UsageError(
                 f"--global_train_batch_size {self.global_train_batch_size} does not split evenly over {processes} "
-                f"processes; use a positive multiple of {processes}, or run on a number of processes that divides it"
+                f"processes; use a multiple of {processes}, or run on a number of processes that divides it"
             )
         if self.gradient_accumulation_steps != 1 and (
             self.per_device_train_batch_size * self.gradient_accumulation_steps * processes
@@ -682,6 +680,11 @@ def parse_args(argv: list[str] | None = None) -> RunOptions:
     if argv and argv[0].endswith((".yaml", ".yml")):
         recipe_file = argv[0]
         argv = recipe_to_argv(recipe_file, parser) + argv[1:]
+    # Ranges first, on the values as given: before the dataclasses' own checks (TrainingArguments', the batch
+    # layout's), so that every value out of range is the same one line naming it and its range.
+    given, _ = parser.parse_known_args(argv)
+    for name, value in vars(given).items():
+        check_range(name, value)
     try:
         *groups, unused = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as err:
@@ -689,7 +692,4 @@ def parse_args(argv: list[str] | None = None) -> RunOptions:
         raise UsageError(" ".join(str(err).split())) from err
     if unused:
         raise UsageError(f"unrecognized arguments: {' '.join(unused)} (see --help)")
-    options = RunOptions(*groups, recipe_file=recipe_file)
-    for name, value in options.values().items():
-        check_range(name, value)
-    return options
+    return RunOptions(*groups, recipe_file=recipe_file)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import error_line
 
 from cola_hf.cli.train import main
 from cola_hf.training.output_dir import ERROR_LOG, FAILED_MARKER
@@ -24,13 +25,6 @@ def offline(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
 
 
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("cola: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    return lines[0].removeprefix("cola: error: ")
-
-
 # --- every numeric option's range ------------------------------------------------------------------------------
 RANGES = [
     (["--learning_rate", "-1"], "--learning_rate -1: out of range, expected > 0"),
@@ -38,10 +32,10 @@ RANGES = [
     (["--num_train_epochs", "0"], "--num_train_epochs 0: out of range, expected > 0"),
     (["--max_steps", "0"], "--max_steps 0: out of range, expected -1 or >= 1"),
     (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size 0: out of range, expected >= 1"),
-    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size and --gradient_accumulation_steps must"),
-    (["--gradient_accumulation_steps", "0"], "--per_device_train_batch_size and --gradient_accumulation_steps must"),
-    (["--global_train_batch_size", "-32"], "--global_train_batch_size -32 does not split evenly over 1 processes"),
-    (["--warmup_steps", "-2"], "Got warmup_steps = -2.0, Expected value warmup_steps >= 0"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: out of range, expected >= 1"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0: out of range, expected >= 1"),
+    (["--global_train_batch_size", "-32"], "--global_train_batch_size -32: out of range, expected >= 0"),
+    (["--warmup_steps", "-2"], "--warmup_steps -2: out of range, expected >= 0"),
     (["--weight_decay", "-0.1"], "--weight_decay -0.1: out of range, expected >= 0"),
     (["--adam_beta1", "1"], "--adam_beta1 1: out of range, expected >= 0 and < 1"),
     (["--adam_beta2", "-0.5"], "--adam_beta2 -0.5: out of range, expected >= 0 and < 1"),
@@ -51,7 +45,7 @@ RANGES = [
     (["--max_train_samples", "0"], "--max_train_samples 0: out of range, expected >= 1"),
     (["--validation_fraction", "1.5"], "--validation_fraction 1.5: out of range, expected > 0 and < 1"),
     (["--validation_fraction", "0"], "--validation_fraction 0: out of range, expected > 0 and < 1"),
-    (["--logging_steps", "0"], "logging strategy IntervalStrategy.STEPS requires non-zero --logging_steps"),
+    (["--logging_steps", "0"], "--logging_steps 0: out of range, expected > 0"),
     (["--eval_steps", "0"], "--eval_steps 0: out of range, expected > 0"),
     (["--save_steps", "-5"], "--save_steps -5: out of range, expected > 0"),
     (["--save_total_limit", "0"], "--save_total_limit 0: out of range, expected >= 1"),
@@ -66,14 +60,14 @@ RANGES = [
 def test_a_value_out_of_range_is_one_line_and_exit_2_before_anything_runs(flags, line, tmp_path, capsys):
     output_dir = tmp_path / "run"
     assert main(["--output_dir", str(output_dir), *QUICK, *flags]) == 2
-    assert error_line(capsys).startswith(line)
+    assert error_line(capsys.readouterr().err).startswith(line)
     assert not output_dir.exists()  # refused before any directory was taken
 
 
 def test_a_batch_order_that_is_not_exact_on_resume_is_refused(tmp_path, capsys):
     output_dir = tmp_path / "run"
     assert main(["--output_dir", str(output_dir), *QUICK, "--train_sampling_strategy", "batch_rebalance"]) == 2
-    line = error_line(capsys)
+    line = error_line(capsys.readouterr().err)
     assert "--train_sampling_strategy" in line and "invalid choice: 'batch_rebalance'" in line
     assert not output_dir.exists()
 
@@ -82,14 +76,15 @@ def test_a_recipe_value_out_of_range_is_refused_too(tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"learning_rate": -0.001}))
     assert main([str(recipe), "--output_dir", str(tmp_path / "run")]) == 2
-    assert error_line(capsys) == "--learning_rate -0.001: out of range, expected > 0"
+    assert error_line(capsys.readouterr().err) == "--learning_rate -0.001: out of range, expected > 0"
 
 
 def test_a_sweep_value_out_of_range_is_refused_before_any_trial(tmp_path, capsys):
     sweep = tmp_path / "space.yaml"
     sweep.write_text(yaml.safe_dump({"method": "random", "parameters": {"weight_decay": {"min": -0.1, "max": 0.1}}}))
     assert main(["--output_dir", str(tmp_path / "run"), "--search", str(sweep), "--n_trials", "2", *QUICK]) == 2
-    assert error_line(capsys) == f"{sweep}: parameter 'weight_decay': --weight_decay -0.1: out of range, expected >= 0"
+    expected = f"{sweep}: parameter 'weight_decay': --weight_decay -0.1: out of range, expected >= 0"
+    assert error_line(capsys.readouterr().err) == expected
 
 
 def test_a_sequence_length_beyond_the_model_is_refused_once_the_model_is_known(
@@ -105,7 +100,7 @@ def test_a_sequence_length_beyond_the_model_is_refused_once_the_model_is_known(
         str(tiny_model_dir),
     ]
     assert main([*argv, *QUICK, "--max_seq_length", "500"]) == 2
-    line = error_line(capsys)
+    line = error_line(capsys.readouterr().err)
     assert line == f"--max_seq_length 500: out of range, expected <= 128 (the position embeddings of {tiny_model_dir})"
     assert (output_dir / FAILED_MARKER).read_text().strip() == line  # the directory was taken: it says why
 
@@ -128,15 +123,19 @@ def test_an_evaluation_only_run_never_finishes_a_training_run(tmp_path, cola_dir
     capsys.readouterr()
     evaluate = ["--do_train", "false", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(output_dir)]
     assert main([*evaluate, "--cola_source", str(cola_dir), *QUICK]) == 2
-    assert error_line(capsys) == (
+    assert error_line(capsys.readouterr().err) == (
         f"{output_dir}: holds an unfinished training run (checkpoint-2); an evaluation-only run (--do_train False) "
         "needs a directory of its own: pass another --output_dir"
     )
     assert not (output_dir / "results.json").exists()
     assert main([*command, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"]) == 0
 
+    assert (output_dir / "results.json").is_file()  # finished now
     assert main([*evaluate, "--cola_source", str(cola_dir), *QUICK, "--overwrite_output_dir", "true"]) == 2
-    assert "holds an unfinished training run (checkpoint-2)" in error_line(capsys)
+    assert error_line(capsys.readouterr().err) == (
+        f"{output_dir}: holds a finished training run; an evaluation-only run (--do_train False) needs a directory "
+        "of its own: pass another --output_dir"
+    )
     assert main([*evaluate, "--cola_source", str(cola_dir), *QUICK, "--output_dir", str(tmp_path / "eval")]) == 0
 
 
@@ -152,12 +151,12 @@ def test_a_second_study_in_a_search_directory_is_refused_unless_overwritten(tmp_
     assert main([*base, "--search", str(first)]) == 0
     capsys.readouterr()
     assert main([*base, "--search", str(second)]) == 2
-    assert error_line(capsys) == (
+    assert error_line(capsys.readouterr().err) == (
         f"{out}: holds the search 'cola-a' ({first}); this one is 'cola-b' ({second}): pass another --output_dir, "
         "or --overwrite_output_dir to replace it"
     )
     assert main([*base, "--search", str(first), "--seed", "7"]) == 2  # the same space from another recipe
-    line = error_line(capsys)
+    line = error_line(capsys.readouterr().err)
     assert "study 'cola-a' in this storage searched another recipe than" in line and "(seed differ)" in line
 
     assert main([*base, "--search", str(second), "--overwrite_output_dir", "true"]) == 0
@@ -180,7 +179,7 @@ def test_an_unforeseen_error_is_one_line_with_its_traceback_in_the_run_directory
     (output_dir / "checkpoint-2" / "optimizer.pt").write_bytes(b"not a torch file")
     capsys.readouterr()
     assert main([*command, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"]) == 1
-    line = error_line(capsys)
+    line = error_line(capsys.readouterr().err)
     assert line.startswith("unexpected ")
     assert line.endswith(f"the traceback is in {output_dir / ERROR_LOG} (--debug shows it here)")
     assert "Traceback (most recent call last)" in (output_dir / ERROR_LOG).read_text()

@@ -31,7 +31,7 @@ import pandas as pd
 from cola_hf.analysis.run_analysis import BOOTSTRAP_SEED, RESAMPLES, matthews_correlation
 from cola_hf.analysis.significance import SeedGroupTest, welch_test
 from cola_hf.errors import UsageError
-from cola_hf.files import JsonRecord, pyplot, read_text, save_figure, write_text
+from cola_hf.files import JsonRecord, pyplot, read_tsv, save_figure, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -123,13 +123,12 @@ def write_blimp_predictions(path: str | Path, predictions: BlimpPredictions) -> 
 def read_blimp_predictions(path: str | Path) -> BlimpPredictions:
     """Read predictions_blimp.tsv; a bad row raises naming the file and the line."""
     path = Path(path)
-    lines = read_text(path).rstrip("\n").split("\n")
-    if lines[0].rstrip("\r").split("\t") != list(PREDICTION_COLUMNS):
+    header, rows = read_tsv(path)
+    if header != list(PREDICTION_COLUMNS):
         raise UsageError(f"{path}:1: wrong header; expected {chr(9).join(PREDICTION_COLUMNS)!r}")
     uids, pair_ids, terms, good, bad = [], [], [], [], []
     seen: dict[tuple[str, str], int] = {}
-    for number, line in enumerate(lines[1:], start=2):
-        fields = line.rstrip("\r").split("\t")
+    for number, fields in rows:
         try:
             if len(fields) != len(PREDICTION_COLUMNS) or not all(fields[:3]):
                 raise ValueError

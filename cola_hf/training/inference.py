@@ -50,7 +50,9 @@ def acceptable_probabilities(
         pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     device = next(model.parameters()).device
     order = np.argsort(-lengths, kind="stable")  # longest first: a batch too big for memory fails at once
-    logits = torch.empty((count, model.config.num_labels), dtype=torch.float32, device=device)
+    # In the sorted order: writing each batch to its own rows would copy their indices to the device, a copy that
+    # waits for the forward pass before the next batch is cut.
+    sorted_logits = torch.empty((count, model.config.num_labels), dtype=torch.float32, device=device)
     was_training = model.training
     model.eval()
     try:
@@ -63,11 +65,13 @@ def acceptable_probabilities(
                 rows = order[start : start + batch_size]
                 ids, mask = _pad(offsets[rows], lengths[rows], values, pad_token_id)
                 output = model(input_ids=_to(ids, device), attention_mask=_to(mask, device))
-                logits[torch.from_numpy(rows).to(device)] = output.logits.float()
+                sorted_logits[start : start + len(rows)] = output.logits.float()
                 bar.update(len(rows))
     finally:
         model.train(was_training)
-    return torch.softmax(logits.cpu().double(), dim=-1)[:, acceptable_index(model)].numpy()
+    probabilities = np.empty(count)
+    probabilities[order] = torch.softmax(sorted_logits.cpu().double(), dim=-1)[:, acceptable_index(model)].numpy()
+    return probabilities
 
 
 def score_texts(

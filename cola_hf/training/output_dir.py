@@ -44,15 +44,14 @@ INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"  # transformers' own marker o
 RUN_OPTIONS_FILE = ".cola.run_options.json"  # hidden, like the lock: bookkeeping, not pushed to the Hub
 FAILED_MARKER = "RUN_FAILED"  # a failed or interrupted directory never passes for a finished one
 ERROR_LOG = "error.log"  # the traceback of an error nobody foresaw; the console gets one line
+# What says a run finished (results.json, its card) or failed: removed whenever a run starts in the directory.
+RUN_OUTCOME_FILES = (RESULTS_FILE, "README.md", FAILED_MARKER, ERROR_LOG)
 # What a run leaves in its directory, cleared by --overwrite_output_dir before the new run writes anything: the
 # new run would otherwise publish them or read them back as its own (the card links every chart that exists, the
 # analysis and W&B read every predictions file there, the same command later resumes from any checkpoint, an
 # evaluation-only run leaves the old epochs and model in place). W&B's own directory and a study's files stay.
 PREVIOUS_RUN_FILES = (
-    RESULTS_FILE,
-    "README.md",
-    FAILED_MARKER,
-    ERROR_LOG,
+    *RUN_OUTCOME_FILES,
     "predictions_*.tsv",
     "analysis.json",
     "analysis.md",
@@ -105,7 +104,7 @@ def prepare_output_dir(
         output_dir.mkdir(parents=True, exist_ok=True)
         if overwrite and not resume:
             clear_previous_run(output_dir)
-        for stale in (RESULTS_FILE, "README.md", FAILED_MARKER, ERROR_LOG):
+        for stale in RUN_OUTCOME_FILES:
             (output_dir / stale).unlink(missing_ok=True)
         if trajectory is not None:
             write_json(output_dir / RUN_OPTIONS_FILE, trajectory)
@@ -118,7 +117,10 @@ def check_not_a_training_run(output_dir: Path) -> None:
     checkpoint = latest_complete_checkpoint(output_dir)
     if checkpoint is None and not (output_dir / "trainer_state.json").is_file():
         return
-    held = f"an unfinished training run ({Path(checkpoint).name})" if checkpoint else "a training run"
+    if is_finished(output_dir):
+        held = "a finished training run"
+    else:
+        held = f"an unfinished training run ({Path(checkpoint).name})" if checkpoint else "a training run"
     raise UsageError(
         f"{output_dir}: holds {held}; an evaluation-only run (--do_train False) needs a directory of its own: "
         "pass another --output_dir"

@@ -203,27 +203,25 @@ def parse_parameter(path: Path, name: str, spec: Any, option: OptionSpec) -> Par
     low, high = (bound(where, spec, key) for key in ("min", "max"))
     if low > high:
         raise UsageError(f"{where} min {low:g} is greater than max {high:g}")
-    if distribution != "log_uniform":  # W&B's log_uniform bounds are logarithms, checked once exponentiated
-        check_range(name, [low, high], f"{where} ")
     if distribution == "int_uniform":
         if not (float(low).is_integer() and float(high).is_integer()):
             raise UsageError(f"{where} int_uniform needs integer min and max")
-        return Parameter(name, IntDistribution(int(low), int(high)), checked(where, convert, int(low), int(high)))
+        return Parameter(name, IntDistribution(int(low), int(high)), checked(where, name, convert, int(low), int(high)))
     if convert is int:
         raise UsageError(f"{where} the option takes integers; {distribution} draws fractions (use int_uniform)")
     if distribution == "uniform":
-        return Parameter(name, FloatDistribution(low, high), checked(where, convert, low, high))
+        return Parameter(name, FloatDistribution(low, high), checked(where, name, convert, low, high))
     if distribution == "q_uniform":
         step = float(spec.get("q", 1))
         if step <= 0 or not math.isclose((high - low) / step, round((high - low) / step)):
             raise UsageError(f"{where} q must be positive and divide max - min")
-        return Parameter(name, FloatDistribution(low, high, step=step), checked(where, convert, low, high))
+        return Parameter(name, FloatDistribution(low, high, step=step), checked(where, name, convert, low, high))
     if distribution == "log_uniform":  # W&B: min and max are natural logarithms of the bounds
         low, high = math.exp(low), math.exp(high)
-        check_range(name, [low, high], f"{where} ")
-    elif low <= 0:
+    convert = checked(where, name, convert, low, high)
+    if low <= 0:
         raise UsageError(f"{where} a log range needs min > 0, found {low:g}")
-    return Parameter(name, FloatDistribution(low, high, log=True), checked(where, convert, low, high))
+    return Parameter(name, FloatDistribution(low, high, log=True), convert)
 
 
 def infer_distribution(spec: dict) -> str:
@@ -258,7 +256,9 @@ def categorical_choice(where: str, option: OptionSpec, value: Any) -> Choice:
     return converted if converted is None or isinstance(converted, bool | int | float | str) else str(value)
 
 
-def checked(where: str, convert: Callable[[str], Any], low: float, high: float) -> Callable[[str], Any]:
+def checked(where: str, name: str, convert: Callable[[str], Any], low: float, high: float) -> Callable[[str], Any]:
+    """`convert`, once a range's bounds are known to be values the option takes, in its allowed range."""
+    check_range(name, [low, high], f"{where} ")
     for value in (low, high):
         convert_token(where, convert, str(value))
     return convert

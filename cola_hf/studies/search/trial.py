@@ -136,6 +136,14 @@ def trial_options(search: Search, changes: dict[str, Any], output_dir: Path, run
         raise UsageError(f"--search {search.space.path}: {' '.join(str(err).split())}") from None
 
 
+def end_unrecorded(prepared: PreparedRun, trial_dir: Path) -> float:
+    """A trial that ends without a result (diverged, or failed by another worker): its epochs go to W&B, its
+    checkpoints go; nan, which Optuna records as failed."""
+    tracking.log_run_outputs(trial_dir, RunResults(epochs=epoch_table(prepared.trainer.state.log_history)))
+    remove_checkpoints(trial_dir)
+    return math.nan
+
+
 def run_trial(search: Search, trial: optuna.Trial, trial_dir: Path) -> float:
     """Train one trial; return its best validation MCC (nan, recorded as failed, if training diverged)."""
     changes = search.space.suggest(trial)
@@ -157,13 +165,9 @@ def run_trial(search: Search, trial: optuna.Trial, trial_dir: Path) -> float:
     except RunFailed as err:  # diverged: these parameters fail, the search goes on
         trial.set_user_attr("error", str(err))
         logger.warning("Trial %d failed: %s", trial.number, err)
-        tracking.log_run_outputs(trial_dir, RunResults(epochs=epoch_table(prepared.trainer.state.log_history)))
-        remove_checkpoints(trial_dir)
-        return math.nan
+        return end_unrecorded(prepared, trial_dir)
     if reporter.taken_over:  # nothing of it is recorded: its rerun, elsewhere, is the trial (worker.py says so)
-        tracking.log_run_outputs(trial_dir, RunResults(epochs=epoch_table(prepared.trainer.state.log_history)))
-        remove_checkpoints(trial_dir)
-        return math.nan
+        return end_unrecorded(prepared, trial_dir)
     with timed(seconds, "finish_s"):
         best = record_trial(search, trial, prepared, reporter)
     for name, value in seconds.items():
