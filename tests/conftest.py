@@ -96,6 +96,13 @@ LONGEST_FILES_FIRST = (
 )
 
 
+def error_line(stderr: str) -> str:
+    """The one `cola: error:` line of a failed command, without that prefix; fails on a traceback or on more."""
+    lines = [line for line in stderr.splitlines() if line.startswith("cola: error:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return lines[0].removeprefix("cola: error: ")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: position for position, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order is kept

@@ -1,9 +1,10 @@
+import math
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from cola_hf.config import make_parser, parse_args
+from cola_hf.config import OPTION_RANGES, check_range, make_parser, option_specs, parse_args
 from cola_hf.errors import UsageError
 
 RECIPES = Path(__file__).resolve().parents[1] / "experiments" / "recipes"
@@ -76,3 +77,29 @@ def test_recipe_values_are_type_checked_like_flags(tmp_path):
 def test_every_interface_flag_exists():
     flags = {action.dest for action in make_parser()._actions}
     assert {"cola_source", "model_name_or_path", "max_seq_length", "pad_to_max_length", "do_train"} <= flags
+
+
+def edges(name: str) -> tuple[list[float], list[float]]:
+    """The values just inside and just outside each finite end of `name`'s range, and its special values."""
+    allowed = OPTION_RANGES[name]
+    step = 1 if name in INTEGER_OPTIONS else 1e-9
+    inside, outside = list(allowed.also), []
+    for end, open_, direction in ((allowed.low, allowed.low_open, 1), (allowed.high, allowed.high_open, -1)):
+        if math.isfinite(end):
+            (outside if open_ else inside).append(end)
+            (inside if open_ else outside).append(end + direction * step if open_ else end - direction * step)
+    return inside, [value for value in outside if value not in allowed.also]
+
+
+INTEGER_OPTIONS = {name for name, spec in option_specs().items() if spec.convert is int}
+
+
+@pytest.mark.parametrize("name", sorted(OPTION_RANGES))
+def test_every_range_takes_its_ends_and_refuses_what_lies_just_beyond(name):
+    inside, outside = edges(name)
+    assert inside and outside  # every range has an end to test
+    for value in inside:
+        check_range(name, value)
+    for value in outside:
+        with pytest.raises(UsageError, match=f"^--{name} .*: out of range, expected "):
+            check_range(name, value)

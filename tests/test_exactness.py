@@ -140,6 +140,9 @@ POINTS = {
     "96-32x1-unfused": (96, ["--optim", "adamw_torch"], {}),
     "110-short-last-batch": (110, [], {}),
     "110-8x4": (110, ["--per_device_train_batch_size", "8"], {}),
+    # Short last steps split unevenly over micro-batches: 15 as 8 + 7, and 14 as 4 + 4 + 3 + 3.
+    "111-8x4-uneven-last-step": (111, ["--per_device_train_batch_size", "8"], {}),
+    "110-4x8-uneven-last-step": (110, ["--per_device_train_batch_size", "4"], {}),
     "110-8x4-clipping": (
         110,
         ["--per_device_train_batch_size", "8", "--max_grad_norm", "0.01"],

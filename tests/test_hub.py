@@ -379,17 +379,23 @@ def test_a_run_stopped_by_sigterm_publishes_nothing(stand_in, tmp_path, cola_dir
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     output_dir = tmp_path / "run"
 
+    returned = threading.Event()
+
     def stop_after_the_first_checkpoint() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not list(output_dir.glob("checkpoint-*/trainer_state.json")):
+        # Only while the run is on: a SIGTERM after main returned would kill this test's own process.
+        while not returned.is_set() and not list(output_dir.glob("checkpoint-*/trainer_state.json")):
             time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGTERM)
+        if not returned.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
 
     killer = threading.Thread(target=stop_after_the_first_checkpoint)
     killer.start()
     args = run_args(output_dir, cola_dir, tiny_model_dir, "--report_to", "none", "--num_train_epochs", "3")
-    status = main([*args, "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "2"])
-    killer.join()
+    try:
+        status = main([*args, "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "2"])
+    finally:
+        returned.set()
+        killer.join()
     assert status == 75
     assert stand_in.commits() == []  # a stopped run is not a result: its weights stay local
 

@@ -176,6 +176,10 @@ def test_the_notebook_trains_what_the_command_line_trains(executed, tiny_model_d
         return epochs, results["test"]
 
     assert measured(output_dir) == measured(cli_dir)
+    tsvs = sorted(path.name for path in cli_dir.glob("predictions_*.tsv"))  # CoLA's (the command skips BLiMP)
+    assert len(tsvs) == 4
+    for name in tsvs:
+        assert (output_dir / name).read_bytes() == (cli_dir / name).read_bytes(), name
 
 
 def test_phenomena_shown_when_annotations_are_given(executed):
