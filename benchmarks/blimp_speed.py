@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-    from cola_hf.data.blimp import read_blimp, tokenize_blimp
+    from cola_hf.data.blimp_pairs import read_blimp, tokenize_blimp
     from cola_hf.training.inference import acceptable_index, acceptable_probabilities
 
     device = torch.device(args.device or (torch.accelerator.current_accelerator() or "cpu"))

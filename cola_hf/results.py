@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from cola_hf.errors import UsageError
-from cola_hf.files import dataclass_from_json, write_json
+from cola_hf.file_io import dataclass_from_json, write_json
+from cola_hf.run_files import RESULTS_FILE
 
-RESULTS_FILE = "results.json"
 # The test sets a run reports, in order: the tutorial's test set first; glue_dev (the two dev sets together) is
 # the GLUE validation set that public CoLA results quote.
 TEST_SPLITS = ("out_of_domain_dev", "in_domain_dev", "glue_dev")

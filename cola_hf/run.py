@@ -27,16 +27,16 @@ import datasets
 import numpy as np
 from transformers import TrainerCallback
 
-from cola_hf.analysis import blimp as blimp_report
+from cola_hf.analysis import blimp_report
 from cola_hf.analysis.run_analysis import ThresholdAnalysis, analyze_run, phenomena_markdown, wandb_tables
 from cola_hf.analysis.tutorial_report import format_test_summary, report_test_split, write_epoch_outputs
 from cola_hf.config import RunOptions
-from cola_hf.data import blimp, cola
+from cola_hf.data import blimp_pairs, cola
 from cola_hf.data.annotations import load_annotations
 from cola_hf.data.sources import is_url
 from cola_hf.errors import StoppedBySignal, UsageError
 from cola_hf.integrations import hub, tracking
-from cola_hf.predictions import predictions_file, write_predictions
+from cola_hf.predictions_tsv import predictions_file, write_predictions
 from cola_hf.redaction import redact_argv
 from cola_hf.results import TEST_SPLITS, RunResults
 from cola_hf.training.inference import acceptable_probabilities
@@ -172,11 +172,11 @@ def score_blimp(prepared: PreparedRun) -> blimp_report.BlimpPredictions | None:
     trainer, options = prepared.trainer, prepared.options
     if prepared.blimp_source is None or not trainer.is_world_process_zero():
         return None
-    pairs = blimp.read_blimp(prepared.blimp_source, options.model.cache_dir)
+    pairs = blimp_pairs.read_blimp(prepared.blimp_source, options.model.cache_dir)
     if pairs is None:
         return None
     tokenizer = trainer.processing_class
-    sentences = blimp.tokenize_blimp(pairs, tokenizer, options.data.max_seq_length)
+    sentences = blimp_pairs.tokenize_blimp(pairs, tokenizer, options.data.max_seq_length)
     started = time.perf_counter()
     # In float32 even under --bf16 / --fp16: a pair is judged by the difference of two often close probabilities,
     # and half precision's logits (steps of 1/64 near 3 in bf16) would round many pairs into ties, counted wrong.
@@ -279,10 +279,10 @@ def check_annotations(options: RunOptions) -> str | None:
 def check_blimp_source(options: RunOptions) -> str | None:
     """BLiMP's source; a local one is read and checked now, so a wrong path fails before training."""
     source = options.data.blimp_source
-    if blimp.skipped(source):
+    if blimp_pairs.skipped(source):
         return None
     if not is_url(source):
-        blimp.check_blimp(source, options.model.cache_dir)
+        blimp_pairs.check_blimp(source, options.model.cache_dir)
     return source
 
 

@@ -36,7 +36,7 @@ from cola_hf.cli.compare import main as compare_main
 from cola_hf.data.annotations import ANNOTATIONS_URL as DEFAULT_ANNOTATIONS_URL
 from cola_hf.data.annotations import LEADING_COLUMNS, MAJOR_FEATURES, MAJOR_FILE, MINOR_FILE
 from cola_hf.errors import UsageError
-from cola_hf.predictions import read_predictions, write_predictions
+from cola_hf.predictions_tsv import read_predictions, write_predictions
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

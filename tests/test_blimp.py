@@ -29,9 +29,9 @@ from conftest import REPO, paradigm_lines, run_cola, write_blimp_dir
 from scipy import stats
 from sklearn.metrics import matthews_corrcoef
 
-from cola_hf.analysis import blimp as analysis
+from cola_hf.analysis import blimp_report as analysis
 from cola_hf.config import parse_args
-from cola_hf.data import blimp
+from cola_hf.data import blimp_pairs as blimp
 from cola_hf.errors import UsageError
 from cola_hf.training.inference import acceptable_probabilities, score_texts
 
@@ -93,7 +93,7 @@ def test_none_skips_blimp(cache_dir):
 
 def test_the_url_offline_skips_blimp_with_one_line_saying_how_to_point_at_a_copy(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    with caplog.at_level("WARNING", logger="cola_hf.data.blimp"):
+    with caplog.at_level("WARNING", logger="cola_hf.data.blimp_pairs"):
         assert blimp.read_blimp(blimp.BLIMP_URL, str(tmp_path / "empty-cache")) is None
     (record,) = caplog.records
     assert blimp.HOW_TO_PROVIDE in record.getMessage() and "\n" not in record.getMessage()

@@ -14,7 +14,7 @@ import yaml
 from conftest import error_line
 
 from cola_hf.cli.train import main
-from cola_hf.training.output_dir import ERROR_LOG, FAILED_MARKER
+from cola_hf.run_files import ERROR_LOG, FAILED_MARKER
 
 QUICK = ["--report_to", "none", "--disable_tqdm", "true", "--annotations_source", "none"]
 

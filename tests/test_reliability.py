@@ -29,7 +29,7 @@ from cola_hf.config import parse_args
 from cola_hf.data.cola import RAW_FILES
 from cola_hf.errors import UsageError
 from cola_hf.integrations import hub
-from cola_hf.training.output_dir import FAILED_MARKER
+from cola_hf.run_files import FAILED_MARKER
 
 FAST = ["--report_to", "none", "--disable_tqdm", "true"]
 # One intra-op thread: faster on a shared 2-core machine, and the same arithmetic in every run compared here.

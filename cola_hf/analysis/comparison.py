@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from cola_hf.charts import pyplot, save_figure
 from cola_hf.errors import UsageError
-from cola_hf.files import markdown_table, pyplot, save_figure, write_csv, write_text
-from cola_hf.predictions import predictions_file
+from cola_hf.file_io import write_csv, write_text
+from cola_hf.markdown_tables import markdown_table
+from cola_hf.predictions_tsv import predictions_file
 from cola_hf.results import RESULTS_FILE, RunResults
 
 
@@ -123,7 +125,7 @@ def write_significance(labels: list[str], groups: list[list[Path]], output_dir: 
 
 def write_blimp(labels: list[str], groups: list[list[Path]], output_dir: Path) -> str:
     """blimp_comparison.md and .csv: each run or group against the first on BLiMP's pairs, per phenomenon."""
-    from cola_hf.analysis.blimp import compare_blimp, comparison_markdown
+    from cola_hf.analysis.blimp_report import compare_blimp, comparison_markdown
 
     if len(groups) < 2:
         raise UsageError("--blimp needs two runs, or two directories of seed runs, to compare")

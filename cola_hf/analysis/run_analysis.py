@@ -20,17 +20,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cola_hf.charts import pyplot, save_figure
 from cola_hf.data.annotations import ANNOTATIONS_URL, HOW_TO_PROVIDE, check_rows, load_annotations
-from cola_hf.files import JsonRecord, pyplot, save_figure, write_text
-from cola_hf.predictions import Predictions, predictions_file, read_predictions
+from cola_hf.file_io import JsonRecord, write_text
+from cola_hf.predictions_tsv import Predictions, predictions_file, read_predictions
 from cola_hf.results import TEST_SPLITS
+from cola_hf.run_files import (
+    ANALYSIS_JSON,
+    ANALYSIS_MARKDOWN,
+    CONFUSION_CHART,
+    PHENOMENA_CHART,
+    RELIABILITY_CHART,
+    THRESHOLD_CHART,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["RunAnalysis", "analyze_run", "phenomena_markdown", "wandb_tables"]
 
 SPLITS = ("validation", *TEST_SPLITS)
-ANALYSIS_JSON = "analysis.json"
 SCHEMA_VERSION = 1
 RESAMPLES = 1000  # per interval in a run; percentile intervals, seeded so a rerun gives the same figures
 BOOTSTRAP_SEED = 0
@@ -38,7 +46,6 @@ CALIBRATION_BINS = 10
 THRESHOLDS = np.round(np.arange(0.01, 1.0, 0.01), 2)
 ONE_CLASS_NOTE = "one class only: MCC undefined"
 PREDICTED_ONE_CLASS_NOTE = "the model predicts one class here: MCC 0 by convention"
-CHARTS = ("phenomena.png", "reliability.png", "confusion_matrix.png", "threshold.png")
 
 
 # --- the schema of analysis.json --------------------------------------------------------------------------------
@@ -311,7 +318,7 @@ def analyze_run(
     analysis.charts = write_charts(analysis, output_dir)
     analysis.seconds = round(time.perf_counter() - started, 3)
     write_text(output_dir / ANALYSIS_JSON, analysis.to_json())
-    write_text(output_dir / "analysis.md", analysis_markdown(analysis))
+    write_text(output_dir / ANALYSIS_MARKDOWN, analysis_markdown(analysis))
     logger.info("Analysis written to %s (%.2f s)", output_dir / ANALYSIS_JSON, analysis.seconds)
     return analysis
 
@@ -373,7 +380,7 @@ def analysis_markdown(analysis: RunAnalysis) -> str:
             f"Chosen on the validation split, never on a test set: {threshold.threshold:.2f} (validation MCC "
             f"{threshold.mcc_at_threshold:.3f}, against {threshold.mcc_at_half:.3f} at 0.5)."
         )
-        lines += ["", "![threshold](threshold.png)"]
+        lines += ["", f"![threshold]({THRESHOLD_CHART})"]
     else:
         lines.append("None chosen: the run has no predictions_validation.tsv with both classes.")
     lines += ["", "## Confusion matrices", "", "| test set | true \\ predicted | unacceptable | acceptable |"]
@@ -381,14 +388,14 @@ def analysis_markdown(analysis: RunAnalysis) -> str:
     for split, test in analysis.test_sets.items():
         for name, row in zip(("unacceptable", "acceptable"), test.confusion_matrix, strict=True):
             lines.append(f"| {split} | {name} | {row[0]} | {row[1]} |")
-    lines += ["", "![confusion matrices](confusion_matrix.png)", "", "## Calibration", ""]
+    lines += ["", f"![confusion matrices]({CONFUSION_CHART})", "", "## Calibration", ""]
     lines.append(
         f"Expected calibration error over P(acceptable) in {CALIBRATION_BINS} equal-width bins (table above); "
-        "a calibrated model's points lie on the diagonal.\n\n![reliability](reliability.png)"
+        f"a calibrated model's points lie on the diagonal.\n\n![reliability]({RELIABILITY_CHART})"
     )
     lines += ["", "## Grammatical phenomena (glue_dev)", ""]
     if analysis.phenomena:
-        lines += [phenomena_markdown(analysis), "![phenomena](phenomena.png)", ""]
+        lines += [phenomena_markdown(analysis), f"![phenomena]({PHENOMENA_CHART})", ""]
         if analysis.minor_phenomena:
             lines += ["### Minor features", "", phenomena_markdown(analysis, minor=True)]
     else:
@@ -434,14 +441,14 @@ def write_charts(analysis: RunAnalysis, output_dir: Path) -> list[str]:
     """The PNGs there is data for; returns their file names (for analysis.json and W&B images)."""
     written = []
     if analysis.phenomena:
-        plot_phenomena(analysis.phenomena, output_dir / "phenomena.png")
-        written.append("phenomena.png")
-    plot_reliability(analysis.test_sets, output_dir / "reliability.png")
-    plot_confusion_matrices(analysis.test_sets, output_dir / "confusion_matrix.png")
-    written += ["reliability.png", "confusion_matrix.png"]
+        plot_phenomena(analysis.phenomena, output_dir / PHENOMENA_CHART)
+        written.append(PHENOMENA_CHART)
+    plot_reliability(analysis.test_sets, output_dir / RELIABILITY_CHART)
+    plot_confusion_matrices(analysis.test_sets, output_dir / CONFUSION_CHART)
+    written += [RELIABILITY_CHART, CONFUSION_CHART]
     if analysis.threshold:
-        plot_threshold(analysis.threshold, output_dir / "threshold.png")
-        written.append("threshold.png")
+        plot_threshold(analysis.threshold, output_dir / THRESHOLD_CHART)
+        written.append(THRESHOLD_CHART)
     return written
 
 

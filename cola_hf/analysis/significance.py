@@ -28,7 +28,7 @@ from cola_hf.analysis.run_analysis import (
 )
 from cola_hf.data.annotations import ANNOTATIONS_URL, HOW_TO_PROVIDE, check_rows, load_annotations
 from cola_hf.errors import UsageError
-from cola_hf.predictions import Predictions, predictions_file, read_predictions
+from cola_hf.predictions_tsv import Predictions, predictions_file, read_predictions
 
 TEST_RESAMPLES = 10_000
 

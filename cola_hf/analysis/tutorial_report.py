@@ -12,10 +12,12 @@ import numpy as np
 import pandas as pd
 from datasets import Dataset
 
-from cola_hf.files import pyplot, save_figure, write_csv
+from cola_hf.charts import pyplot, save_figure
+from cola_hf.file_io import write_csv
 from cola_hf.metrics import mcc_per_batch, score
-from cola_hf.predictions import predictions_file, write_predictions
+from cola_hf.predictions_tsv import predictions_file, write_predictions
 from cola_hf.results import EPOCH_COLUMNS, EpochStats, RunResults, TestSetResults
+from cola_hf.run_files import LEARNING_CURVE, MCC_PER_BATCH, TRAINING_STATS
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +25,8 @@ logger = logging.getLogger(__name__)
 def write_epoch_outputs(output_dir: Path, rows: list[EpochStats]) -> None:
     """training_stats.csv and learning_curve.png; the table is also printed, as the tutorial does."""
     frame = pd.DataFrame(RunResults(epochs=rows).to_dict()["epochs"])
-    write_csv(output_dir / "training_stats.csv", frame[[*EPOCH_COLUMNS, *(c for c in frame if c not in EPOCH_COLUMNS)]])
-    plot_learning_curve(rows, output_dir / "learning_curve.png")
+    write_csv(output_dir / TRAINING_STATS, frame[[*EPOCH_COLUMNS, *(c for c in frame if c not in EPOCH_COLUMNS)]])
+    plot_learning_curve(rows, output_dir / LEARNING_CURVE)
     logger.info("Per-epoch statistics:\n%s", format_epoch_table(rows))
 
 
@@ -35,7 +37,7 @@ def report_test_split(
     predictions = (probabilities > 0.5).astype(int)
     write_predictions(predictions_file(output_dir, split), dataset, predictions, probabilities)
     per_batch = mcc_per_batch(labels, predictions, batch_size=32)
-    plot_mcc_per_batch(per_batch, split, output_dir / f"mcc_per_batch_{split}.png")
+    plot_mcc_per_batch(per_batch, split, output_dir / MCC_PER_BATCH.format(split))
     return TestSetResults(
         **score(labels, predictions), positive_ratio=float(np.mean(labels)), n=len(labels), mcc_per_batch=per_batch
     )

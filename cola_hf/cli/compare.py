@@ -9,7 +9,7 @@ from pathlib import Path
 from cola_hf.analysis import comparison
 from cola_hf.data.annotations import ANNOTATIONS_URL
 from cola_hf.errors import UsageError
-from cola_hf.files import markdown_table
+from cola_hf.markdown_tables import markdown_table
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""cola-predict: label sentences acceptable or unacceptable with a fine-tuned model (cola_hf/predict.py)."""
+"""cola-predict: label sentences acceptable or unacceptable with a fine-tuned model (cola_hf/classify.py)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import transformers
 
-    from cola_hf import predict
+    from cola_hf import classify
 
     # Our own stderr lines say what matters; the libraries' loading bars and notices would bury them.
     transformers.utils.logging.set_verbosity_error()
@@ -56,40 +56,42 @@ def main(argv: list[str] | None = None) -> int:
         if args.glue_submission:
             if not args.input:
                 raise UsageError("--glue_submission needs --input GLUE's CoLA test.tsv (index, sentence)")
-            glue_test = predict.read_glue_test(args.input)
-            sentences = predict.Sentences(glue_test.texts)
+            glue_test = classify.read_glue_test(args.input)
+            sentences = classify.Sentences(glue_test.texts)
         else:
-            sentences = predict.read_input(args.input) if args.input else predict.from_arguments(args.sentences)
+            sentences = classify.read_input(args.input) if args.input else classify.from_arguments(args.sentences)
         if not sentences.texts:
             raise UsageError("nothing to classify: every sentence is empty")
         if sentences.skipped:
             where = "line" if args.input else "argument"
             shown = ", ".join(map(str, sentences.skipped[:10])) + (", ..." if len(sentences.skipped) > 10 else "")
             print(f"cola-predict: skipped {len(sentences.skipped)} empty {where}(s): {shown}", file=sys.stderr)
-        classifier = predict.load_classifier(args.model)
-        max_length = args.max_length or predict.model_max_length(classifier)
-        too_long = predict.count_too_long(classifier, sentences.texts, max_length)
+        classifier = classify.load_classifier(args.model)
+        max_length = args.max_length or classify.model_max_length(classifier)
+        too_long = classify.count_too_long(classifier, sentences.texts, max_length)
         if too_long:
             print(f"cola-predict: truncated {too_long} sentence(s) longer than {max_length} tokens", file=sys.stderr)
-        predictions = predict.classify(
+        predictions = classify.classify(
             classifier, sentences.texts, args.batch_size, max_length, progress=args.input is not None
         )
         if args.output:
-            from cola_hf.files import atomic_path
+            from cola_hf.file_io import atomic_path
 
             try:
                 with atomic_path(args.output) as temporary, open(temporary, "w", encoding="utf-8") as stream:
-                    predict.write_labelled(predictions, stream, args.format)
+                    classify.write_labelled(predictions, stream, args.format)
             except OSError as err:
                 raise UsageError(f"--output {args.output}: cannot write ({err.strerror})") from err
         elif glue_test is None:
-            predict.write_labelled(predictions, sys.stdout, args.format)
+            classify.write_labelled(predictions, sys.stdout, args.format)
         if glue_test is not None:
-            predict.write_glue_submission(
-                args.glue_submission, glue_test.indices, predict.label_ids(classifier, predictions)
+            classify.write_glue_submission(
+                args.glue_submission, glue_test.indices, classify.label_ids(classifier, predictions)
             )
             expected = (
-                "" if len(predictions) == predict.GLUE_TEST_ROWS else f"; GLUE's test set has {predict.GLUE_TEST_ROWS}"
+                ""
+                if len(predictions) == classify.GLUE_TEST_ROWS
+                else f"; GLUE's test set has {classify.GLUE_TEST_ROWS}"
             )
             print(
                 f"cola-predict: wrote {len(predictions)} predictions to {args.glue_submission}{expected}",
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         if sentences.labels is not None:
             from cola_hf.metrics import score
 
-            result = score(np.array(sentences.labels), predict.label_ids(classifier, predictions))
+            result = score(np.array(sentences.labels), classify.label_ids(classifier, predictions))
             print(
                 f"cola-predict: {len(predictions)} labelled sentences: "
                 f"matthews_correlation {result['matthews_correlation']:.6f}, accuracy {result['accuracy']:.6f}",

@@ -24,9 +24,10 @@ from cola_hf.integrations import hub
 from cola_hf.redaction import install_on, redact_argv, redact_text
 from cola_hf.results import RunResults
 from cola_hf.run import run
+from cola_hf.run_files import ERROR_LOG
 from cola_hf.studies.search.worker import run_search
 from cola_hf.studies.seeds import run_options, run_seeds
-from cola_hf.training.output_dir import ERROR_LOG, mark_failed
+from cola_hf.training.output_dir import mark_failed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cola_hf.errors import UsageError
-from cola_hf.files import read_tsv
+from cola_hf.file_io import read_tsv
 
 logger = logging.getLogger(__name__)
 

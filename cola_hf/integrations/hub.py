@@ -27,9 +27,10 @@ from transformers.trainer_utils import HubStrategy
 
 from cola_hf.config import options_with
 from cola_hf.errors import HubPushError, UsageError, one_line
-from cola_hf.files import MODEL_FILES, write_text
+from cola_hf.file_io import write_text
 from cola_hf.redaction import redact_text
 from cola_hf.results import EPOCH_COLUMNS, RunResults, TestSetResults
+from cola_hf.run_files import MODEL_CARD, PUBLISHED_FILES, RESULTS_FILE, card_entries
 
 logger = logging.getLogger(__name__)
 
@@ -53,21 +54,6 @@ EPOCH_TITLES = {
     "training_time_s": "Training time (s)",
     "validation_time_s": "Validation time (s)",
 }
-# What a run publishes, and nothing else (an allow-list: a hidden file, a W&B directory, a checkpoint, a
-# predictions TSV or another run's leftover never matches): the model and its tokenizer, the card and the files
-# it shows or links, and the run's measured results. The predictions TSVs hold the CoLA dev sentences themselves:
-# republishing the corpus is its authors' call, and nyu-mll/glue already hosts it.
-PUBLISHED_FILES = (
-    *MODEL_FILES,
-    "README.md",  # the model card
-    "*.png",  # the card's and analysis.md's charts
-    "results.json",  # every figure of the card's model-index, and the options the run ran with
-    "training_stats.csv",  # the tutorial's per-epoch table
-    "analysis.json",  # what the model gets wrong, linked from the card
-    "analysis.md",
-    "blimp.json",  # BLiMP beside GPT-2 and humans, linked from the card too
-    "blimp.md",
-)
 # Top-level files only (a pattern like *.png would match inside checkpoint-*/ or wandb/ too), never a hidden one.
 UNPUBLISHED = ("*/*", ".*")
 
@@ -96,6 +82,7 @@ def build_model_card(
     (a search's, say).
     """
     output_dir = Path(output_dir)
+    charts, links = _card_files(output_dir)
     base_model = base_model or _hub_id_of(model_name_or_path)
     license = license or _license_of(model_name_or_path) or DEFAULT_LICENSE
     model_name = hub_model_id.split("/")[-1] if hub_model_id else output_dir.resolve().name
@@ -136,7 +123,8 @@ def build_model_card(
         hyperparameters=_hyperparameters(results.config),
         epoch_header=[EPOCH_TITLES[column] for column in EPOCH_COLUMNS],
         epoch_rows=[[_format(column, getattr(row, column)) for column in EPOCH_COLUMNS] for row in results.epochs],
-        plots=_plots(output_dir),
+        plots=charts,
+        links=links,
         phenomena=phenomena,
         blimp=blimp,
         command=redact_text(command),
@@ -154,7 +142,7 @@ def write_model_card(
     **card_options: Any,
 ) -> Path:
     """Build the card (see `build_model_card`) and write it as output_dir/README.md, atomically."""
-    path = Path(output_dir) / "README.md"
+    path = Path(output_dir) / MODEL_CARD
     card = build_model_card(output_dir, results, model_name_or_path, command, hub_model_id, **card_options)
     write_text(path, str(card))
     return path
@@ -217,16 +205,12 @@ def _hyperparameters(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [(f"`{name}`", f"`{config[name]}`") for name in options_with("card") if name in config]
 
 
-def _plots(output_dir: Path) -> list[tuple[str, str]]:
-    """(title, relative file) of the plots the run wrote; relative links render on the Hub and locally."""
-    candidates = [
-        ("Learning curve: training and validation loss per epoch", "learning_curve.png"),
-        *((f"MCC per batch of 32: {split}", f"mcc_per_batch_{split}.png") for split in TEST_SETS),
-        ("MCC per grammatical phenomenon (glue_dev, 95% intervals)", "phenomena.png"),
-        ("BLiMP: pair accuracy per phenomenon beside GPT-2, an LSTM, a 5-gram model and humans", "blimp.png"),
-        ("Calibration: reliability diagram", "reliability.png"),
-    ]
-    return [(title, file) for title, file in candidates if (output_dir / file).is_file()]
+def _card_files(output_dir: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(title, relative file) of the charts the card shows and of the other files it links, among those the run
+    wrote (the table in cola_hf/run_files.py says which); relative links render on the Hub and locally."""
+    entries = card_entries(output_dir, parts=tuple(TEST_SETS), coming=[RESULTS_FILE])  # written last
+    charts = [(title, file) for title, file in entries if file.endswith(".png")]
+    return charts, [(title, file) for title, file in entries if not file.endswith(".png")]
 
 
 def _versions() -> list[tuple[str, str]]:
@@ -315,7 +299,7 @@ def push_output_dir(
     The token is whatever huggingface_hub finds (HF_TOKEN, then the saved login).
     """
     output_dir = Path(output_dir)
-    if not (output_dir / "README.md").is_file():
+    if not (output_dir / MODEL_CARD).is_file():
         raise ValueError(f"{output_dir}: no README.md; write the model card (write_model_card) before pushing")
     api = _api()
     try:

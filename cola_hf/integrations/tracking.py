@@ -33,10 +33,11 @@ from transformers.integrations import WandbCallback
 
 from cola_hf.config import model_short_name
 from cola_hf.errors import StoppedBySignal, one_line
-from cola_hf.files import MODEL_FILES
-from cola_hf.predictions import predictions_file, read_predictions
+from cola_hf.predictions_tsv import predictions_file, read_predictions
 from cola_hf.redaction import redact_options
 from cola_hf.results import EPOCH_COLUMNS, TEST_SPLITS
+from cola_hf.run_files import MODEL_CARD, MODEL_FILES
+from cola_hf.run_files import WANDB_RUN_ID as RUN_ID_FILE
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 PROJECT = "cola-hf"
 TRACKED_PACKAGES = ("torch", "transformers", "datasets", "evaluate", "accelerate", "wandb", "cola-hf")
 TEST_METRICS = ("matthews_correlation", "accuracy", "positive_ratio", "n")
-RUN_ID_FILE = ".wandb_run_id"
 SERVER_TIMEOUT_S = 3.0
 # wandb waits 90 s by default for a server it cannot reach; after our reachability probe passed, a
 # shorter wait still covers a slow server without stalling a run that lost its network.
@@ -333,7 +333,7 @@ def _misclassified_table(predictions_tsv: Path) -> Any:
 def _log_model_artifact(run: Any, output_dir: Path, results: RunResults) -> None:
     import wandb
 
-    patterns = (*MODEL_FILES, "README.md")  # the model and its card
+    patterns = (*MODEL_FILES, MODEL_CARD)  # the model and its card
     files = sorted({path for pattern in patterns for path in output_dir.glob(pattern) if path.is_file()})
     if not any(path.suffix == ".safetensors" for path in files):
         raise FileNotFoundError(f"no saved model (*.safetensors) in {output_dir}")

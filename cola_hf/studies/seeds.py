@@ -20,7 +20,8 @@ import pandas as pd
 
 from cola_hf.analysis.comparison import compare
 from cola_hf.config import RunOptions
-from cola_hf.files import markdown_table, write_csv, write_json, write_text
+from cola_hf.file_io import write_csv, write_json, write_text
+from cola_hf.markdown_tables import markdown_table
 from cola_hf.results import RunResults
 from cola_hf.run import run
 from cola_hf.training.output_dir import is_finished

@@ -33,38 +33,21 @@ import filelock
 from transformers import TrainingArguments
 
 from cola_hf.errors import UsageError
-from cola_hf.files import MODEL_FILES, write_json, write_text
-from cola_hf.results import RESULTS_FILE
+from cola_hf.file_io import write_json, write_text
+from cola_hf.run_files import (
+    FAILED_MARKER,
+    HOLDER_FILE,
+    LOCK_FILE,
+    PREVIOUS_RUN_FILES,
+    RESULTS_FILE,
+    RUN_OPTIONS_FILE,
+    RUN_OUTCOME_FILES,
+    TRAINER_STATE,
+)
 
 logger = logging.getLogger(__name__)
 
-LOCK_FILE = ".cola.lock"
-HOLDER_FILE = ".cola.lock.holder"  # who holds the lock, for the message of the run that finds it taken
 INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"  # transformers' own marker of a checkpoint being written
-RUN_OPTIONS_FILE = ".cola.run_options.json"  # hidden, like the lock: bookkeeping, not pushed to the Hub
-FAILED_MARKER = "RUN_FAILED"  # a failed or interrupted directory never passes for a finished one
-ERROR_LOG = "error.log"  # the traceback of an error nobody foresaw; the console gets one line
-# What says a run finished (results.json, its card) or failed: removed whenever a run starts in the directory.
-RUN_OUTCOME_FILES = (RESULTS_FILE, "README.md", FAILED_MARKER, ERROR_LOG)
-# What a run leaves in its directory, cleared by --overwrite_output_dir before the new run writes anything: the
-# new run would otherwise publish them or read them back as its own (the card links every chart that exists, the
-# analysis and W&B read every predictions file there, the same command later resumes from any checkpoint, an
-# evaluation-only run leaves the old epochs and model in place). W&B's own directory and a study's files stay.
-PREVIOUS_RUN_FILES = (
-    *RUN_OUTCOME_FILES,
-    "predictions_*.tsv",
-    "analysis.json",
-    "analysis.md",
-    "blimp.json",
-    "blimp.md",
-    "*.png",
-    "training_stats.csv",
-    "trainer_state.json",
-    "training_args.bin",
-    "checkpoint-*",
-    *MODEL_FILES,
-    RUN_OPTIONS_FILE,
-)
 
 
 def is_finished(output_dir: str | Path) -> bool:
@@ -115,7 +98,7 @@ def check_not_a_training_run(output_dir: Path) -> None:
     """An evaluation-only run writes its own directory: in a training run's, its results.json would mark that run
     finished (and publish its weights with another model's test results)."""
     checkpoint = latest_complete_checkpoint(output_dir)
-    if checkpoint is None and not (output_dir / "trainer_state.json").is_file():
+    if checkpoint is None and not (output_dir / TRAINER_STATE).is_file():
         return
     if is_finished(output_dir):
         held = "a finished training run"
@@ -169,7 +152,7 @@ def check_same_layout(checkpoint: Path, processes: int, per_device_batch: int) -
             f"{saved}, or pass --overwrite_output_dir to start over"
         )
     try:
-        saved_batch = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["train_batch_size"]
+        saved_batch = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))["train_batch_size"]
     except (OSError, ValueError, KeyError):
         return
     if saved_batch is not None and saved_batch != per_device_batch:
@@ -247,7 +230,7 @@ def latest_complete_checkpoint(output_dir: str | Path, remove_incomplete: bool =
     ]
     for _, path in sorted(numbered, reverse=True):
         try:
-            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
             if (path / INCOMPLETE_MARKER).exists():
                 raise ValueError(INCOMPLETE_MARKER)
             return str(path)

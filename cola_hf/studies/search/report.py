@@ -24,8 +24,10 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from cola_hf.analysis.comparison import compare
+from cola_hf.charts import save_figure
 from cola_hf.config import RunOptions
-from cola_hf.files import markdown_table, save_figure, write_csv, write_json, write_text
+from cola_hf.file_io import write_csv, write_json, write_text
+from cola_hf.markdown_tables import markdown_table
 from cola_hf.redaction import redact_text
 from cola_hf.results import RESULTS_FILE
 from cola_hf.studies.search.study import BEST_BUILDER, BEST_DIR, Search

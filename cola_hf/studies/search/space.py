@@ -35,7 +35,7 @@ from optuna.trial import Trial
 
 from cola_hf.config import OptionSpec, check_range, option_specs
 from cola_hf.errors import UsageError
-from cola_hf.files import read_yaml
+from cola_hf.file_io import read_yaml
 
 METHODS = ("grid", "random", "bayes")
 # The name the Trainer's W&B callback logs our validation MCC under; the local search always maximises it.

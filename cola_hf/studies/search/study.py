@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cola_hf.config import RunOptions
 from cola_hf.errors import UsageError
-from cola_hf.files import write_json
+from cola_hf.file_io import write_json
 from cola_hf.run import FilesCache
 from cola_hf.studies.search.space import SearchSpace
 from cola_hf.studies.search.storage import (

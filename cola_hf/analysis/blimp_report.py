@@ -30,16 +30,15 @@ import pandas as pd
 
 from cola_hf.analysis.run_analysis import BOOTSTRAP_SEED, RESAMPLES, matthews_correlation
 from cola_hf.analysis.significance import SeedGroupTest, welch_test
+from cola_hf.charts import pyplot, save_figure
 from cola_hf.errors import UsageError
-from cola_hf.files import JsonRecord, pyplot, read_tsv, save_figure, write_text
+from cola_hf.file_io import JsonRecord, read_tsv, write_text
+from cola_hf.run_files import BLIMP_CHART, BLIMP_JSON, BLIMP_MARKDOWN
+from cola_hf.run_files import BLIMP_PREDICTIONS as PREDICTIONS_FILE
 
 logger = logging.getLogger(__name__)
 
-PREDICTIONS_FILE = "predictions_blimp.tsv"
 PREDICTION_COLUMNS = ("UID", "pairID", "linguistics_term", "prob_good", "prob_bad")
-BLIMP_JSON = "blimp.json"
-BLIMP_MARKDOWN = "blimp.md"
-BLIMP_CHART = "blimp.png"
 SCHEMA_VERSION = 1
 # The paper's 12 phenomena: the data's two s-selection paradigms are argument structure there.
 PHENOMENON_OF_TERM = {"s-selection": "argument_structure"}

@@ -1,4 +1,4 @@
-"""Files, read and written the same way everywhere: the package's lightest module (nothing heavy imported).
+"""Files, read and written the same way everywhere (nothing heavy imported).
 
 Writes are atomic (a temporary file beside the target, then a rename), so a run killed mid-write never leaves a
 half-written file that looks finished. Users' text files (sentences, predictions, annotations, GLUE's test file,
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import tempfile
 import types
@@ -26,21 +25,6 @@ from cola_hf.errors import UsageError
 
 if TYPE_CHECKING:
     import pandas as pd
-    from matplotlib.figure import Figure
-
-# What save_pretrained writes for a model and its tokenizer: the files that load it back (the Hub push and the
-# W&B model artifact upload these; --overwrite_output_dir clears them).
-MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "vocab.*",
-    "merges.txt",
-    "added_tokens.json",
-)
 
 
 # --- writing -------------------------------------------------------------------------------------------------
@@ -72,39 +56,6 @@ def write_json(path: str | Path, data: Any) -> None:
 def write_csv(path: str | Path, frame: pd.DataFrame) -> None:
     with atomic_path(path) as temporary:
         frame.to_csv(temporary, index=False)
-
-
-def pyplot() -> Any:
-    """matplotlib.pyplot, drawing into files only (no display needed); imported where a figure is drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(figure: Figure, path: str | Path) -> None:
-    """A matplotlib figure as a PNG, then closed (a study draws hundreds: open figures would pile up)."""
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=100, format="png")
-    pyplot().close(figure)
-
-
-def markdown_table(frame: pd.DataFrame) -> str:
-    """A DataFrame as a GitHub markdown table: 4 significant digits, empty cells for missing values."""
-
-    def cell(value: object) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return ""
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return str(value).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in frame.astype(object).values]
-    return "\n".join(lines) + "\n"
 
 
 # --- reading -------------------------------------------------------------------------------------------------

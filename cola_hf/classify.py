@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cola_hf.errors import UsageError, one_line
-from cola_hf.files import atomic_path, read_text, read_tsv
+from cola_hf.file_io import atomic_path, read_text, read_tsv
 
 if TYPE_CHECKING:
     from transformers import Pipeline

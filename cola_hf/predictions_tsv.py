@@ -18,13 +18,14 @@ import pandas as pd
 from datasets import Dataset
 
 from cola_hf.errors import UsageError
-from cola_hf.files import atomic_path, read_tsv
+from cola_hf.file_io import atomic_path, read_tsv
+from cola_hf.run_files import PREDICTIONS
 
 PREDICTION_COLUMNS = ("sentence_source", "label", "sentence", "prediction", "prob_acceptable")
 
 
 def predictions_file(output_dir: str | Path, split: str) -> Path:
-    return Path(output_dir) / f"predictions_{split}.tsv"
+    return Path(output_dir) / PREDICTIONS.format(split)
 
 
 @dataclass
