@@ -120,13 +120,14 @@ def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 300) -
 #     last:0        the start of the run's last step
 #     validation:E  the start of epoch E's validation
 #     save:E        the middle of epoch E's checkpoint (between the weights and trainer_state.json)
-#   in the run whose output_dir ends with $COLA_TEST_CUT_RUN (any run if unset), logging {"cut", "step"} to
-#   $COLA_TEST_CUT_LOG if set. SIGTERM goes to the process, or under `accelerate launch` to the launcher, as Slurm or
-#   a user sends it, and the hook waits until the run's handler has it; SIGKILL goes to every process of the job,
-#   as Slurm sends it once the grace period is over.
+#   logging {"cut", "step"} to $COLA_TEST_CUT_LOG if set. SIGTERM goes to the process, or under `accelerate launch`
+#   to the launcher, as Slurm or a user sends it, and the hook waits until the run's handler has it; SIGKILL goes
+#   to every process of the job, as Slurm sends it once the grace period is over.
 # COLA_TEST_HOLD=KIND:NUMBER:PATH  holds the run once, at step:N or save:E (save:0: the first save, wherever it
 #   falls), while PATH exists: it writes PATH.reached (the step, or the checkpoint's directory for a save), then
 #   waits until the test removes PATH, handling any signal that comes meanwhile.
+# Either acts in the first run (a study's seed, a search's trial) whose output_dir ends with $COLA_TEST_CUT_RUN
+# (any run if unset).
 SIGNAL_HOOKS = """
 import json, os, signal, time
 
@@ -162,8 +163,8 @@ if (_cut or _hold) and os.environ.get("RANK", "0") == "0":
         while getattr(signal.getsignal(signal.SIGTERM), "received", None) is None and time.monotonic() < deadline:
             time.sleep(0.01)  # until the run's handler has it (through the launcher on several processes)
 
-    def _hold_here(where):
-        if "hold" in _done:
+    def _hold_here(trainer, where):
+        if "hold" in _done or not str(trainer.args.output_dir).endswith(_run):
             return
         _done.append("hold")
         with open(_hold_path + ".reached", "w") as reached:
@@ -185,7 +186,7 @@ if (_cut or _hold) and os.environ.get("RANK", "0") == "0":
         if (_cut_kind == "step" and step == _cut_number) or (_cut_kind == "last" and step == self.state.max_steps):
             _cut_here(self, step)
         if _hold_kind == "step" and step == _hold_number:
-            _hold_here(step)
+            _hold_here(self, step)
         return _training_step(self, *args, **kwargs)
 
     def evaluation_loop(self, *args, **kwargs):
@@ -197,7 +198,7 @@ if (_cut or _hold) and os.environ.get("RANK", "0") == "0":
         if _cut_kind == "save" and _at_epoch(self, _cut_number):
             _cut_here(self, self.state.global_step)
         if _hold_kind == "save" and (_hold_number == 0 or _at_epoch(self, _hold_number)):
-            _hold_here(output_dir)
+            _hold_here(self, output_dir)
         return _save_rng_state(self, output_dir)
 
     transformers.Trainer.training_step = training_step
@@ -214,13 +215,14 @@ def write_hooks(directory: Path, source: str = SIGNAL_HOOKS) -> Path:
 
 
 def run_here(*args: object, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
-    """The command's `main` in this process, where a process of its own is not the point (a refusal, say): it saves
-    a launch. Its exit status and output as a subprocess's would be, under the offline environment's variables."""
+    """The command's `main` in this process, where a process of its own is not the point (bad input, a refusal):
+    it saves a launch. Its exit status and output as a subprocess's would be, under the offline environment's
+    variables. The arguments as given (a refusal stops before BLiMP)."""
     from unittest import mock
 
     from cola_hf.cli.train import main
 
-    argv = list(without_blimp(tuple(map(str, args))))
+    argv = list(map(str, args))
     variables = {name: offline_env(env)[name] for name in ("HF_HUB_OFFLINE", "WANDB_MODE", *(env or {}))}
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
