@@ -8,7 +8,6 @@ localhost); skipped otherwise. Jobs are submitted exactly as a user submits them
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -17,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_cola_dir
+from conftest import write_cola_dir
+from launching import REPO, offline_env
 
 SLURM_SCRIPT = REPO / "experiments" / "accelerate" / "slurm.sh"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -57,14 +57,7 @@ def wait_for(condition, what: str, log: Path, timeout: float):
 def test_job_stopped_mid_training_saves_requeues_itself_and_finishes(tmp_path, tiny_model_dir):
     data = write_cola_dir(tmp_path / "raw", train=600)  # 540 training sentences: 34 steps per epoch
     output_dir, log = tmp_path / "run", tmp_path / "slurm.out"
-    env = {
-        **os.environ,
-        "PYTHON": sys.executable,
-        "PYTHONPATH": str(REPO),
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "disabled",
-        "OMP_NUM_THREADS": "1",
-    }
+    env = offline_env({"PYTHON": sys.executable})
     # The cluster's GPUs and time are the script's business; here one CPU and no time-limit signal.
     submit = ["sbatch", "--parsable", "--gpus=0", "--cpus-per-task=1", "--time=10", f"--output={log}"]
     training = [
@@ -121,8 +114,7 @@ def submit_search_array(tmp_path: Path, tiny_model_dir: Path, n_trials: int, epo
         *("--global_train_batch_size", "16", "--annotations_source", "none"),
         *("--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true"),
     ]
-    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    env.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    env = offline_env({"PYTHON": sys.executable})
     submitted = subprocess.run(
         [*submit, str(SEARCH_SCRIPT), *map(str, worker)], cwd=REPO, env=env, capture_output=True, text=True
     )
