@@ -125,7 +125,8 @@ def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 300) -
 #   to every process of the job, as Slurm sends it once the grace period is over.
 # COLA_TEST_HOLD=KIND:NUMBER:PATH  holds the run once, at step:N or save:E (save:0: the first save, wherever it
 #   falls), while PATH exists: it writes PATH.reached (the step, or the checkpoint's directory for a save), then
-#   waits until the test removes PATH, handling any signal that comes meanwhile.
+#   waits until the test removes PATH, handling any signal that comes meanwhile. Environment variables in PATH are
+#   expanded in the run's process ($SLURM_ARRAY_TASK_ID: one path per task of a job array).
 # Either acts in the first run (a study's seed, a search's trial) whose output_dir ends with $COLA_TEST_CUT_RUN
 # (any run if unset).
 SIGNAL_HOOKS = """
@@ -138,7 +139,7 @@ if (_cut or _hold) and os.environ.get("RANK", "0") == "0":
     _cut_kind, _cut_number, _cut_signal = _cut.split(":") if _cut else ("", "0", "")
     _cut_number, _run = int(_cut_number), os.environ.get("COLA_TEST_CUT_RUN", "")
     _hold_kind, _hold_number, _hold_path = _hold.split(":", 2) if _hold else ("", "0", "")
-    _hold_number = int(_hold_number)
+    _hold_number, _hold_path = int(_hold_number), os.path.expandvars(_hold_path)
     _done = []
 
     def _cut_here(trainer, step):
