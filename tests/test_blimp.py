@@ -540,6 +540,7 @@ def blimp_run(tmp_path_factory, cola_dir, tiny_model_dir, blimp_dir):
     return output_dir, result
 
 
+@pytest.mark.xdist_group("blimp-run")  # with the next test, on the module's blimp_run
 def test_a_run_scores_every_pair_with_its_final_model_at_its_threshold(blimp_run, blimp_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -569,6 +570,7 @@ def test_a_run_scores_every_pair_with_its_final_model_at_its_threshold(blimp_run
     assert f"BLiMP: {2 * len(predictions.uids)} sentences scored" in result.stderr
 
 
+@pytest.mark.xdist_group("blimp-run")
 def test_an_evaluation_only_run_scores_the_same_and_cola_compare_tests_the_two(blimp_run, blimp_dir, tmp_path):
     from cola_hf.cli.compare import main as compare_main
 

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import error_line, synthetic_rows, write_cola_dir
+from conftest import error_line, synthetic_rows
 from launching import REPO, SCRIPT, offline_env, run_cola, run_here
 
 from cola_hf.config import parse_args
@@ -251,9 +251,8 @@ RESUME_RUN = ["--num_train_epochs", "3", "--learning_rate", "1e-2", "--global_tr
 
 
 @pytest.fixture(scope="module")
-def resume_data(tmp_path_factory) -> Path:
-    # 540 training sentences in batches of 16: 34 steps per epoch.
-    return write_cola_dir(tmp_path_factory.mktemp("resume") / "raw", train=600)
+def resume_data(cola_dir) -> Path:
+    return cola_dir  # 180 training sentences in batches of 16: 12 steps per epoch
 
 
 @pytest.fixture(scope="module")
@@ -264,6 +263,7 @@ def uninterrupted(tmp_path_factory, resume_data, tiny_model_dir) -> tuple[Path, 
     return output_dir, result
 
 
+@pytest.mark.xdist_group("reliability-resume")  # its fixtures are its own
 def test_a_checkpoint_continues_only_under_the_options_it_was_trained_with(
     tmp_path, resume_data, tiny_model_dir, uninterrupted
 ):

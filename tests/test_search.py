@@ -382,6 +382,7 @@ def test_a_search_on_a_database_url_runs_its_trials_there(tmp_path, base_args, c
     assert json.loads((tmp_path / "search" / "best" / "results.json").read_text())["config"]["search"]["n_trials"] == 2
 
 
+@pytest.mark.xdist_group("search-two-workers")  # searches in subprocesses: a group of their own
 def test_two_workers_on_one_storage_run_exactly_n_trials_between_them(tmp_path, base_args):
     space = write_sweep(
         tmp_path / "space.yaml",
@@ -402,6 +403,7 @@ def test_two_workers_on_one_storage_run_exactly_n_trials_between_them(tmp_path, 
     assert (out / "best" / "results.json").is_file()
 
 
+@pytest.mark.xdist_group("search-sigkill")
 def test_sigkill_mid_trial_then_the_same_command_fails_and_reruns_only_the_interrupted_trial(
     tmp_path, base_args, signal_hooks
 ):
@@ -456,6 +458,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.xdist_group("search-best-once")
 def test_best_is_built_once_by_the_run_phases_its_card_complete_before_any_upload(tmp_path, base_args):
     """best/: results.json written once, with its search section; the card, search section included, is written
     once and only then read for W&B's model artifact (--log_model, W&B offline)."""

@@ -225,6 +225,7 @@ def trial_states(url: str) -> list[str]:
     return [trial.state.name for trial in shared_study(url).get_trials(deepcopy=False)]
 
 
+@pytest.mark.xdist_group("postgres-three-workers")  # searches in subprocesses: a group of its own
 def test_three_workers_with_their_own_output_dirs_run_exactly_n_trials_and_build_one_best(
     tmp_path, search_args, postgres_database, monkeypatch, capsys
 ):
@@ -263,6 +264,7 @@ def test_three_workers_with_their_own_output_dirs_run_exactly_n_trials_and_build
     assert (best_dirs[0] / "results.json").stat().st_mtime_ns == built
 
 
+@pytest.mark.xdist_group("postgres-killed-worker")  # searches in subprocesses: a group of its own
 def test_a_worker_killed_mid_trial_is_noticed_by_its_heartbeat_and_its_trial_run_again(
     tmp_path, search_args, postgres_database, signal_hooks
 ):
@@ -315,6 +317,7 @@ def test_a_worker_killed_mid_trial_is_noticed_by_its_heartbeat_and_its_trial_run
     )
 
 
+@pytest.mark.xdist_group("postgres-paused-worker")  # searches in subprocesses: a group of its own
 def test_a_worker_paused_past_the_grace_period_loses_its_trial_to_another_and_goes_on(
     tmp_path, search_args, postgres_database, signal_hooks
 ):
@@ -373,6 +376,7 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_run_again(tmp_p
     assert trials[1].system_attrs["retry_history"] == [0]
 
 
+@pytest.mark.xdist_group("postgres-password")  # searches in subprocesses: a group of its own
 def test_the_storage_password_is_recorded_nowhere(tmp_path, search_args, postgres_database):
     """W&B offline writes its runs under each trial's directory and best/: they are searched too."""
     from test_tracking import no_credentials_env
@@ -460,6 +464,7 @@ def test_a_database_that_refuses_to_create_tables_is_one_line_saying_what_to_ask
     assert "guest-secret" not in err
 
 
+@pytest.mark.xdist_group("postgres-two-sweeps")  # searches in subprocesses: a group of its own
 def test_two_sweep_files_under_one_study_name_the_second_is_refused(tmp_path, search_args, postgres_database):
     """Started together: the study lock lets one create the study and record its space; the other is refused."""
     first = write_sweep(tmp_path / "first.yaml", "random", {"learning_rate": {"values": [5e-3]}})
