@@ -89,79 +89,16 @@ def error_line(stderr: str) -> str:
     return lines[0].removeprefix("cola: error: ")
 
 
-# --- how `make test` shares the suite between its two workers (--dist loadgroup) ------------------------------------
-# Each xdist_group runs whole on one worker. A test without an `xdist_group` mark is in its file's group, so that its
-# module's fixtures are built once, as under --dist loadfile. A file whose tests are long and independent (a chain
-# of launches each, or a fixture of their own) gives them groups of their own: those go first, so that the workers
-# start on the longest work and share it, and the files' groups follow in their order to fill the gaps.
-#
-# pytest-xdist 3.8 tells its scheduler a test's group by rewriting the test's node id, which pytest 9.2's node ids
-# ignore: every test would be scheduled alone, silently. So each worker writes its tests' groups to a file that the
-# scheduler below reads (and it still reads xdist's own way, where that works).
-GROUPS_DIR = "cola_xdist_groups"
-
-
-def group_of(item: pytest.Item) -> str:
-    mark = item.get_closest_marker("xdist_group")
-    return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
-
-
-def pytest_itemcollected(item: pytest.Item) -> None:
-    if item.get_closest_marker("xdist_group") is None:
-        item.add_marker(pytest.mark.xdist_group(item.path.stem))
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: group_of(item) == item.path.stem)  # stable: each file's own order is kept
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    if not hasattr(config, "workerinput") and config.getoption("dist", "no") == "loadgroup":
-        import tempfile
-
-        config.stash[GROUPS_KEY] = Path(tempfile.mkdtemp(prefix="cola-xdist-groups-"))
-
-
-GROUPS_KEY = pytest.StashKey[Path]()
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    if GROUPS_KEY in config.stash:
-        import shutil
-
-        shutil.rmtree(config.stash[GROUPS_KEY], ignore_errors=True)
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_configure_node(node) -> None:  # noqa: ANN001 (xdist's WorkerController)
-    if GROUPS_KEY in node.config.stash:
-        node.workerinput[GROUPS_DIR] = str(node.config.stash[GROUPS_KEY])
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    workerinput = getattr(session.config, "workerinput", {})
-    if GROUPS_DIR in workerinput:  # the node ids as this worker reports them to the scheduler
-        groups = {item.nodeid: group_of(item) for item in session.items}
-        path = Path(workerinput[GROUPS_DIR]) / f"{workerinput['workerid']}.json"
-        path.write_text(json.dumps(groups), encoding="utf-8")
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN001, ANN201 (xdist's types)
-    if GROUPS_KEY not in config.stash:
-        return None
-    from xdist.scheduler import LoadGroupScheduling
-
-    groups_dir, groups = config.stash[GROUPS_KEY], {}
-
-    class FileGroupScheduling(LoadGroupScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            if not groups:  # every worker has collected (and written its file) before the first call
-                for path in groups_dir.glob("*.json"):
-                    groups.update(json.loads(path.read_text(encoding="utf-8")))
-            return groups.get(nodeid) or super()._split_scope(nodeid)
-
-    return FileGroupScheduling(config, log)
+# How `make test` shares the suite between its two workers: tests/xdist_groups.py.
+from xdist_groups import (  # noqa: E402, F401 (hooks: pytest finds them by name here)
+    pytest_collection_finish,
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_configure_node,
+    pytest_itemcollected,
+    pytest_unconfigure,
+    pytest_xdist_make_scheduler,
+)
 
 
 @pytest.fixture(autouse=True)
