@@ -205,6 +205,7 @@ def cut_chain(
     log: Path,
     watched: Path | None,
     after_cut: Callable[[Cut, int], None] | None = None,
+    total_steps: int = EPOCHS * STEPS_PER_EPOCH,
 ) -> tuple[list[list], list[str]]:
     """Each cut (in the run whose directory ends with its name) in one launch of the same command, then a launch
     that must finish. `watched`: the cut run's directory, whose launches continue it (not a search's trial, which
@@ -229,7 +230,7 @@ def cut_chain(
             assert status == STOPPED or (status != 0 and "--num_processes" in argv), output[-3000:]
             # Saved where the signal came: the step under way, or the epoch's end for a validation or a save.
             assert re.search(
-                rf"^cola: stopped by SIGTERM at step {step} of \d+; saved checkpoint-{step}; "
+                rf"^cola: stopped by SIGTERM at step {step} of {total_steps}; saved checkpoint-{step}; "
                 r"run the same command to continue$",
                 output,
                 re.MULTILINE,
@@ -357,7 +358,7 @@ def test_a_search_cut_in_a_trials_second_epoch_keeps_every_trial(tmp_path, data,
     rng = random.Random(19)
     cuts = [(Cut("step", STEPS_PER_EPOCH + rng.randint(1, STEPS_PER_EPOCH - 1), rng.choice(SIGNALS)), "trial-001")]
     argv = cola_command(*flags, "--output_dir", search)
-    rows, _ = cut_chain(argv, cuts, signal_hooks, tmp_path / "cuts.log", None)
+    rows, _ = cut_chain(argv, cuts, signal_hooks, tmp_path / "cuts.log", None, total_steps=2 * STEPS_PER_EPOCH)
 
     got, expected = study_trials(search), study_trials(reference)
     assert [trial.state.name for trial in got] == ["COMPLETE", "FAIL", "COMPLETE"]
