@@ -111,6 +111,12 @@ class StopOnSignal(TrainerCallback):
         if not self.training and self.agreed():  # scoring the test sets: stop, the checkpoint is on disk
             raise self._stopped(state, during="while scoring the test sets")
 
+    def stop_if_received(self, during: str) -> None:
+        """Outside the Trainer's loops (BLiMP's scoring): stop now if any process received the signal; every
+        process must ask at the same point."""
+        if not self.training and self.agreed():
+            raise self._stopped(self.trainer.state, during=during)
+
     def _stopped(self, state: Any, checkpoint: str | None = None, during: str | None = None) -> StoppedBySignal:
         self.stopping = True
         return StoppedBySignal(
