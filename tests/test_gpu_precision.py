@@ -9,7 +9,11 @@ GPU would trigger the behaviour, torch's own report of the GPUs is patched (`tor
 
 from __future__ import annotations
 
+import gc
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +23,7 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from accelerate.utils.launch import prepare_simple_launcher_cmd_env
 from conftest import REPO, error_line
 from safetensors import safe_open
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from cola_hf.analysis import blimp_report
 from cola_hf.classify import load_classifier
@@ -48,11 +52,13 @@ def flags(model: Path, cola: Path, output_dir: Path, *extra: str) -> list[str]:
 
 
 # --- finding 1: several GPUs in one process ----------------------------------------------------------------------
-def test_one_process_that_sees_several_gpus_is_refused_in_one_line(monkeypatch, tmp_path, capsys):
+def test_one_process_that_sees_several_gpus_is_refused_in_one_line(
+    monkeypatch, tmp_path, capsys, tiny_model_dir, cola_dir
+):
     """transformers counts the GPUs it would hand to nn.DataParallel with torch.cuda.device_count()."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     output_dir = tmp_path / "run"
-    assert main(flags(tmp_path / "unread-model", tmp_path / "unread-cola", output_dir)) == 2
+    assert main(flags(tiny_model_dir, cola_dir, output_dir, "--max_steps", "1")) == 2
     line = error_line(capsys.readouterr().err)
     assert line.startswith("this process sees 4 GPUs;"), line
     assert "accelerate launch --config_file experiments/accelerate/multi_gpu.yaml" in line
@@ -170,3 +176,70 @@ def test_a_bf16_saved_model_is_evaluated_and_labels_sentences_in_float32(tmp_pat
         assert (runs["bf16"] / name).read_text() == (runs["widened"] / name).read_text(), split
     classifier = load_classifier(str(bf16_model_dir))
     assert classifier.model.dtype == torch.float32
+
+
+# --- finding 3: BLiMP over a sharded model ------------------------------------------------------------------------
+SHARDED_SCORING = """
+import sys
+
+import numpy as np
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from cola_hf import run
+from cola_hf.config import parse_args
+
+prepared = run.prepare(parse_args(sys.argv[2:]))
+model, args = prepared.trainer.model, prepared.trainer.args
+# What accelerate's FSDP config does to the model (accelerate.utils.fsdp_utils.fsdp2_prepare_model): each
+# transformer block, then the whole model, sharded in place over the processes.
+mesh = init_device_mesh("cpu", (args.world_size,))
+for block in model.bert.encoder.layer:
+    fully_shard(block, mesh=mesh)
+fully_shard(model, mesh=mesh)
+predictions = run.score_blimp(prepared)
+if args.process_index == 0:
+    np.savez(sys.argv[1], good=predictions.prob_good, bad=predictions.prob_bad)
+"""
+
+
+def test_blimp_over_a_model_sharded_on_2_processes_finishes_and_equals_1_process(
+    tmp_path, tiny_model_dir, cola_dir, blimp_dir
+):
+    """accelerate 1.16 runs its FSDP config on GPUs only (on the CPU its processes become MULTI_CPU, plain DDP), so
+    the two gloo processes shard the model with torch's `fully_shard`, the call accelerate's FSDP2 path makes."""
+    script, scores = tmp_path / "sharded.py", tmp_path / "scores.npz"
+    script.write_text(SHARDED_SCORING, encoding="utf-8")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(script), str(scores), *flags(tiny_model_dir, cola_dir, tmp_path / "run", "--use_cpu", "true"),
+            "--do_train", "false", "--blimp_source", str(blimp_dir), "--ddp_timeout", "60"]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    result = subprocess.run(argv, capture_output=True, text=True, env=environment, timeout=180)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    sentences = blimp_pairs.tokenize_blimp(blimp_pairs.read_blimp(str(blimp_dir)), tokenizer, 16)
+    one_process = acceptable_probabilities(model, sentences, pad_token_id=tokenizer.pad_token_id, progress=False)
+    sharded = np.load(scores)
+    np.testing.assert_allclose(sharded["good"], one_process[0::2], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(sharded["bad"], one_process[1::2], rtol=0, atol=1e-6)
+
+
+# --- finding 9: a finished run's model is freed -------------------------------------------------------------------
+def test_each_run_of_a_seed_study_frees_its_model_when_it_returns(tmp_path, tiny_model_dir, cola_dir):
+    """Freed by reference counting alone, as soon as the run returns: with the collector off, a model held in a
+    reference cycle would stay (on the GPU, with its optimizer state) until the collector happened to run."""
+
+    def live_models() -> int:
+        return sum(isinstance(thing, PreTrainedModel) for thing in gc.get_objects())
+
+    gc.collect()
+    before = live_models()
+    gc.disable()
+    try:
+        argv = flags(tiny_model_dir, cola_dir, tmp_path / "study", "--seeds", "1", "2", "--max_steps", "2")
+        assert main([*argv, "--use_cpu", "true"]) == 0
+        assert live_models() == before
+    finally:
+        gc.enable()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +62,9 @@ class StopOnSignal(TrainerCallback):
     """
 
     def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
+        # A proxy: the Trainer owns its callbacks, and a strong reference back would make a cycle that only the
+        # garbage collector frees, keeping a finished run's model and optimizer state (on the GPU) until it runs.
+        self.trainer = weakref.proxy(trainer)
         self.latch: SigtermLatch | None = None
         self.stopping = False
         self.training = False

@@ -21,7 +21,6 @@ from types import MethodType
 import datasets
 import numpy as np
 import torch
-from accelerate.utils import DistributedType
 from torch import nn
 from transformers import AutoModelForSequenceClassification, Trainer
 
@@ -66,11 +65,10 @@ def score_on_every_process(
 @contextlib.contextmanager
 def float32_model(trainer: Trainer) -> Iterator[nn.Module]:
     """The Trainer's model as an ordinary float32 module, its forward without accelerate's autocast, while inside."""
-    accelerator = trainer.accelerator
-    if accelerator.distributed_type == DistributedType.FSDP:
+    if _sharded(trainer.model):
         yield _full_copy(trainer)
         return
-    model = accelerator.unwrap_model(trainer.model)  # DDP's, DeepSpeed's containers
+    model = trainer.accelerator.unwrap_model(trainer.model)  # DDP's, DeepSpeed's containers
     if any(parameter.dtype != torch.float32 for parameter in model.parameters()):
         yield _own_forward(copy.deepcopy(model)).float()
         return
@@ -93,6 +91,15 @@ def _own_forward(model: nn.Module) -> nn.Module:
             function = function.__wrapped__
         model.forward = MethodType(function, model)
     return model
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether the model's weights are sharded over the processes: FSDP2 (`fully_shard`: DTensor parameters, as
+    accelerate's FSDP config makes them) or FSDP1's wrapper."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(model, FullyShardedDataParallel) or any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _full_copy(trainer: Trainer) -> nn.Module:
