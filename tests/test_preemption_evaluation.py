@@ -71,8 +71,12 @@ def sigterm_once(monkeypatch, owner: type, name: str, when=lambda: True) -> list
 
 CUTS = {
     "test sets": (transformers.Trainer, "predict", lambda: True, "while scoring the test sets"),
-    "BLiMP": (modeling_bert.BertForSequenceClassification, "forward", torch.is_inference_mode_enabled,
-              "while scoring BLiMP"),  # fmt: skip
+    "BLiMP": (
+        modeling_bert.BertForSequenceClassification,
+        "forward",
+        torch.is_inference_mode_enabled,
+        "while scoring BLiMP",
+    ),  # fmt: skip
 }
 
 

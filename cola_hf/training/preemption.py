@@ -6,7 +6,8 @@ the Trainer's own step-end checkpoints are saved (so the resumed run takes the s
 uninterrupted one), and raises `StoppedBySignal` (exit status 75): never a results.json for a half-trained
 model. A signal during validation lets the validation finish and saves right after it; one during a save stops
 on that checkpoint once it is complete; one while the test sets are scored stops at the next batch (the final
-checkpoint is already on disk). A second SIGTERM during the save changes nothing.
+checkpoint is already on disk), and so does one while BLiMP is scored. A second SIGTERM during the save changes
+nothing.
 
 Why not transformers' own `enable_jit_checkpoint`: docs/architecture.md.
 """
@@ -41,7 +42,11 @@ class SigtermLatch:
         if self.received is not None:
             return  # a second SIGTERM (Slurm, a user pressing twice) must not cut the save short
         self.received = signal.Signals(signum).name
-        logger.warning("%s received: the run stops at the next step, after saving a checkpoint", self.received)
+        logger.warning(
+            "%s received: the run stops at its next step (after saving a checkpoint) or, once trained, its next "
+            "batch of predictions",
+            self.received,
+        )
 
 
 @contextlib.contextmanager
