@@ -173,12 +173,12 @@ def score_blimp(prepared: PreparedRun) -> blimp_report.BlimpPredictions | None:
     trainer, options = prepared.trainer, prepared.options
     if prepared.blimp_source is None:
         return None
-    with trainer.args.main_process_first(desc="reading BLiMP"):  # a download, once
-        pairs = blimp_pairs.read_blimp(prepared.blimp_source, options.model.cache_dir)
-    if pairs is None:
-        return None
     tokenizer = trainer.processing_class
-    sentences = blimp_pairs.tokenize_blimp(pairs, tokenizer, options.data.max_seq_length)
+    with trainer.args.main_process_first(desc="reading BLiMP"):  # downloaded and tokenized once, into the cache
+        pairs = blimp_pairs.read_blimp(prepared.blimp_source, options.model.cache_dir)
+        if pairs is None:
+            return None
+        sentences = blimp_pairs.tokenize_blimp(pairs, tokenizer, options.data.max_seq_length)
     started = time.perf_counter()
     probabilities = score_on_every_process(
         trainer,
