@@ -87,7 +87,9 @@ def load_classifier(model: str) -> Pipeline:
     from transformers import pipeline
 
     try:
-        return pipeline("text-classification", model=model)
+        # float32 whatever the checkpoint was saved in (the pipeline's "auto" keeps a bf16 save in bf16, whose
+        # probabilities differ from the run's own predictions).
+        return pipeline("text-classification", model=model, dtype="float32")
     except (OSError, ValueError) as err:
         raise UsageError(f"--model {model}: cannot load a text-classification model ({one_line(err)})") from err
 

@@ -10,7 +10,7 @@ sentences keep distinct probabilities (float32's softmax rounds both to 1.0 from
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import datasets
 import numpy as np
@@ -35,11 +35,13 @@ def acceptable_probabilities(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
     desc: str = "Scoring",
+    before_batch: Callable[[], None] | None = None,
 ) -> np.ndarray:
     """P(acceptable) of every tokenized sentence (a dataset's `input_ids` column, or lists of ids), in order.
 
     Single sentences only: no token type ids are passed (they are all zero for one segment). `autocast_dtype`
-    (torch.bfloat16, say) runs the forward passes under autocast, as a bf16 Trainer evaluates.
+    (torch.bfloat16, say) runs the forward passes under autocast, as a bf16 Trainer evaluates. `before_batch` is
+    called before each batch: it raises to stop (a SIGTERM, say).
     """
     offsets, values = _ragged(input_ids)
     lengths = np.diff(offsets)
@@ -62,6 +64,8 @@ def acceptable_probabilities(
             tqdm(total=count, unit="sentence", desc=desc, disable=not progress) as bar,
         ):
             for start in range(0, count, batch_size):
+                if before_batch is not None:
+                    before_batch()
                 rows = order[start : start + batch_size]
                 ids, mask = _pad(offsets[rows], lengths[rows], values, pad_token_id)
                 output = model(input_ids=_to(ids, device), attention_mask=_to(mask, device))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import huggingface_hub
+import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -52,6 +53,10 @@ def load_model_and_tokenizer(
             id2label=LABELS,
             label2id={label: index for index, label in LABELS.items()},
             use_safetensors=None if trust_remote_code else True,
+            # float32 whatever the checkpoint was saved in (transformers 5 loads in the saved dtype, and
+            # DeepSpeed ZeRO saves bf16): AdamW's updates to bf16 weights round away, and evaluation would differ.
+            # Mixed precision is the Trainer's autocast over float32 weights.
+            dtype=torch.float32,
             **options,
         )
     except (OSError, ValueError) as err:  # transformers reports bad checkpoints with both
