@@ -188,7 +188,9 @@ def test_bad_sweep_file_shapes(tmp_path):
     cases = {
         "method: hyperopt\nparameters: {seed: {value: 1}}\n": "method is 'hyperopt'",
         "method: grid\nparameters: {learning_rate: {distribution: uniform, min: 0.1, max: 0.2}}\n": "finitely many",
-        "method: random\nmetric: {name: eval/loss, goal: minimize}\nparameters: {seed: {value: 1}}\n": "maximises",
+        "method: random\nmetric: {name: eval/loss, goal: maximize}\nparameters: {seed: {value: 1}}\n": "optimises",
+        "method: random\nmetric: {name: eval/accuracy}\nparameters: {seed: {value: 1}}\n": "optimises",
+        "method: random\nmetric: eval/loss\nparameters: {seed: {value: 1}}\n": "optimises",
         "method: random\nparameters: {}\n": "non-empty 'parameters'",
         "method: random\nparameters: [\n": "not valid YAML",
     }
@@ -559,3 +561,48 @@ def test_overwrite_refuses_to_delete_a_study_other_workers_are_running(tmp_path,
     err = capsys.readouterr().err
     assert "--overwrite_output_dir: study 'shared' has trials running (0); stop its workers first" in err
     assert [trial.state.name for trial in load_study(out).get_trials()] == ["RUNNING"]  # the study is still there
+
+
+def test_a_search_for_the_lowest_validation_loss_reads_that_objective_everywhere(tmp_path, base_args, cola_main):
+    """The sweep file's `metric: {name: eval/loss, goal: minimize}`: every place that scores, compares, reports or
+    resumes trials reads the one objective (a place still on validation MCC, maximised, breaks an assertion)."""
+    sweep = {"method": "grid", "metric": {"name": "eval/loss", "goal": "minimize"}}
+    parameters = {"learning_rate": {"values": [1e-7, 5e-3]}, "num_train_epochs": {"value": 2}}
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({**sweep, "parameters": parameters}))
+    out = tmp_path / "search"
+    argv = [*base_args, "--output_dir", str(out), "--search", str(space)]
+    assert cola_main(argv) == 0
+
+    study = load_study(out)
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE
+    trials = study.get_trials(deepcopy=False)
+    assert [trial.state.name for trial in trials] == ["COMPLETE", "COMPLETE"]
+    for trial in trials:
+        epochs = json.loads((out / "trials" / f"trial-{trial.number:03d}" / "results.json").read_text())["epochs"]
+        losses = [epoch["valid_loss"] for epoch in epochs]
+        assert trial.value == min(losses)  # record_trial: the lowest, not the highest, nor an MCC
+        assert trial.user_attrs["best_epoch"] == epochs[losses.index(min(losses))]["epoch"]
+        # ReportEpochs: the lowest so far after each epoch.
+        assert [trial.intermediate_values[epoch] for epoch in (1, 2)] == [losses[0], min(losses)]
+    best = min(trials, key=lambda trial: trial.value)
+    assert best.params["learning_rate"] == 5e-3 and best.value < max(trial.value for trial in trials)
+
+    # best/ holds the trial with the lowest loss, kept at its best epoch by the same metric.
+    results = json.loads((out / "best" / "results.json").read_text())
+    assert results["config"]["search"]["trial"] == best.number
+    assert results["config"]["search"]["best_valid_loss"] == best.value
+    assert results["config"]["metric_for_best_model"] == "loss" and results["config"]["greater_is_better"] is False
+    recipe = yaml.safe_load((out / "search" / "best_params.yaml").read_text())
+    assert recipe["metric_for_best_model"] == "loss" and recipe["greater_is_better"] is False
+    table = pd.read_csv(out / "search" / "trials.csv")
+    assert "best_valid_loss" in table.columns and "best_valid_mcc" not in table.columns
+    summary = json.loads((out / "search" / "summary.json").read_text())
+    assert summary["best"]["best_valid_loss"] == best.value
+    assert "lowest" in (out / "search" / "trials.md").read_text()
+
+    # The same study resumed for another objective is refused: Optuna would keep the stored direction.
+    space.write_text(
+        yaml.safe_dump({**sweep, "metric": {"name": "eval/matthews_correlation"}, "parameters": parameters})
+    )
+    assert cola_main(argv) == 2

@@ -123,12 +123,22 @@ def claim_output_dir(options: RunOptions, group: str, space: SearchSpace, storag
 
 
 def check_same_search(study: optuna.Study, space: SearchSpace, options: RunOptions) -> None:
-    """A resumed study must search the same space from the same recipe: trials of another space would mislead the
-    sampler, and trials of another base recipe (a model, a sequence length) would not be comparable."""
+    """A resumed study must search the same space from the same recipe for the same objective: trials of another
+    space would mislead the sampler, and trials of another base recipe (a model, a sequence length) or scored by
+    another objective would not be comparable."""
     searched = set(space.parameters)
     recipe = {name: value for name, value in options.trajectory().items() if name not in searched}
-    for attribute, now, what in (("space", space.fingerprint(), "space"), ("recipe", recipe, "recipe")):
-        stored = study.user_attrs.get(attribute)
+    objective = {"metric": space.objective.metric, "direction": space.objective.direction}
+    # A study recorded before studies recorded their objective: the direction Optuna stored is all there is, and
+    # Optuna keeps it whatever a resumed study is asked for.
+    unrecorded = {**objective, "direction": study.direction.name.lower()}
+    older = "space" in study.user_attrs and "objective" not in study.user_attrs
+    for attribute, now, what in (
+        ("space", space.fingerprint(), "space"),
+        ("recipe", recipe, "recipe"),
+        ("objective", objective, "objective"),
+    ):
+        stored = unrecorded if attribute == "objective" and older else study.user_attrs.get(attribute)
         if stored is None:
             study.set_user_attr(attribute, now)
         elif stored != now:
@@ -273,10 +283,13 @@ def retry_trial(study: optuna.Study, number: int) -> None:
         RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, frozen)
 
 
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The best finished trial; among equals, the first."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return max(complete, key=lambda trial: (trial.value, -trial.number), default=None)
+def best_trial(search: Search) -> FrozenTrial | None:
+    """The best finished trial by the search's objective; among equals, the first."""
+    best = None
+    for trial in search.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if best is None or search.space.objective.better(trial.value, best.value):
+            best = trial
+    return best
 
 
 # The study's record of which worker builds best/ (user attribute): {"trial", "output_dir", "host"}.
@@ -325,7 +338,7 @@ def claim_best(search: Search, best: FrozenTrial) -> Path | None:
 
 def discard_models(search: Search) -> None:
     """Keep disk bounded: only the best trial's model stays; checkpoints of trials that stopped go too."""
-    best = best_trial(search.study)
+    best = best_trial(search)
     for trial in search.study.get_trials(deepcopy=False):
         if trial.state in (TrialState.RUNNING, TrialState.WAITING):
             continue

@@ -6,8 +6,8 @@
 
 This module is a worker: it takes free slots of the study and runs trials in them (trial.py) until the study
 holds --n_trials, waits for the trials other workers still run (taking over any whose worker dies), then writes
-the reports (report.py) and, if it is the worker to, best/ (best.py). Why not `Trainer.hyperparameter_search`:
-docs/design.md.
+the reports (report.py) and, if it is the worker to, best/ (best.py). What it optimises: objective.py. Why not
+`Trainer.hyperparameter_search`: docs/architecture.md ("Why this way, and not the library's own").
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def run_search(options: RunOptions, tokenized_files: datasets.DatasetDict | None
     logger.info("This worker ran trials %s; the study holds %d", search.trials_run, len(study.get_trials()))
     with search.lock:
         discard_models(search)
-        best = best_trial(study)
+        best = best_trial(search)
         build_from = claim_best(search, best) if best is not None and study_finished(search) else None
         best_options = None if best is None else recipe_options(search, search.space.option_values(best.params))
         summary = write_reports(search, best, best_options)
@@ -95,7 +95,9 @@ def join_study(options: RunOptions, tokenized_files: datasets.DatasetDict | None
     # a study with different sweep files or recipes, one creates it and records them, and the other is refused.
     with lock, shared:
         claim_output_dir(options, group, space, storage)
-        study = optuna.create_study(study_name=group, storage=storage, direction="maximize", load_if_exists=True)
+        study = optuna.create_study(
+            study_name=group, storage=storage, direction=space.objective.direction, load_if_exists=True
+        )
         check_same_search(study, space, options)
         worker = study.user_attrs.get("workers_started", 0)
         study.set_user_attr("workers_started", worker + 1)
