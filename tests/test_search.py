@@ -446,18 +446,6 @@ def test_sigkill_mid_trial_then_the_same_command_fails_and_reruns_only_the_inter
     assert "interrupted" in result.stderr
 
 
-def test_grid_is_a_grid_search_of_the_same_mechanism(tmp_path, base_args, cola_main):
-    grid = write_sweep(
-        tmp_path / "grid.yaml", "grid", {"learning_rate": {"values": [5e-3, 2e-3]}, "num_train_epochs": {"value": 1}}
-    )
-    out = tmp_path / "grid"
-    assert cola_main([*base_args, "--output_dir", str(out), "--grid", str(grid)]) == 0
-    trials = load_study(out).get_trials()
-    assert [trial.state.name for trial in trials] == ["COMPLETE", "COMPLETE"]
-    assert sorted(trial.params["learning_rate"] for trial in trials) == [2e-3, 5e-3]  # every point, once
-    assert (out / "best" / "predictions_glue_dev.tsv").is_file()
-
-
 # Records, from inside the command's own process, every file replaced under best/ and every read of its card.
 AUDIT_HOOK = """
 import os, runpy, sys
@@ -563,21 +551,23 @@ def test_overwrite_refuses_to_delete_a_study_other_workers_are_running(tmp_path,
     assert [trial.state.name for trial in load_study(out).get_trials()] == ["RUNNING"]  # the study is still there
 
 
-def test_a_search_for_the_lowest_validation_loss_reads_that_objective_everywhere(tmp_path, base_args, cola_main):
-    """The sweep file's `metric: {name: eval/loss, goal: minimize}`: every place that scores, compares, reports or
-    resumes trials reads the one objective (a place still on validation MCC, maximised, breaks an assertion)."""
+def test_a_grid_for_the_lowest_validation_loss_reads_that_objective_everywhere(tmp_path, base_args, cola_main):
+    """--grid, the same mechanism as --search, with the sweep file's `metric: {name: eval/loss, goal: minimize}`:
+    every place that scores, compares, reports or resumes trials reads the one objective (a place still on
+    validation MCC, maximised, breaks an assertion)."""
     sweep = {"method": "grid", "metric": {"name": "eval/loss", "goal": "minimize"}}
     parameters = {"learning_rate": {"values": [1e-7, 5e-3]}, "num_train_epochs": {"value": 2}}
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({**sweep, "parameters": parameters}))
     out = tmp_path / "search"
-    argv = [*base_args, "--output_dir", str(out), "--search", str(space)]
+    argv = [*base_args, "--output_dir", str(out), "--grid", str(space)]
     assert cola_main(argv) == 0
 
     study = load_study(out)
     assert study.direction == optuna.study.StudyDirection.MINIMIZE
     trials = study.get_trials(deepcopy=False)
     assert [trial.state.name for trial in trials] == ["COMPLETE", "COMPLETE"]
+    assert sorted(trial.params["learning_rate"] for trial in trials) == [1e-7, 5e-3]  # every point, once
     for trial in trials:
         epochs = json.loads((out / "trials" / f"trial-{trial.number:03d}" / "results.json").read_text())["epochs"]
         losses = [epoch["valid_loss"] for epoch in epochs]
@@ -593,6 +583,7 @@ def test_a_search_for_the_lowest_validation_loss_reads_that_objective_everywhere
     assert results["config"]["search"]["trial"] == best.number
     assert results["config"]["search"]["best_valid_loss"] == best.value
     assert results["config"]["metric_for_best_model"] == "loss" and results["config"]["greater_is_better"] is False
+    assert (out / "best" / "predictions_glue_dev.tsv").is_file()
     recipe = yaml.safe_load((out / "search" / "best_params.yaml").read_text())
     assert recipe["metric_for_best_model"] == "loss" and recipe["greater_is_better"] is False
     table = pd.read_csv(out / "search" / "trials.csv")
