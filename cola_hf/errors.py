@@ -13,6 +13,12 @@ class UsageError(Exception):
     exit_code = 2
 
 
+class Refused(UsageError):
+    """The run may not take its output directory (a finished run there, another run holding it, a checkpoint of
+    other options or layout): the directory is left as it was, not even RUN_FAILED is written (its run did not
+    fail)."""
+
+
 class ColaDataError(UsageError):
     """A CoLA source that cannot be read; the message names the file and, where there is one, the line."""
 
