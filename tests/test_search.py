@@ -597,3 +597,30 @@ def test_a_grid_for_the_lowest_validation_loss_reads_that_objective_everywhere(t
         yaml.safe_dump({**sweep, "metric": {"name": "eval/matthews_correlation"}, "parameters": parameters})
     )
     assert cola_main(argv) == 2
+
+
+def test_a_study_recorded_before_its_objective_resumes_only_in_the_direction_it_was_created_with(tmp_path):
+    """Studies written before the objective was recorded hold their space and recipe only; Optuna keeps the direction
+    it created them with, so that is what a resumed study is checked against."""
+    from cola_hf.config import parse_args
+    from cola_hf.studies.search.study import check_same_search
+
+    options = parse_args(["--output_dir", str(tmp_path / "out")])
+    parameters = {"learning_rate": {"values": [1e-3]}}
+    for metric, refused in (
+        ({"name": "eval/matthews_correlation"}, False),
+        ({"name": "eval/loss", "goal": "minimize"}, True),
+    ):
+        path = tmp_path / "space.yaml"
+        path.write_text(yaml.safe_dump({"method": "random", "metric": metric, "parameters": parameters}))
+        space = load_space(path, make_parser())
+        study = optuna.create_study(direction="maximize")
+        study.set_user_attr("space", space.fingerprint())
+        study.set_user_attr(
+            "recipe", {key: value for key, value in options.trajectory().items() if key not in parameters}
+        )
+        if refused:
+            with pytest.raises(UsageError, match=r"searched another objective .* \(direction differ\)"):
+                check_same_search(study, space, options)
+        else:
+            check_same_search(study, space, options)
