@@ -14,9 +14,9 @@ class UsageError(Exception):
 
 
 class Refused(UsageError):
-    """The run may not take its output directory (a finished run there, another run holding it, a checkpoint of
-    other options or layout): the directory is left as it was, not even RUN_FAILED is written (its run did not
-    fail)."""
+    """Bad input found before the run takes its output directory (a finished run there, another run holding it, a
+    checkpoint of other options or layout, flags that conflict): the directory is left as it was, not even
+    RUN_FAILED is written (the run it holds did not fail)."""
 
 
 class ColaDataError(UsageError):

@@ -215,6 +215,7 @@ def test_a_refusal_never_writes_into_the_directory_it_refuses(tmp_path, cola_dir
         "other options": ([*command, "--learning_rate", "2e-3"], "holds an unfinished run with other options"),
         "other layout": ([*command, "--per_device_train_batch_size", "4"], "saved with a per-device batch of 32"),
         "evaluation only": (evaluate, "holds an unfinished training run (checkpoint-2)"),
+        "conflicting study flags": ([*command, "--seeds", "1", "--grid", "g.yaml"], "--seeds and --grid"),
     }
     finished = {
         "the same command": (command, "holds a finished run"),

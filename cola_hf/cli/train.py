@@ -108,9 +108,9 @@ def dispatch(options: RunOptions) -> RunResults | dict | None:
     check_output_dir_path(options.training.output_dir)
     study = options.study
     if study.seeds and study.grid:
-        raise UsageError("--seeds and --grid: give one or the other (a grid runs with --seed)")
+        raise Refused("--seeds and --grid: give one or the other (a grid runs with --seed)")
     if study.search and (study.seeds or study.grid):
-        raise UsageError("--search with --seeds or --grid: give one (confirm a search's best_params.yaml over seeds)")
+        raise Refused("--search with --seeds or --grid: give one (confirm a search's best_params.yaml over seeds)")
     if study.search or study.grid:
         return run_search(options)
     if study.seeds:
