@@ -158,6 +158,7 @@ def test_a_second_study_in_a_search_directory_is_refused_unless_overwritten(tmp_
     assert main([*base, "--search", str(first), "--seed", "7"]) == 2  # the same space from another recipe
     line = error_line(capsys.readouterr().err)
     assert "study 'cola-a' in this storage searched another recipe than" in line and "(seed differ)" in line
+    assert not (out / FAILED_MARKER).exists()  # refused: the search there did not fail
 
     assert main([*base, "--search", str(second), "--overwrite_output_dir", "true"]) == 0
     best = json.loads((out / "best" / "results.json").read_text())["config"]["search"]
