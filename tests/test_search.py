@@ -549,6 +549,7 @@ def test_overwrite_refuses_to_delete_a_study_other_workers_are_running(tmp_path,
     err = capsys.readouterr().err
     assert "--overwrite_output_dir: study 'shared' has trials running (0); stop its workers first" in err
     assert [trial.state.name for trial in load_study(out).get_trials()] == ["RUNNING"]  # the study is still there
+    assert not (out / "RUN_FAILED").exists()  # the search there did not fail
 
 
 def test_a_grid_for_the_lowest_validation_loss_reads_that_objective_everywhere(tmp_path, base_args, cola_main):
@@ -624,3 +625,51 @@ def test_a_study_recorded_before_its_objective_resumes_only_in_the_direction_it_
                 check_same_search(study, space, options)
         else:
             check_same_search(study, space, options)
+
+
+def test_a_search_refused_by_its_directory_writes_nothing_there(tmp_path, base_args, cola_main, capsys):
+    """Another study recorded there, the same study for another objective, a bad sweep file, a storage it cannot
+    open: one line, exit 2, and the directory and its study are left as they were (no RUN_FAILED: the search that
+    is there did not fail)."""
+    parameters = {"learning_rate": {"values": [5e-3]}}
+    space = tmp_path / "loss.yaml"
+    space.write_text(
+        yaml.safe_dump(
+            {"method": "random", "metric": {"name": "eval/loss", "goal": "minimize"}, "parameters": parameters}
+        )
+    )
+    out = tmp_path / "search"
+    (out / "search").mkdir(parents=True)
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "search" / "study.journal"))
+    )
+    # A study of this directory that maximised validation MCC, recorded before studies recorded their objective.
+    study = optuna.create_study(study_name="shared", storage=storage, direction="maximize")
+    study.set_user_attr("space", load_space(space, make_parser()).fingerprint())
+    bad_sweep = write_sweep(tmp_path / "typo.yaml", "random", {"learning_rat": {"values": [5e-3]}})
+    argv = [*base_args, "--output_dir", str(out), "--n_trials", "1", "--experiment_name", "shared"]
+    cases = [
+        ([*argv, "--search", str(space)], "searched another objective than"),
+        ([*argv, "--search", str(bad_sweep)], "'learning_rat' is not an option"),
+        ([*argv, "--search", str(space), "--search_storage", "nosuch://x"], "nosuch is not supported"),
+    ]
+
+    def contents() -> dict[Path, bytes]:
+        # Locks come and go with every try; Optuna's journal gets a no-op line from create_study(load_if_exists),
+        # so the study is compared by what it holds instead.
+        kept = [path for path in out.rglob("*") if path.is_file() and "lock" not in path.name]
+        return {path: b"" if path.name == "study.journal" else path.read_bytes() for path in kept}
+
+    for command, message in cases:
+        before = contents()
+        assert cola_main(command) == 2
+        assert message in capsys.readouterr().err
+        assert contents() == before
+    assert load_study(out).user_attrs == {"space": study.user_attrs["space"]}  # nothing recorded by a refusal
+
+    # Another study recorded in the directory: refused before its record is touched.
+    (out / "search" / "study.json").write_text(json.dumps({"study": "elsewhere", "sweep": "old.yaml"}))
+    assert cola_main([*argv[:-2], "--search", str(space)]) == 2
+    assert "holds the search 'elsewhere' (old.yaml)" in capsys.readouterr().err
+    assert json.loads((out / "search" / "study.json").read_text()) == {"study": "elsewhere", "sweep": "old.yaml"}
+    assert not (out / "RUN_FAILED").exists()
