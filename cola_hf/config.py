@@ -714,6 +714,10 @@ def parse_args(argv: list[str] | None = None) -> RunOptions:
     except ValueError as err:
         # TrainingArguments checks its values (an unknown --optim, mismatched strategies) with ValueError.
         raise UsageError(" ".join(str(err).split())) from err
+    if recipes := [arg for arg in unused if arg.endswith((".yaml", ".yml")) and not arg.startswith("-")]:
+        raise UsageError(
+            f"{recipes[0]}: a recipe comes first, before the flags: experiments/cola.py RECIPE.yaml --flags"
+        )
     if unused:
         raise UsageError(f"unrecognized arguments: {' '.join(unused)} (see --help)")
     return RunOptions(*groups, recipe_file=recipe_file)

@@ -16,7 +16,7 @@ import datasets
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 DEFAULT_BATCH_SIZE = 256  # sentences per forward pass; BLiMP's are short (about 10 tokens)
 
@@ -76,23 +76,6 @@ def acceptable_probabilities(
     probabilities = np.empty(count)
     probabilities[order] = torch.softmax(sorted_logits.cpu().double(), dim=-1)[:, acceptable_index(model)].numpy()
     return probabilities
-
-
-def score_texts(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
-    *,
-    max_length: int = 128,
-    **options: object,
-) -> np.ndarray:
-    """P(acceptable) of every sentence, in order: one batched tokenizer call, then `acceptable_probabilities`."""
-    if not texts:  # the tokenizer refuses an empty batch
-        return np.zeros(0)
-    encoded = tokenizer(
-        list(texts), truncation=True, max_length=max_length, return_attention_mask=False, return_token_type_ids=False
-    )
-    return acceptable_probabilities(model, encoded["input_ids"], pad_token_id=tokenizer.pad_token_id, **options)
 
 
 def _ragged(input_ids: datasets.Dataset | Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
