@@ -84,10 +84,17 @@ def load_classifier(model: str) -> Pipeline:
     if not Path(model).expanduser().exists() and (model.startswith(("/", ".", "~")) or model.count("/") > 1):
         raise UsageError(f"--model {model}: no such directory")
     # Imported here: torch and transformers take seconds to load, and reading the input should fail first.
+    from safetensors import SafetensorError
     from transformers import pipeline
 
+    from cola_hf.training.model import unreadable_weights
+
     try:
-        return pipeline("text-classification", model=model)
+        # float32 whatever the checkpoint was saved in (the pipeline's "auto" keeps a bf16 save in bf16, whose
+        # probabilities differ from the run's own predictions).
+        return pipeline("text-classification", model=model, dtype="float32")
+    except SafetensorError as err:
+        raise UsageError(f"--model {model}: {unreadable_weights(model, err)}") from err
     except (OSError, ValueError) as err:
         raise UsageError(f"--model {model}: cannot load a text-classification model ({one_line(err)})") from err
 

@@ -175,14 +175,38 @@ class ColaTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        on_gpu = torch.cuda.is_available()
+        # --use_cpu on a GPU machine: pinning would open a CUDA context on GPU 0 in every process, for nothing.
+        on_gpu = torch.cuda.is_available() and not self.use_cpu
         if not on_gpu:
             self.dataloader_pin_memory = False  # pinning only helps copies to a GPU
         if self.dataloader_num_workers is None:
             self.dataloader_num_workers = 2 if on_gpu else 0
             self.dataloader_persistent_workers = on_gpu  # not restarted every epoch
+        self.adopt_launcher_precision()
         super().__post_init__()
+        if on_gpu and self.dataloader_pin_memory:
+            # From pinned memory the batch's copy to the GPU overlaps the step before it instead of waiting.
+            self.accelerator_config.non_blocking = True
+        self.refuse_data_parallel()
         self.resolve_batch_layout()
+
+    def adopt_launcher_precision(self) -> None:
+        """--bf16/--fp16 from the precision `accelerate launch` was given (its config's mixed_precision, or
+        --mixed_precision), which the Trainer computes in anyway: so that results.json, the card, W&B and the
+        checkpoint's options say how the run really trained. A flag given here wins, as it does in the Trainer."""
+        if self.fp16 or self.bf16:
+            return
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+        self.bf16, self.fp16 = launched == "bf16", launched == "fp16"
+
+    def refuse_data_parallel(self) -> None:
+        """One process that sees several GPUs: the Trainer would wrap the model in nn.DataParallel, whose per-GPU
+        item counts multiply the step's loss (and its gradients) by the number of GPUs."""
+        if self.n_gpu > 1:
+            raise UsageError(
+                f"this process sees {self.n_gpu} GPUs; train on several with `accelerate launch --config_file "
+                "experiments/accelerate/multi_gpu.yaml ...`, or on one with CUDA_VISIBLE_DEVICES=0"
+            )
 
     # ---- Global batch over processes (scale-out) ----
     def resolve_batch_layout(self) -> None:
@@ -347,8 +371,8 @@ _ROLES = {
     "pad_to_max_length": "card recipe tokenization",
     "validation_fraction": "card recipe trajectory",
     "train_sampling_strategy": "card recipe trajectory",
-    "fp16": "card",
-    "bf16": "card",
+    "fp16": "card trajectory",
+    "bf16": "card trajectory",
     "cola_source": "recipe tokenization",
     "max_train_samples": "recipe trajectory",
     "max_steps": "trajectory",
@@ -689,6 +713,10 @@ def parse_args(argv: list[str] | None = None) -> RunOptions:
     except ValueError as err:
         # TrainingArguments checks its values (an unknown --optim, mismatched strategies) with ValueError.
         raise UsageError(" ".join(str(err).split())) from err
+    if recipes := [arg for arg in unused if arg.endswith((".yaml", ".yml")) and not arg.startswith("-")]:
+        raise UsageError(
+            f"{recipes[0]}: a recipe comes first, before the flags: experiments/cola.py RECIPE.yaml --flags"
+        )
     if unused:
         raise UsageError(f"unrecognized arguments: {' '.join(unused)} (see --help)")
     return RunOptions(*groups, recipe_file=recipe_file)

@@ -13,6 +13,12 @@ class UsageError(Exception):
     exit_code = 2
 
 
+class Refused(UsageError):
+    """Bad input found before the run takes its output directory (a finished run there, another run holding it, a
+    checkpoint of other options or layout, flags that conflict): the directory is left as it was, not even
+    RUN_FAILED is written (the run it holds did not fail)."""
+
+
 class ColaDataError(UsageError):
     """A CoLA source that cannot be read; the message names the file and, where there is one, the line."""
 

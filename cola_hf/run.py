@@ -39,10 +39,10 @@ from cola_hf.integrations import hub, tracking
 from cola_hf.predictions_tsv import predictions_file, write_predictions
 from cola_hf.redaction import redact_argv
 from cola_hf.results import TEST_SPLITS, RunResults
-from cola_hf.training.inference import acceptable_probabilities
 from cola_hf.training.model import load_model
 from cola_hf.training.output_dir import hold_output_dir, prepare_output_dir
 from cola_hf.training.preemption import catching_sigterm
+from cola_hf.training.scoring import score_on_every_process
 from cola_hf.training.trainer import TutorialTrainer, build_trainer, epoch_table, predict_split
 
 logger = logging.getLogger("cola")
@@ -167,26 +167,29 @@ def evaluate(prepared: PreparedRun) -> Evaluation:
 
 
 def score_blimp(prepared: PreparedRun) -> blimp_report.BlimpPredictions | None:
-    """P(acceptable) of both sentences of every BLiMP pair, on the main process only: the others would repeat
-    its work. None without BLiMP (`none`, or offline: read_blimp has said how to point at a copy)."""
+    """P(acceptable) of both sentences of every BLiMP pair, in float32, every process scoring a share; the pairs'
+    predictions on the main process, None on the others. None without BLiMP (`none`, or offline: read_blimp has
+    said how to point at a copy)."""
     trainer, options = prepared.trainer, prepared.options
-    if prepared.blimp_source is None or not trainer.is_world_process_zero():
-        return None
-    pairs = blimp_pairs.read_blimp(prepared.blimp_source, options.model.cache_dir)
-    if pairs is None:
+    if prepared.blimp_source is None:
         return None
     tokenizer = trainer.processing_class
-    sentences = blimp_pairs.tokenize_blimp(pairs, tokenizer, options.data.max_seq_length)
+    with trainer.args.main_process_first(desc="reading BLiMP"):  # downloaded and tokenized once, into the cache
+        pairs = blimp_pairs.read_blimp(prepared.blimp_source, options.model.cache_dir)
+        if pairs is None:
+            return None
+        sentences = blimp_pairs.tokenize_blimp(pairs, tokenizer, options.data.max_seq_length)
     started = time.perf_counter()
-    # In float32 even under --bf16 / --fp16: a pair is judged by the difference of two often close probabilities,
-    # and half precision's logits (steps of 1/64 near 3 in bf16) would round many pairs into ties, counted wrong.
-    probabilities = acceptable_probabilities(
-        trainer.model,
+    probabilities = score_on_every_process(
+        trainer,
         sentences,
         pad_token_id=tokenizer.pad_token_id,
         progress=not options.training.disable_tqdm,
         desc="Scoring BLiMP",
+        before_batch=lambda: trainer.stop_on_signal.stop_if_received("while scoring BLiMP"),
     )
+    if probabilities is None:
+        return None
     seconds = time.perf_counter() - started
     logger.info(
         "BLiMP: %d sentences scored in %.1f s (%.0f a second)", len(sentences), seconds, len(sentences) / seconds

@@ -89,9 +89,9 @@ def write_annotations(directory: Path, rows: list[tuple], features: dict[str, li
 def real_run(cola_zip, tmp_path_factory) -> Path:
     """Seeded random predictions over the real validation split and test sets, written by the run's writer."""
     datasets.disable_progress_bars()
-    from cola_hf.data.cola import load_cola
+    from cola_hf.data.cola import read_cola, split_cola
 
-    splits = load_cola(str(cola_zip), 0.1, 42)
+    splits = split_cola(read_cola(str(cola_zip)), 0.1, 42)
     run_dir = tmp_path_factory.mktemp("real-run")
     for seed, split in enumerate(("validation", "out_of_domain_dev", "in_domain_dev")):
         write_split(run_dir, split, splits[split], random_probabilities(splits[split]["label"], seed))

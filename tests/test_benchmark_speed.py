@@ -100,10 +100,12 @@ def test_package_flags_switch_a_lever_off(speed_report, tiny_model_dir, cola_dir
 def grouped_data(tiny_model_dir, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from cola_hf.data.cola import load_cola, tokenize_cola
+    from cola_hf.data.cola import read_cola, split_cola, tokenize_cola
 
     # 360 training sentences: enough for mega-batches of 2 batches, so grouping actually reorders across batches.
-    raw = load_cola(str(write_cola_dir(tmp_path_factory.mktemp("cola-grouped") / "raw", train=400)), 0.1, 42)
+    raw = split_cola(
+        read_cola(str(write_cola_dir(tmp_path_factory.mktemp("cola-grouped") / "raw", train=400))), 0.1, 42
+    )
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     return tokenize_cola(raw, tokenizer), tokenizer
 

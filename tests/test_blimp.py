@@ -35,7 +35,7 @@ from cola_hf.config import parse_args
 from cola_hf.data import blimp_pairs as blimp
 from cola_hf.data.sources import BLIMP_URL
 from cola_hf.errors import UsageError
-from cola_hf.training.inference import acceptable_probabilities, score_texts
+from cola_hf.training.inference import acceptable_probabilities
 
 
 def zip_dir(directory: Path, path: Path) -> Path:
@@ -240,15 +240,15 @@ def test_scoring_leaves_the_model_as_it_was_and_reads_the_acceptable_label(tiny_
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
-    texts = ["the cat saw the book.", "book the saw cat the.", "she liked it."]
+    input_ids = tokenizer(["the cat saw the book.", "book the saw cat the.", "she liked it."])["input_ids"]
     model.train()
-    scores = score_texts(model, tokenizer, texts, progress=False)
+    scores = acceptable_probabilities(model, input_ids, progress=False)
     assert model.training
     swapped = AutoModelForSequenceClassification.from_pretrained(
         tiny_model_dir, id2label={0: "acceptable", 1: "unacceptable"}, label2id={"acceptable": 0, "unacceptable": 1}
     )
-    np.testing.assert_allclose(score_texts(swapped, tokenizer, texts, progress=False), 1 - scores, atol=1e-9)
-    assert score_texts(model, tokenizer, [], progress=False).shape == (0,)
+    np.testing.assert_allclose(acceptable_probabilities(swapped, input_ids, progress=False), 1 - scores, atol=1e-9)
+    assert acceptable_probabilities(model, [], progress=False).shape == (0,)
 
 
 # --- predictions_blimp.tsv and blimp.json ---------------------------------------------------------------------

@@ -5,12 +5,12 @@ import zipfile
 import pytest
 from conftest import synthetic_rows, write_cola_dir, write_tsv
 
-from cola_hf.data.cola import RAW_FILES, load_cola, read_cola, read_cola_tsv, split_cola, tokenize_cola
+from cola_hf.data.cola import RAW_FILES, read_cola, read_cola_tsv, split_cola, tokenize_cola
 from cola_hf.errors import ColaDataError
 
 
 def test_real_release_splits_like_the_tutorial(cola_zip):
-    splits = load_cola(str(cola_zip))
+    splits = split_cola(read_cola(str(cola_zip)))
     sizes = {name: len(rows) for name, rows in splits.items()}
     assert sizes == {
         "train": 7695,
@@ -23,10 +23,10 @@ def test_real_release_splits_like_the_tutorial(cola_zip):
 
 
 def test_split_is_reproducible_and_disjoint(cola_dir):
-    first, again = load_cola(str(cola_dir), seed=7), load_cola(str(cola_dir), seed=7)
+    first, again = split_cola(read_cola(str(cola_dir)), seed=7), split_cola(read_cola(str(cola_dir)), seed=7)
     assert first["validation"]["sentence"] == again["validation"]["sentence"]
     assert len(first["train"]) + len(first["validation"]) == 200
-    other = load_cola(str(cola_dir), seed=8)
+    other = split_cola(read_cola(str(cola_dir)), seed=8)
     assert other["validation"]["sentence"] != first["validation"]["sentence"]
 
 
@@ -35,7 +35,7 @@ def test_zip_and_directory_sources_agree(tmp_path, cola_dir):
     with zipfile.ZipFile(archive, "w") as handle:
         for name in RAW_FILES.values():
             handle.write(cola_dir / name, f"cola_public/raw/{name}")
-    from_zip, from_dir = load_cola(str(archive)), load_cola(str(cola_dir))
+    from_zip, from_dir = split_cola(read_cola(str(archive))), split_cola(read_cola(str(cola_dir)))
     assert from_zip["glue_dev"]["sentence"] == from_dir["glue_dev"]["sentence"]
 
 
@@ -77,14 +77,14 @@ def test_bad_line_is_named_with_file_and_line(tmp_path, second_line, message):
 
 def test_missing_source_and_incomplete_directory(tmp_path):
     with pytest.raises(ColaDataError, match=r"nowhere\.zip: no such file or directory"):
-        load_cola(str(tmp_path / "nowhere.zip"))
+        read_cola(str(tmp_path / "nowhere.zip"))
     write_tsv(tmp_path / "in_domain_train.tsv", synthetic_rows(5, seed=0))
     with pytest.raises(ColaDataError, match="expected in_domain_train.tsv"):
-        load_cola(str(tmp_path))
+        read_cola(str(tmp_path))
     not_a_zip = tmp_path / "cola.zip"
     not_a_zip.write_text("hello")
     with pytest.raises(ColaDataError, match="not a zip file"):
-        load_cola(str(not_a_zip))
+        read_cola(str(not_a_zip))
 
 
 def test_tokenize_dynamic_and_fixed_padding(tmp_path, tiny_model_dir):
@@ -101,7 +101,7 @@ def test_tokenize_dynamic_and_fixed_padding(tmp_path, tiny_model_dir):
     assert fixed["train"]["length"] == [sum(mask) for mask in fixed["train"]["attention_mask"]]
     assert dynamic["train"]["length"] == [len(ids) for ids in dynamic["train"]["input_ids"]]
     # Tokenized whole, then split: the same rows as splitting the raw file.
-    assert dynamic["validation"]["sentence"] == load_cola(str(tmp_path / "raw"))["validation"]["sentence"]
+    assert dynamic["validation"]["sentence"] == split_cola(read_cola(str(tmp_path / "raw")))["validation"]["sentence"]
 
     # Dynamic rows carry no attention mask; the collator's batches equal the tokenizer's own padded batch.
     assert "attention_mask" not in dynamic["train"].column_names

@@ -33,7 +33,7 @@ from transformers import (
 )
 
 from cola_hf.config import parse_args
-from cola_hf.data.cola import load_cola, tokenize_cola
+from cola_hf.data.cola import read_cola, split_cola, tokenize_cola
 from cola_hf.training.trainer import TutorialTrainer
 
 EPOCHS = 3
@@ -48,7 +48,7 @@ def fresh_model(model_dir, dropout: bool = False):
 
 def training_set(model_dir, cola_dir, sentences: int):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return tokenize_cola(load_cola(str(cola_dir)), tokenizer)["train"].select(range(sentences)), tokenizer
+    return tokenize_cola(split_cola(read_cola(str(cola_dir))), tokenizer)["train"].select(range(sentences)), tokenizer
 
 
 class RecordingTrainer(TutorialTrainer):

@@ -158,6 +158,7 @@ def test_a_second_study_in_a_search_directory_is_refused_unless_overwritten(tmp_
     assert main([*base, "--search", str(first), "--seed", "7"]) == 2  # the same space from another recipe
     line = error_line(capsys.readouterr().err)
     assert "study 'cola-a' in this storage searched another recipe than" in line and "(seed differ)" in line
+    assert not (out / FAILED_MARKER).exists()  # refused: the search there did not fail
 
     assert main([*base, "--search", str(second), "--overwrite_output_dir", "true"]) == 0
     best = json.loads((out / "best" / "results.json").read_text())["config"]["search"]
@@ -184,3 +185,116 @@ def test_an_unforeseen_error_is_one_line_with_its_traceback_in_the_run_directory
     assert line.endswith(f"the traceback is in {output_dir / ERROR_LOG} (--debug shows it here)")
     assert "Traceback (most recent call last)" in (output_dir / ERROR_LOG).read_text()
     assert (output_dir / FAILED_MARKER).read_text().strip() == line
+
+
+# --- a refused directory is left exactly as it was ------------------------------------------------------------
+def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `directory`: its size and modification time."""
+    return {
+        str(path.relative_to(directory)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_a_refusal_never_writes_into_the_directory_it_refuses(tmp_path, cola_dir, tiny_model_dir, capsys):
+    """Every refusal of an output directory, unfinished run and finished one: exit 2, one line, and not a file
+    added, removed or changed there (no RUN_FAILED: the run it holds did not fail)."""
+    import shutil
+
+    from cola_hf.training.output_dir import hold_output_dir
+
+    output_dir = tmp_path / "run"
+    steps = ["--num_train_epochs", "2", "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"]
+    command = training(output_dir, cola_dir, tiny_model_dir, *steps)
+    assert main(command) == 0
+    results = (output_dir / "results.json").read_bytes()
+    (output_dir / "results.json").unlink()  # as a run stopped after its checkpoint leaves it
+    evaluate = ["--do_train", "false", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(output_dir)]
+    evaluate += ["--cola_source", str(cola_dir), *QUICK]
+    unfinished = {
+        "other options": ([*command, "--learning_rate", "2e-3"], "holds an unfinished run with other options"),
+        "other layout": ([*command, "--per_device_train_batch_size", "4"], "saved with a per-device batch of 32"),
+        "evaluation only": (evaluate, "holds an unfinished training run (checkpoint-2)"),
+        "conflicting study flags": ([*command, "--seeds", "1", "--grid", "g.yaml"], "--seeds and --grid"),
+    }
+    finished = {
+        "the same command": (command, "holds a finished run"),
+        "--resume without a checkpoint": (
+            [*command, "--resume", "true", "--save_total_limit", "1"],
+            "--resume given, but it holds no complete checkpoint",
+        ),
+        "evaluation only": ([*evaluate, "--overwrite_output_dir", "true"], "holds a finished training run"),
+        "conflicting study flags": ([*command, "--seeds", "1", "--grid", "g.yaml"], "--seeds and --grid"),
+    }
+
+    def refused(cases: dict) -> None:
+        for case, (argv, message) in cases.items():
+            before = snapshot(output_dir)
+            capsys.readouterr()
+            assert main(argv) == 2, case
+            assert message in error_line(capsys.readouterr().err), case
+            assert snapshot(output_dir) == before, case
+
+    # A checkpoint cut short while saving: the run's own command removes it, a refusal leaves it.
+    (output_dir / "checkpoint-3").mkdir()
+    (output_dir / "checkpoint-3" / "model.safetensors").write_bytes(b"cut")
+    refused(unfinished)
+    with hold_output_dir(output_dir):  # another run holds it
+        refused({"in use": (command, "in use by another run")})
+    for checkpoint in output_dir.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    (output_dir / "results.json").write_bytes(results)  # finished, keeping no checkpoint
+    refused(finished)
+    assert not (output_dir / FAILED_MARKER).exists()
+
+
+# --- a path or a file that cannot be what it should -------------------------------------------------------------
+def test_an_output_dir_that_is_a_file_is_one_line_naming_it(tmp_path, cola_dir, tiny_model_dir, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for output_dir, study in (
+        (a_file, []),
+        (a_file / "run", []),
+        (a_file, ["--seeds", "1", "2"]),
+        (a_file, ["--search", str(write_sweep(tmp_path / "s.yaml", [1e-3])), "--n_trials", "1"]),
+    ):
+        capsys.readouterr()
+        assert main([*training(output_dir, cola_dir, tiny_model_dir), *study]) == 2
+        line = error_line(capsys.readouterr().err)
+        assert line.startswith(f"--output_dir {output_dir}: not a directory"), line
+        assert a_file.read_text() == "mine"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt", "s.yaml"]
+
+
+@pytest.mark.parametrize("kept", [0.5, 0.001], ids=["half", "header cut"])
+def test_a_truncated_weights_file_is_one_line_naming_it(kept, tmp_path, cola_dir, tiny_model_dir, capsys):
+    import shutil
+
+    from cola_hf.cli.predict import main as predict_main
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: int(weights.stat().st_size * kept)])
+    assert main(training(tmp_path / "run", cola_dir, model_dir)) == 2
+    assert error_line(capsys.readouterr().err).startswith(f"{weights} is damaged or incomplete")
+    assert predict_main(["--model", str(model_dir), "Mary saw it."]) == 2
+    err = capsys.readouterr().err
+    assert f"--model {model_dir}: {weights} is damaged or incomplete" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_recipe_after_the_flags_is_told_to_come_first(tmp_path, capsys):
+    recipe = str(Path(__file__).parents[1] / "experiments" / "recipes" / "tutorial.yaml")
+    for argv in (
+        ["--seed", "3", recipe],
+        ["--seed", "3", recipe, "--learning_rate", "1e-3"],
+        ["--output_dir", str(tmp_path), "my.yml"],
+    ):
+        capsys.readouterr()
+        assert main(argv) == 2
+        assert error_line(capsys.readouterr().err) == (
+            f"{argv[2]}: a recipe comes first, before the flags: experiments/cola.py RECIPE.yaml --flags"
+        )
+    assert not any(tmp_path.iterdir())

@@ -186,7 +186,9 @@ def test_bad_sweep_file_shapes(tmp_path):
     cases = {
         "method: hyperopt\nparameters: {seed: {value: 1}}\n": "method is 'hyperopt'",
         "method: grid\nparameters: {learning_rate: {distribution: uniform, min: 0.1, max: 0.2}}\n": "finitely many",
-        "method: random\nmetric: {name: eval/loss, goal: minimize}\nparameters: {seed: {value: 1}}\n": "maximises",
+        "method: random\nmetric: {name: eval/loss, goal: maximize}\nparameters: {seed: {value: 1}}\n": "optimises",
+        "method: random\nmetric: {name: eval/accuracy}\nparameters: {seed: {value: 1}}\n": "optimises",
+        "method: random\nmetric: eval/loss\nparameters: {seed: {value: 1}}\n": "optimises",
         "method: random\nparameters: {}\n": "non-empty 'parameters'",
         "method: random\nparameters: [\n": "not valid YAML",
     }
@@ -431,18 +433,6 @@ def test_sigkill_mid_trial_then_the_same_command_fails_and_reruns_only_the_inter
     assert "interrupted" in result.stderr
 
 
-def test_grid_is_a_grid_search_of_the_same_mechanism(tmp_path, base_args, cola_main):
-    grid = write_sweep(
-        tmp_path / "grid.yaml", "grid", {"learning_rate": {"values": [5e-3, 2e-3]}, "num_train_epochs": {"value": 1}}
-    )
-    out = tmp_path / "grid"
-    assert cola_main([*base_args, "--output_dir", str(out), "--grid", str(grid)]) == 0
-    trials = load_study(out).get_trials()
-    assert [trial.state.name for trial in trials] == ["COMPLETE", "COMPLETE"]
-    assert sorted(trial.params["learning_rate"] for trial in trials) == [2e-3, 5e-3]  # every point, once
-    assert (out / "best" / "predictions_glue_dev.tsv").is_file()
-
-
 # Records, from inside the command's own process, every file replaced under best/ and every read of its card.
 AUDIT_HOOK = """
 import os, runpy, sys
@@ -547,3 +537,127 @@ def test_overwrite_refuses_to_delete_a_study_other_workers_are_running(tmp_path,
     err = capsys.readouterr().err
     assert "--overwrite_output_dir: study 'shared' has trials running (0); stop its workers first" in err
     assert [trial.state.name for trial in load_study(out).get_trials()] == ["RUNNING"]  # the study is still there
+    assert not (out / "RUN_FAILED").exists()  # the search there did not fail
+
+
+def test_a_grid_for_the_lowest_validation_loss_reads_that_objective_everywhere(tmp_path, base_args, cola_main):
+    """--grid, the same mechanism as --search, with the sweep file's `metric: {name: eval/loss, goal: minimize}`:
+    every place that scores, compares, reports or resumes trials reads the one objective (a place still on
+    validation MCC, maximised, breaks an assertion)."""
+    sweep = {"method": "grid", "metric": {"name": "eval/loss", "goal": "minimize"}}
+    parameters = {"learning_rate": {"values": [1e-7, 5e-3]}, "num_train_epochs": {"value": 2}}
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({**sweep, "parameters": parameters}))
+    out = tmp_path / "search"
+    argv = [*base_args, "--output_dir", str(out), "--grid", str(space)]
+    assert cola_main(argv) == 0
+
+    study = load_study(out)
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE
+    trials = study.get_trials(deepcopy=False)
+    assert [trial.state.name for trial in trials] == ["COMPLETE", "COMPLETE"]
+    assert sorted(trial.params["learning_rate"] for trial in trials) == [1e-7, 5e-3]  # every point, once
+    for trial in trials:
+        epochs = json.loads((out / "trials" / f"trial-{trial.number:03d}" / "results.json").read_text())["epochs"]
+        losses = [epoch["valid_loss"] for epoch in epochs]
+        assert trial.value == min(losses)  # record_trial: the lowest, not the highest, nor an MCC
+        assert trial.user_attrs["best_epoch"] == epochs[losses.index(min(losses))]["epoch"]
+        # ReportEpochs: the lowest so far after each epoch.
+        assert [trial.intermediate_values[epoch] for epoch in (1, 2)] == [losses[0], min(losses)]
+    best = min(trials, key=lambda trial: trial.value)
+    assert best.params["learning_rate"] == 5e-3 and best.value < max(trial.value for trial in trials)
+
+    # best/ holds the trial with the lowest loss, kept at its best epoch by the same metric.
+    results = json.loads((out / "best" / "results.json").read_text())
+    assert results["config"]["search"]["trial"] == best.number
+    assert results["config"]["search"]["best_valid_loss"] == best.value
+    assert results["config"]["metric_for_best_model"] == "loss" and results["config"]["greater_is_better"] is False
+    assert (out / "best" / "predictions_glue_dev.tsv").is_file()
+    recipe = yaml.safe_load((out / "search" / "best_params.yaml").read_text())
+    assert recipe["metric_for_best_model"] == "loss" and recipe["greater_is_better"] is False
+    table = pd.read_csv(out / "search" / "trials.csv")
+    assert "best_valid_loss" in table.columns and "best_valid_mcc" not in table.columns
+    summary = json.loads((out / "search" / "summary.json").read_text())
+    assert summary["best"]["best_valid_loss"] == best.value
+    assert "lowest" in (out / "search" / "trials.md").read_text()
+
+    # The same study resumed for another objective is refused: Optuna would keep the stored direction.
+    space.write_text(
+        yaml.safe_dump({**sweep, "metric": {"name": "eval/matthews_correlation"}, "parameters": parameters})
+    )
+    assert cola_main(argv) == 2
+
+
+def test_a_study_recorded_before_its_objective_resumes_only_in_the_direction_it_was_created_with(tmp_path):
+    """Studies written before the objective was recorded hold their space and recipe only; Optuna keeps the direction
+    it created them with, so that is what a resumed study is checked against."""
+    from cola_hf.config import parse_args
+    from cola_hf.studies.search.study import check_same_search
+
+    options = parse_args(["--output_dir", str(tmp_path / "out")])
+    parameters = {"learning_rate": {"values": [1e-3]}}
+    for metric, refused in (
+        ({"name": "eval/matthews_correlation"}, False),
+        ({"name": "eval/loss", "goal": "minimize"}, True),
+    ):
+        path = tmp_path / "space.yaml"
+        path.write_text(yaml.safe_dump({"method": "random", "metric": metric, "parameters": parameters}))
+        space = load_space(path, make_parser())
+        study = optuna.create_study(direction="maximize")
+        study.set_user_attr("space", space.fingerprint())
+        study.set_user_attr(
+            "recipe", {key: value for key, value in options.trajectory().items() if key not in parameters}
+        )
+        if refused:
+            with pytest.raises(UsageError, match=r"searched another objective .* \(direction differ\)"):
+                check_same_search(study, space, options)
+        else:
+            check_same_search(study, space, options)
+
+
+def test_a_search_refused_by_its_directory_writes_nothing_there(tmp_path, base_args, cola_main, capsys):
+    """Another study recorded there, the same study for another objective, a bad sweep file, a storage it cannot
+    open: one line, exit 2, and the directory and its study are left as they were (no RUN_FAILED: the search that
+    is there did not fail)."""
+    parameters = {"learning_rate": {"values": [5e-3]}}
+    space = tmp_path / "loss.yaml"
+    space.write_text(
+        yaml.safe_dump(
+            {"method": "random", "metric": {"name": "eval/loss", "goal": "minimize"}, "parameters": parameters}
+        )
+    )
+    out = tmp_path / "search"
+    (out / "search").mkdir(parents=True)
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "search" / "study.journal"))
+    )
+    # A study of this directory that maximised validation MCC, recorded before studies recorded their objective.
+    study = optuna.create_study(study_name="shared", storage=storage, direction="maximize")
+    study.set_user_attr("space", load_space(space, make_parser()).fingerprint())
+    bad_sweep = write_sweep(tmp_path / "typo.yaml", "random", {"learning_rat": {"values": [5e-3]}})
+    argv = [*base_args, "--output_dir", str(out), "--n_trials", "1", "--experiment_name", "shared"]
+    cases = [
+        ([*argv, "--search", str(space)], "searched another objective than"),
+        ([*argv, "--search", str(bad_sweep)], "'learning_rat' is not an option"),
+        ([*argv, "--search", str(space), "--search_storage", "nosuch://x"], "nosuch is not supported"),
+    ]
+
+    def contents() -> dict[Path, bytes]:
+        # Locks come and go with every try; Optuna's journal gets a no-op line from create_study(load_if_exists),
+        # so the study is compared by what it holds instead.
+        kept = [path for path in out.rglob("*") if path.is_file() and "lock" not in path.name]
+        return {path: b"" if path.name == "study.journal" else path.read_bytes() for path in kept}
+
+    for command, message in cases:
+        before = contents()
+        assert cola_main(command) == 2
+        assert message in capsys.readouterr().err
+        assert contents() == before
+    assert load_study(out).user_attrs == {"space": study.user_attrs["space"]}  # nothing recorded by a refusal
+
+    # Another study recorded in the directory: refused before its record is touched.
+    (out / "search" / "study.json").write_text(json.dumps({"study": "elsewhere", "sweep": "old.yaml"}))
+    assert cola_main([*argv[:-2], "--search", str(space)]) == 2
+    assert "holds the search 'elsewhere' (old.yaml)" in capsys.readouterr().err
+    assert json.loads((out / "search" / "study.json").read_text()) == {"study": "elsewhere", "sweep": "old.yaml"}
+    assert not (out / "RUN_FAILED").exists()

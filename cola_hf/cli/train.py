@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 import transformers
 
 from cola_hf.config import RunOptions, parse_args
-from cola_hf.errors import HubPushError, RunFailed, StoppedBySignal, UsageError, one_line
+from cola_hf.errors import HubPushError, Refused, RunFailed, StoppedBySignal, UsageError, one_line
 from cola_hf.integrations import hub
 from cola_hf.redaction import install_on, redact_argv, redact_text
 from cola_hf.run_files import ERROR_LOG
-from cola_hf.training.output_dir import mark_failed
+from cola_hf.training.output_dir import check_output_dir_path, is_finished, mark_failed
 
 if TYPE_CHECKING:
     from cola_hf.results import RunResults
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, RunFailed) as err:
         if debug:
             raise
-        if (output_dir := run_directory(options)) is not None:
+        if not isinstance(err, Refused) and (output_dir := run_directory(options)) is not None:
             mark_failed(output_dir, redact_text(str(err)))
         print(f"cola: error: {redact_text(str(err))}", file=sys.stderr)
         return err.exit_code
@@ -73,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_directory(options: RunOptions | None) -> str | None:
-    """The run's output directory, where it exists and this process writes it; else None."""
+    """The run's output directory, where it exists, this process writes it and it holds no finished run (a later
+    command's error is not that run's failure); else None."""
     args = options.training if options is not None else None
-    if args is not None and args.should_save and Path(args.output_dir).is_dir():
+    if args is not None and args.should_save and Path(args.output_dir).is_dir() and not is_finished(args.output_dir):
         return args.output_dir
     return None
 
@@ -102,11 +103,12 @@ def train(recipe: str | Path | None = None, **options: Any) -> RunResults | dict
 
 def dispatch(options: RunOptions) -> RunResults | dict | None:
     """One run, a seed study or a search (a grid is a search), as the study flags say."""
+    check_output_dir_path(options.training.output_dir)
     study = options.study
     if study.seeds and study.grid:
-        raise UsageError("--seeds and --grid: give one or the other (a grid runs with --seed)")
+        raise Refused("--seeds and --grid: give one or the other (a grid runs with --seed)")
     if study.search and (study.seeds or study.grid):
-        raise UsageError("--search with --seeds or --grid: give one (confirm a search's best_params.yaml over seeds)")
+        raise Refused("--search with --seeds or --grid: give one (confirm a search's best_params.yaml over seeds)")
     # The run and the studies are imported here, not above: with datasets, the Trainer, evaluate and Optuna they
     # take seconds to import, which --help and a refused option never need.
     from cola_hf.run import run

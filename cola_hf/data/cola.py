@@ -165,13 +165,6 @@ def split_cola(files: datasets.DatasetDict, validation_fraction: float = 0.1, se
     )
 
 
-def load_cola(
-    source: str, validation_fraction: float = 0.1, seed: int = 42, cache_dir: str | None = None
-) -> datasets.DatasetDict:
-    """The raw splits of split_cola, read from a zip, URL or directory."""
-    return split_cola(read_cola(source, cache_dir), validation_fraction, seed)
-
-
 def tokenize_cola(
     raw: datasets.DatasetDict,
     tokenizer: PreTrainedTokenizerBase,

@@ -10,13 +10,13 @@ sentences keep distinct probabilities (float32's softmax rounds both to 1.0 from
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import datasets
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 DEFAULT_BATCH_SIZE = 256  # sentences per forward pass; BLiMP's are short (about 10 tokens)
 
@@ -35,11 +35,13 @@ def acceptable_probabilities(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
     desc: str = "Scoring",
+    before_batch: Callable[[], None] | None = None,
 ) -> np.ndarray:
     """P(acceptable) of every tokenized sentence (a dataset's `input_ids` column, or lists of ids), in order.
 
     Single sentences only: no token type ids are passed (they are all zero for one segment). `autocast_dtype`
-    (torch.bfloat16, say) runs the forward passes under autocast, as a bf16 Trainer evaluates.
+    (torch.bfloat16, say) runs the forward passes under autocast, as a bf16 Trainer evaluates. `before_batch` is
+    called before each batch: it raises to stop (a SIGTERM, say).
     """
     offsets, values = _ragged(input_ids)
     lengths = np.diff(offsets)
@@ -62,6 +64,8 @@ def acceptable_probabilities(
             tqdm(total=count, unit="sentence", desc=desc, disable=not progress) as bar,
         ):
             for start in range(0, count, batch_size):
+                if before_batch is not None:
+                    before_batch()
                 rows = order[start : start + batch_size]
                 ids, mask = _pad(offsets[rows], lengths[rows], values, pad_token_id)
                 output = model(input_ids=_to(ids, device), attention_mask=_to(mask, device))
@@ -72,23 +76,6 @@ def acceptable_probabilities(
     probabilities = np.empty(count)
     probabilities[order] = torch.softmax(sorted_logits.cpu().double(), dim=-1)[:, acceptable_index(model)].numpy()
     return probabilities
-
-
-def score_texts(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
-    *,
-    max_length: int = 128,
-    **options: object,
-) -> np.ndarray:
-    """P(acceptable) of every sentence, in order: one batched tokenizer call, then `acceptable_probabilities`."""
-    if not texts:  # the tokenizer refuses an empty batch
-        return np.zeros(0)
-    encoded = tokenizer(
-        list(texts), truncation=True, max_length=max_length, return_attention_mask=False, return_token_type_ids=False
-    )
-    return acceptable_probabilities(model, encoded["input_ids"], pad_token_id=tokenizer.pad_token_id, **options)
 
 
 def _ragged(input_ids: datasets.Dataset | Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:

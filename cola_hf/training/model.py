@@ -1,13 +1,17 @@
 """The checkpoint to fine-tune (or evaluate): its fast tokenizer and a 2-label classifier with CoLA's labels.
 
-Bad input (a missing directory, one without config.json, a Hub id that cannot be had offline) is one line.
+Bad input (a missing directory, one without config.json, a Hub id that cannot be had offline, a weights file cut
+short) is one line.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import huggingface_hub
+import torch
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -52,8 +56,14 @@ def load_model_and_tokenizer(
             id2label=LABELS,
             label2id={label: index for index, label in LABELS.items()},
             use_safetensors=None if trust_remote_code else True,
+            # float32 whatever the checkpoint was saved in (transformers 5 loads in the saved dtype, and
+            # DeepSpeed ZeRO saves bf16): AdamW's updates to bf16 weights round away, and evaluation would differ.
+            # Mixed precision is the Trainer's autocast over float32 weights.
+            dtype=torch.float32,
             **options,
         )
+    except SafetensorError as err:
+        raise UsageError(unreadable_weights(model_name_or_path, err)) from err
     except (OSError, ValueError) as err:  # transformers reports bad checkpoints with both
         if local:
             hint = ""
@@ -69,3 +79,22 @@ def load_model_and_tokenizer(
             )
         raise UsageError(f"model '{model_name_or_path}': cannot load ({one_line(err)}){hint}") from err
     return model, tokenizer
+
+
+def unreadable_weights(model: str, err: SafetensorError) -> str:
+    """One line for a checkpoint whose safetensors file cannot be read, naming the file where it is local."""
+    damaged = [path for path in sorted(Path(model).glob("*.safetensors")) if not is_readable(path)]
+    where = f"{damaged[0]} is" if damaged else f"model '{model}': its weights are"
+    return (
+        f"{where} damaged or incomplete ({one_line(err)}): a copy or download cut short? Copy or save the "
+        "checkpoint again"
+    )
+
+
+def is_readable(path: Path) -> bool:
+    """Whether safetensors opens the file: it checks the header against the file's length."""
+    try:
+        with safe_open(str(path), framework="pt"):
+            return True
+    except (SafetensorError, OSError):
+        return False

@@ -13,6 +13,8 @@
 - One run at a time per directory: a second one stops at once, naming the holder (`hold_output_dir`).
 - An evaluation-only run never writes into a training run's directory (it would finish a run it did not train).
 - --overwrite_output_dir clears what the previous run left (`PREVIOUS_RUN_FILES`) before anything is written.
+- A directory refused (`Refused`) is left as it was: every check comes before anything is removed or
+  written, and no RUN_FAILED goes into it, so a finished run's directory never says its run failed.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 import filelock
 from transformers import TrainingArguments
 
-from cola_hf.errors import UsageError
+from cola_hf.errors import Refused, UsageError
 from cola_hf.file_io import write_json, write_text
 from cola_hf.run_files import (
     FAILED_MARKER,
@@ -48,6 +50,17 @@ from cola_hf.run_files import (
 logger = logging.getLogger(__name__)
 
 INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"  # transformers' own marker of a checkpoint being written
+
+
+def check_output_dir_path(output_dir: str | Path) -> None:
+    """An --output_dir that is, or lies under, a file: one line naming it, before anything runs."""
+    path = Path(output_dir)
+    for place in (path, *path.parents):
+        if place.exists():
+            if not place.is_dir():
+                under = "" if place == path else f" ({place} is a file)"
+                raise UsageError(f"--output_dir {output_dir}: not a directory{under}; pass a directory's path")
+            return
 
 
 def is_finished(output_dir: str | Path) -> bool:
@@ -68,13 +81,14 @@ def prepare_output_dir(
     time when given)."""
     output_dir = Path(output_dir)
     overwrite, resume = training_args.overwrite_output_dir, getattr(training_args, "resume", False)
-    checkpoint = None
+    checkpoint = newest_complete = None
     if resume or not overwrite:
-        checkpoint = latest_complete_checkpoint(output_dir, remove_incomplete=training_args.should_save)
+        # Incomplete newer ones are removed only once nothing is refused.
+        checkpoint = newest_complete = latest_complete_checkpoint(output_dir)
     if resume and checkpoint is None:
-        raise UsageError(f"{output_dir}: --resume given, but it holds no complete checkpoint-* directory")
+        raise Refused(f"{output_dir}: --resume given, but it holds no complete checkpoint-* directory")
     if is_finished(output_dir) and not (resume or overwrite):
-        raise UsageError(f"{output_dir}: holds a finished run; pass --overwrite_output_dir or another --output_dir")
+        raise Refused(f"{output_dir}: holds a finished run; pass --overwrite_output_dir or another --output_dir")
     if not training_args.do_train:
         check_not_a_training_run(output_dir)
         checkpoint = None
@@ -85,6 +99,8 @@ def prepare_output_dir(
         logger.info("%s holds an unfinished run: continuing from %s", output_dir, Path(checkpoint).name)
     if training_args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
+        if resume or not overwrite:
+            remove_incomplete_checkpoints(output_dir, newest_complete)
         if overwrite and not resume:
             clear_previous_run(output_dir)
         for stale in RUN_OUTCOME_FILES:
@@ -104,7 +120,7 @@ def check_not_a_training_run(output_dir: Path) -> None:
         held = "a finished training run"
     else:
         held = f"an unfinished training run ({Path(checkpoint).name})" if checkpoint else "a training run"
-    raise UsageError(
+    raise Refused(
         f"{output_dir}: holds {held}; an evaluation-only run (--do_train False) needs a directory of its own: "
         "pass another --output_dir"
     )
@@ -132,7 +148,7 @@ def check_same_trajectory(output_dir: Path, trajectory: dict[str, Any]) -> None:
         if name in recorded and recorded[name] != value
     ]
     if changed:
-        raise UsageError(
+        raise Refused(
             f"{output_dir}: holds an unfinished run with other options ({'; '.join(changed)}); give the same "
             "options to continue it, or --overwrite_output_dir to start over"
         )
@@ -146,7 +162,7 @@ def check_same_layout(checkpoint: Path, processes: int, per_device_batch: int) -
         return  # saved without random states (--save_only_model): nothing to continue exactly
     saved = 1 if states == ["rng_state.pth"] else len(states)
     if saved != processes:
-        raise UsageError(
+        raise Refused(
             f"{checkpoint}: saved by {saved} process{'es' if saved > 1 else ''}, and this run has {processes}; "
             f"each process continues its own random state, so it continues exactly only on {saved}: launch "
             f"{saved}, or pass --overwrite_output_dir to start over"
@@ -156,7 +172,7 @@ def check_same_layout(checkpoint: Path, processes: int, per_device_batch: int) -
     except (OSError, ValueError, KeyError):
         return
     if saved_batch is not None and saved_batch != per_device_batch:
-        raise UsageError(
+        raise Refused(
             f"{checkpoint}: saved with a per-device batch of {saved_batch}, and this run's is {per_device_batch}; "
             "dropout masks are drawn per micro-batch, so it continues exactly only with the same: pass "
             f"--per_device_train_batch_size {saved_batch}, or --overwrite_output_dir to start over"
@@ -180,7 +196,7 @@ def hold_output_dir(output_dir: str | Path, main_process: bool = True) -> Iterat
         lock.acquire(timeout=0)
     except filelock.Timeout:
         holder = _holder(output_dir)
-        raise UsageError(f"{output_dir}: in use by another run ({holder}); wait for it or stop it") from None
+        raise Refused(f"{output_dir}: in use by another run ({holder}); wait for it or stop it") from None
     holder = output_dir / HOLDER_FILE
     holder.write_text(
         json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}),
@@ -212,23 +228,13 @@ def _holder(output_dir: Path) -> str:
         return "holder unknown"
 
 
-def latest_complete_checkpoint(output_dir: str | Path, remove_incomplete: bool = False) -> str | None:
+def latest_complete_checkpoint(output_dir: str | Path) -> str | None:
     """The newest checkpoint-N whose trainer_state.json (the Trainer writes it last) is whole, else None.
 
     A run killed while saving leaves a newer checkpoint without it, or with half of it. The Trainer deletes
-    older checkpoints only once a new one is complete, so a complete one is still there. With
-    `remove_incomplete` (the main process) the incomplete ones are removed, or checkpoint rotation would later
-    keep them and delete the good one.
+    older checkpoints only once a new one is complete, so a complete one is still there.
     """
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return None
-    numbered = [
-        (int(match[1]), path)
-        for path in output_dir.iterdir()
-        if path.is_dir() and (match := re.fullmatch(r"checkpoint-(\d+)", path.name))
-    ]
-    for _, path in sorted(numbered, reverse=True):
+    for _, path in numbered_checkpoints(output_dir):
         try:
             json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
             if (path / INCOMPLETE_MARKER).exists():
@@ -236,6 +242,26 @@ def latest_complete_checkpoint(output_dir: str | Path, remove_incomplete: bool =
             return str(path)
         except (OSError, ValueError):
             logger.warning("%s is incomplete (the run stopped while saving it); resuming from an earlier one", path)
-            if remove_incomplete:
-                shutil.rmtree(path)
     return None
+
+
+def numbered_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """The checkpoint-N directories, newest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    numbered = [
+        (int(match[1]), path)
+        for path in output_dir.iterdir()
+        if path.is_dir() and (match := re.fullmatch(r"checkpoint-(\d+)", path.name))
+    ]
+    return sorted(numbered, reverse=True)
+
+
+def remove_incomplete_checkpoints(output_dir: Path, newest_complete: str | None) -> None:
+    """Remove the checkpoints newer than the newest complete one (all, if none is): left as they are, checkpoint
+    rotation would later keep them and delete the good one."""
+    kept = int(Path(newest_complete).name.split("-")[1]) if newest_complete else -1
+    for number, path in numbered_checkpoints(output_dir):
+        if number > kept:
+            shutil.rmtree(path)

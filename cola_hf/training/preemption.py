@@ -6,7 +6,8 @@ the Trainer's own step-end checkpoints are saved (so the resumed run takes the s
 uninterrupted one), and raises `StoppedBySignal` (exit status 75): never a results.json for a half-trained
 model. A signal during validation lets the validation finish and saves right after it; one during a save stops
 on that checkpoint once it is complete; one while the test sets are scored stops at the next batch (the final
-checkpoint is already on disk). A second SIGTERM during the save changes nothing.
+checkpoint is already on disk), and so does one while BLiMP is scored. A second SIGTERM during the save changes
+nothing.
 
 Why not transformers' own `enable_jit_checkpoint`: docs/architecture.md.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +42,11 @@ class SigtermLatch:
         if self.received is not None:
             return  # a second SIGTERM (Slurm, a user pressing twice) must not cut the save short
         self.received = signal.Signals(signum).name
-        logger.warning("%s received: the run stops at the next step, after saving a checkpoint", self.received)
+        logger.warning(
+            "%s received: the run stops at its next step (after saving a checkpoint) or, once trained, its next "
+            "batch of predictions",
+            self.received,
+        )
 
 
 @contextlib.contextmanager
@@ -61,7 +67,9 @@ class StopOnSignal(TrainerCallback):
     """
 
     def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
+        # A proxy: the Trainer owns its callbacks, and a strong reference back would make a cycle that only the
+        # garbage collector frees, keeping a finished run's model and optimizer state (on the GPU) until it runs.
+        self.trainer = weakref.proxy(trainer)
         self.latch: SigtermLatch | None = None
         self.stopping = False
         self.training = False
@@ -110,6 +118,12 @@ class StopOnSignal(TrainerCallback):
     def on_prediction_step(self, args, state, control, **kwargs):
         if not self.training and self.agreed():  # scoring the test sets: stop, the checkpoint is on disk
             raise self._stopped(state, during="while scoring the test sets")
+
+    def stop_if_received(self, during: str) -> None:
+        """Outside the Trainer's loops (BLiMP's scoring): stop now if any process received the signal; every
+        process must ask at the same point."""
+        if not self.training and self.agreed():
+            raise self._stopped(self.trainer.state, during=during)
 
     def _stopped(self, state: Any, checkpoint: str | None = None, during: str | None = None) -> StoppedBySignal:
         self.stopping = True

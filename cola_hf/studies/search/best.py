@@ -48,7 +48,11 @@ def finish_best(search: Search, best: FrozenTrial, trial_dir: Path) -> RunResult
         card_sections=[search_card_section(search, best)],
     )
     logger.info(
-        "Best trial %d (validation MCC %.4f): its model and test results are in %s", best.number, best.value, best_dir
+        "Best trial %d (%s %.4f): its model and test results are in %s",
+        best.number,
+        search.space.objective.label,
+        best.value,
+        best_dir,
     )
     return results
 
@@ -60,7 +64,7 @@ def search_section(search: Search, best: FrozenTrial, changes: dict[str, Any]) -
         "method": search.space.method,
         "study": search.study.study_name,
         "trial": best.number,
-        "best_valid_mcc": best.value,
+        search.space.objective.value_name: best.value,
         "best_epoch": best.user_attrs.get("best_epoch"),
         "params": changes,
         "n_trials": search.n_trials,

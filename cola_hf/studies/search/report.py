@@ -1,7 +1,7 @@
 """What a search writes for people, from the study itself (so any worker can write it, at any time):
 
 OUTPUT_DIR/search/trials.csv, trials.md     one row per trial: state as Optuna names it, parameters,
-                                            best validation MCC and its epoch, training time
+                                            best value of the objective and its epoch, training time
 OUTPUT_DIR/search/best_params.yaml          the best trial as a recipe: `experiments/cola.py FILE --seeds ...`
 OUTPUT_DIR/search/*.png                     Optuna's optimization history, parameter importances, curves
 OUTPUT_DIR/search/overhead.md               where the time went: epochs vs the search's own work
@@ -67,7 +67,11 @@ def write_reports(search: Search, best: FrozenTrial | None, best_options: RunOpt
         "states": states,
         "best": None
         if best is None
-        else {"trial": best.number, "best_valid_mcc": best.value, "params": search.space.option_values(best.params)},
+        else {
+            "trial": best.number,
+            search.space.objective.value_name: best.value,
+            "params": search.space.option_values(best.params),
+        },
         "pruning_saved_epochs": saved["epochs"],
         "pruning_saved_s": saved["seconds"],
     }
@@ -79,6 +83,7 @@ def write_reports(search: Search, best: FrozenTrial | None, best_options: RunOpt
 def trials_table(search: Search) -> pd.DataFrame:
     """One row per trial, in order: number, state (Optuna's name), each parameter, what it reached."""
     trials = search.study.get_trials(deepcopy=False)
+    value_name = search.space.objective.value_name
     rerun_as = {history[-1]: trial.number for trial in trials if (history := trial.system_attrs.get("retry_history"))}
     rows = []
     for trial in trials:
@@ -88,14 +93,14 @@ def trials_table(search: Search) -> pd.DataFrame:
                 "number": trial.number,
                 "state": trial.state.name,
                 **{name: params.get(name) for name in search.space.parameters},
-                "best_valid_mcc": reached(trial),
+                value_name: reached(trial),
                 "best_epoch": trial.user_attrs.get("best_epoch"),
                 "epochs_run": trial.user_attrs.get("epochs_run"),
                 "training_time_s": trial.user_attrs.get("training_time_s"),
                 "note": note(trial, rerun_as),
             }
         )
-    columns = ["number", "state", *search.space.parameters, "best_valid_mcc", "best_epoch", "epochs_run"]
+    columns = ["number", "state", *search.space.parameters, value_name, "best_epoch", "epochs_run"]
     return pd.DataFrame(rows, columns=[*columns, "training_time_s", "note"])
 
 
@@ -121,18 +126,20 @@ def note(trial: FrozenTrial, rerun_as: dict[int, int]) -> str:
 def trials_markdown(
     search: Search, table: pd.DataFrame, best: FrozenTrial | None, overhead: pd.DataFrame, saved: dict
 ) -> str:
+    objective = search.space.objective
     lines = [
         f"# Search {search.study.study_name}",
         "",
         f"{search.space.method} search over `{search.space.path}`, {search.n_trials} trials; objective: the best "
-        "validation MCC over a trial's epochs. States are Optuna's.",
+        f"{objective.label} over a trial's epochs ({'highest' if objective.greater_is_better else 'lowest'}). "
+        "States are Optuna's.",
         "",
         markdown_table(table),
     ]
     if best is not None:
         params = ", ".join(f"{name}={value}" for name, value in search.space.option_values(best.params).items())
         lines += [
-            f"Best: trial {best.number}, validation MCC {best.value:.4f} at epoch "
+            f"Best: trial {best.number}, {objective.label} {best.value:.4f} at epoch "
             f"{best.user_attrs.get('best_epoch')} ({params}).",
             "",
         ]
@@ -149,16 +156,17 @@ def trials_markdown(
 # --- best_params.yaml ------------------------------------------------------------------------------------------
 def write_best_params(search: Search, best: FrozenTrial, options: RunOptions, path: Path) -> None:
     """The best trial as a recipe that runs as is, its own outputs beside the search's."""
+    objective = search.space.objective
     recipe = options.recipe_values()
     recipe["output_dir"] = str(search.output_dir / "confirmation")
     header = [
         f"# The best trial of the search {search.study.study_name} ({search.space.method} over {search.space.path}):",
-        f"# trial {best.number} of {search.n_trials}, best validation MCC {best.value:.4f} at epoch "
+        f"# trial {best.number} of {search.n_trials}, best {objective.label} {best.value:.4f} at epoch "
         f"{best.user_attrs.get('best_epoch')}. Its model is in {best_dir_of(search, best)}.",
         "# Confirm it over seeds (each seed its own run, summary.md aggregates the test MCCs):",
         f"#   python experiments/cola.py {path} --seeds 42 43 44",
         "# load_best_model_at_end: the search ranked trials by their best epoch, so this recipe keeps its best",
-        "# epoch (by validation MCC) too.",
+        f"# epoch (by {objective.label}) too.",
     ]
     write_text(path, "\n".join(header) + "\n" + yaml.safe_dump(recipe, sort_keys=False))
 
@@ -174,11 +182,12 @@ def best_dir_of(search: Search, best: FrozenTrial) -> str:
 def search_card_section(search: Search, best: FrozenTrial) -> str:
     """The section of best/README.md naming the search and the parameters it chose."""
     params = search.space.option_values(best.params)
+    objective = search.space.objective
     rows = "\n".join(f"| `{name}` | `{value}` |" for name, value in params.items())
     return (
         "\n## Hyperparameter search\n\n"
         f"This model is the best of a {search.space.method} search (Optuna) of {search.n_trials} trials over "
-        f"`{search.space.path.name}`: trial {best.number}, chosen by its validation MCC "
+        f"`{search.space.path.name}`: trial {best.number}, chosen by its {objective.label} "
         f"({best.value:.4f}, at epoch {best.user_attrs.get('best_epoch')}); the test sets above were scored once, "
         "after the search. Its parameters:\n\n"
         f"| Parameter | Value |\n|---|---|\n{rows}\n\n"

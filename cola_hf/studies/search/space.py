@@ -3,7 +3,7 @@
 One file serves both `wandb agent` (with a W&B server) and the local Optuna search (`--search FILE`):
 
     method: grid | random | bayes          -> GridSampler | RandomSampler | TPESampler (study.py)
-    metric: {name: eval/matthews_correlation, goal: maximize}
+    metric: {name: eval/matthews_correlation, goal: maximize}   -> the objective (objective.py)
     parameters:
       learning_rate: {distribution: log_uniform_values, min: 1.0e-5, max: 3.0e-4}
       global_train_batch_size: {values: [16, 32]}
@@ -17,7 +17,6 @@ trial starts. A distribution Optuna cannot draw the same way is refused too, rat
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,10 +35,9 @@ from optuna.trial import Trial
 from cola_hf.config import OptionSpec, check_range, option_specs
 from cola_hf.errors import UsageError
 from cola_hf.file_io import read_yaml
+from cola_hf.studies.search.objective import VALIDATION_MCC, Objective, from_sweep
 
 METHODS = ("grid", "random", "bayes")
-# The name the Trainer's W&B callback logs our validation MCC under; the local search always maximises it.
-METRIC = "eval/matthews_correlation"
 # W&B distributions with an exact Optuna counterpart; the others (normal, beta, inv_log_uniform...) have none.
 DISTRIBUTIONS = (
     "constant",
@@ -103,6 +101,7 @@ class SearchSpace:
     path: Path
     method: str
     parameters: dict[str, Parameter]
+    objective: Objective = VALIDATION_MCC  # what the search optimises: the sweep file's `metric:`
 
     def suggest(self, trial: Trial) -> dict[str, Any]:
         """Draw every parameter for `trial`; return the options' values (converted by their types)."""
@@ -141,7 +140,7 @@ def load_space(
         raise UsageError(f"{where} method is {sweep_method!r}; expected one of {', '.join(METHODS)}")
     if method is not None and sweep_method != method:
         raise UsageError(f"{where} method is {sweep_method!r}; --grid runs a grid (use --search for the others)")
-    check_metric(path, sweep.get("metric"))
+    objective = from_sweep(path, sweep.get("metric"))
     options = option_specs(parser)
     parameters = {}
     for name, spec in sweep["parameters"].items():
@@ -150,7 +149,7 @@ def load_space(
         if options[name].roles & {"local", "unsearchable"}:  # config.OPTION_ROLES
             raise UsageError(f"{where} '{name}' cannot be searched: the search sets it for every trial")
         parameters[name] = parse_parameter(path, name, spec, options[name])
-    space = SearchSpace(path, sweep_method, parameters)
+    space = SearchSpace(path, sweep_method, parameters, objective)
     if sweep_method == "grid":
         for name, parameter in parameters.items():
             if parameter.grid_values() is None:
@@ -159,16 +158,6 @@ def load_space(
                     "('values', 'value', int_uniform or q_uniform)"
                 )
     return space
-
-
-def check_metric(path: Path, metric: Any) -> None:
-    if metric is None:
-        return
-    if not isinstance(metric, dict) or metric.get("name") != METRIC or metric.get("goal", "maximize") != "maximize":
-        raise UsageError(
-            f"{path}: metric is {json.dumps(metric)}; the search maximises validation MCC "
-            f"(metric: {{name: {METRIC}, goal: maximize}})"
-        )
 
 
 def parse_parameter(path: Path, name: str, spec: Any, option: OptionSpec) -> Parameter:

@@ -23,7 +23,7 @@ from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from cola_hf.config import RunOptions
-from cola_hf.errors import UsageError
+from cola_hf.errors import Refused
 from cola_hf.file_io import write_json
 from cola_hf.run import FilesCache
 from cola_hf.studies.search.space import SearchSpace
@@ -104,7 +104,7 @@ def claim_output_dir(options: RunOptions, group: str, space: SearchSpace, storag
             )
             if running:
                 numbers = ", ".join(str(trial.number) for trial in running)
-                raise UsageError(
+                raise Refused(
                     f"--overwrite_output_dir: study '{name}' has trials running ({numbers}); stop its workers first "
                     "(or, to join it, leave --overwrite_output_dir out)"
                 )
@@ -115,29 +115,48 @@ def claim_output_dir(options: RunOptions, group: str, space: SearchSpace, storag
             if path.name not in ("search.lock", STUDY_LOCK_FILE, JOURNAL_FILE):  # all in use by this worker
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     elif recorded is not None and recorded.get("study") != group:
-        raise UsageError(
+        raise Refused(
             f"{output_dir}: holds the search '{recorded.get('study')}' ({recorded.get('sweep')}); this one is "
             f"'{group}' ({space.path}): pass another --output_dir, or --overwrite_output_dir to replace it"
         )
-    write_json(record_path, {"study": group, "sweep": str(space.path)})
+
+
+def record_output_dir(options: RunOptions, group: str, space: SearchSpace) -> None:
+    """Record the study OUTPUT_DIR holds: once nothing refused it (claim_output_dir, check_same_search)."""
+    write_json(
+        Path(options.training.output_dir) / SEARCH_DIR / STUDY_RECORD, {"study": group, "sweep": str(space.path)}
+    )
 
 
 def check_same_search(study: optuna.Study, space: SearchSpace, options: RunOptions) -> None:
-    """A resumed study must search the same space from the same recipe: trials of another space would mislead the
-    sampler, and trials of another base recipe (a model, a sequence length) would not be comparable."""
+    """A resumed study must search the same space from the same recipe for the same objective: trials of another
+    space would mislead the sampler, and trials of another base recipe (a model, a sequence length) or scored by
+    another objective would not be comparable."""
     searched = set(space.parameters)
     recipe = {name: value for name, value in options.trajectory().items() if name not in searched}
-    for attribute, now, what in (("space", space.fingerprint(), "space"), ("recipe", recipe, "recipe")):
-        stored = study.user_attrs.get(attribute)
-        if stored is None:
-            study.set_user_attr(attribute, now)
-        elif stored != now:
+    objective = {"metric": space.objective.metric, "direction": space.objective.direction}
+    # A study recorded before studies recorded their objective: the direction Optuna stored is all there is, and
+    # Optuna keeps it whatever a resumed study is asked for.
+    unrecorded = {**objective, "direction": study.direction.name.lower()}
+    older = "space" in study.user_attrs and "objective" not in study.user_attrs
+    checked = (
+        ("space", space.fingerprint(), "space"),
+        ("recipe", recipe, "recipe"),
+        ("objective", objective, "objective"),
+    )
+    # Every check before anything is recorded: a refused worker leaves the study as it found it.
+    for attribute, now, what in checked:
+        stored = unrecorded if attribute == "objective" and older else study.user_attrs.get(attribute)
+        if stored is not None and stored != now:
             changed = sorted(key for key in {*stored, *now} if stored.get(key) != now.get(key))
-            raise UsageError(
+            raise Refused(
                 f"study '{study.study_name}' in this storage searched another {what} than {space.path} with "
                 f"these options ({', '.join(changed)} differ); pass another --output_dir (or --experiment_name "
                 "with --search_storage), or --overwrite_output_dir to start over"
             )
+    for attribute, now, _ in checked:
+        if attribute not in study.user_attrs:
+            study.set_user_attr(attribute, now)
 
 
 def make_sampler(space: SearchSpace, seed: int, n_trials: int) -> optuna.samplers.BaseSampler:
@@ -273,10 +292,13 @@ def retry_trial(study: optuna.Study, number: int) -> None:
         RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, frozen)
 
 
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The best finished trial; among equals, the first."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return max(complete, key=lambda trial: (trial.value, -trial.number), default=None)
+def best_trial(search: Search) -> FrozenTrial | None:
+    """The best finished trial by the search's objective; among equals, the first."""
+    best = None
+    for trial in search.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if best is None or search.space.objective.better(trial.value, best.value):
+            best = trial
+    return best
 
 
 # The study's record of which worker builds best/ (user attribute): {"trial", "output_dir", "host"}.
@@ -325,7 +347,7 @@ def claim_best(search: Search, best: FrozenTrial) -> Path | None:
 
 def discard_models(search: Search) -> None:
     """Keep disk bounded: only the best trial's model stays; checkpoints of trials that stopped go too."""
-    best = best_trial(search.study)
+    best = best_trial(search)
     for trial in search.study.get_trials(deepcopy=False):
         if trial.state in (TrialState.RUNNING, TrialState.WAITING):
             continue

@@ -1,9 +1,10 @@
 """One trial of a search: its options, how it is scored, and how it runs (the run's prepare + fit + finish).
 
-A trial is the first half of a run with `load_best_model_at_end` on validation MCC, on the training and
-validation splits only: the test sets are not even handed to a trial's Trainer. Its objective is the best
-validation MCC over its epochs (`ReportEpochs` reports it to Optuna after every epoch, which may prune it).
-Only the best trial's best-epoch model stays on disk (`keep_if_best`).
+A trial is the first half of a run with `load_best_model_at_end` on the search's objective (objective.py,
+validation MCC unless the sweep file names another), on the training and validation splits only: the test sets
+are not even handed to a trial's Trainer. Its value is its best epoch's (`ReportEpochs` reports the best so far to
+Optuna after every epoch, which may prune it). Only the best trial's best-epoch model stays on disk
+(`keep_if_best`).
 """
 
 from __future__ import annotations
@@ -25,21 +26,13 @@ from cola_hf.errors import RunFailed, UsageError
 from cola_hf.integrations import tracking
 from cola_hf.results import RunResults
 from cola_hf.run import PreparedRun, finish, fit, prepare
+from cola_hf.studies.search.objective import Objective
 from cola_hf.studies.search.study import MODEL_DIR, Search, best_trial, remove_checkpoints, timed
 from cola_hf.training.output_dir import hold_output_dir
 from cola_hf.training.preemption import handling_sigterm
 from cola_hf.training.trainer import epoch_table
 
 logger = logging.getLogger(__name__)
-
-# A trial is chosen by its best epoch, so a run of its recipe must keep its best epoch too (best_params.yaml).
-SELECT_BEST_EPOCH = {
-    "load_best_model_at_end": True,
-    "metric_for_best_model": "matthews_correlation",
-    "greater_is_better": True,
-    "eval_strategy": "epoch",
-    "save_strategy": "epoch",
-}
 
 
 class TrialObjective:
@@ -71,28 +64,29 @@ class TrialObjective:
 
 
 class ReportEpochs(TrainerCallback):
-    """After each validation: report the trial's best MCC so far to Optuna, stop the trial if it says prune.
+    """After each validation: report the trial's best value so far to Optuna, stop the trial if it says prune.
 
     The value reported is the best so far, not the epoch's own: the objective is the best epoch, so a trial
-    whose MCC dips for one epoch is compared on what it has already reached. The last epoch is never pruned:
+    whose value dips for one epoch is compared on what it has already reached. The last epoch is never pruned:
     it saves nothing, and would drop a finished trial from the ranking.
     """
 
-    def __init__(self, trial: optuna.Trial, last_epoch: int) -> None:
+    def __init__(self, trial: optuna.Trial, objective: Objective, last_epoch: int) -> None:
         self.trial = trial
+        self.objective = objective
         self.last_epoch = last_epoch
-        self.best = -math.inf
+        self.best: float | None = None
         self.pruned_at: int | None = None
         # The storage refused the report: the trial was failed by another worker (no heartbeat from this one for
         # the grace period: a suspended process, a network cut) and is queued to run again. Training stops.
         self.taken_over = False
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        mcc = (metrics or {}).get("eval_matthews_correlation")
-        if mcc is None or state.epoch is None:
+        value = self.objective.of_evaluation(metrics)
+        if value is None or state.epoch is None:
             return
         epoch = round(state.epoch)
-        self.best = max(self.best, mcc)
+        self.best = self.objective.best_so_far(self.best, value)
         try:
             self.trial.report(self.best, epoch)
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -108,7 +102,7 @@ class ReportEpochs(TrainerCallback):
 
 def recipe_options(search: Search, changes: dict[str, Any]) -> RunOptions:
     """The options of a run of the recipe with `changes`, as best_params.yaml spells it out."""
-    return search.options.replace(**changes, **SELECT_BEST_EPOCH)
+    return search.options.replace(**changes, **search.space.objective.trainer_options())
 
 
 def trial_options(search: Search, changes: dict[str, Any], output_dir: Path, run_name: str) -> RunOptions:
@@ -116,7 +110,7 @@ def trial_options(search: Search, changes: dict[str, Any], output_dir: Path, run
     try:
         return search.options.replace(
             **changes,
-            **SELECT_BEST_EPOCH,
+            **search.space.objective.trainer_options(),
             # Only the weights in each epoch's checkpoint: the optimizer state is for resuming, and an
             # interrupted trial is run again from the start.
             save_only_model=True,
@@ -145,7 +139,7 @@ def end_unrecorded(prepared: PreparedRun, trial_dir: Path) -> float:
 
 
 def run_trial(search: Search, trial: optuna.Trial, trial_dir: Path) -> float:
-    """Train one trial; return its best validation MCC (nan, recorded as failed, if training diverged)."""
+    """Train one trial; return its best epoch's value (nan, recorded as failed, if training diverged)."""
     changes = search.space.suggest(trial)
     # Where the trial runs: for the reports, and for a worker elsewhere that builds best/ from its model.
     where = {"host": socket.gethostname(), "pid": os.getpid(), "output_dir": str(trial_dir.resolve())}
@@ -154,7 +148,8 @@ def run_trial(search: Search, trial: optuna.Trial, trial_dir: Path) -> float:
     options = trial_options(search, changes, trial_dir, f"{search.group}-trial-{trial.number:03d}")
     logger.info("Trial %d: %s", trial.number, ", ".join(f"{name}={value}" for name, value in changes.items()))
     seconds: dict[str, float] = {}
-    reporter = ReportEpochs(trial, last_epoch=math.ceil(options.training.num_train_epochs))
+    objective = search.space.objective
+    reporter = ReportEpochs(trial, objective, last_epoch=math.ceil(options.training.num_train_epochs))
     with timed(seconds, "setup_s"):
         prepared = prepare(options, search.files_cache, test_sets=False, callbacks=[reporter])
     search.data_s += prepared.data_s
@@ -174,36 +169,42 @@ def run_trial(search: Search, trial: optuna.Trial, trial_dir: Path) -> float:
         trial.set_user_attr(name, value)
     if reporter.pruned_at is not None:
         logger.info(
-            "Trial %d pruned after epoch %d (best validation MCC %.4f)", trial.number, reporter.pruned_at, reporter.best
+            "Trial %d pruned after epoch %d (best %s %.4f)",
+            trial.number,
+            reporter.pruned_at,
+            objective.label,
+            reporter.best,
         )
         raise optuna.TrialPruned(f"after epoch {reporter.pruned_at}")
     return best
 
 
 def record_trial(search: Search, trial: optuna.Trial, prepared: PreparedRun, reporter: ReportEpochs) -> float:
-    """What a trial reached, for Optuna and the trial's directory (epochs, results.json, W&B); its best MCC."""
+    """What a trial reached, for Optuna and the trial's directory (epochs, results.json, W&B); its best epoch's
+    value."""
     trainer, trial_dir = prepared.trainer, prepared.output_dir
+    objective = search.space.objective
     epochs = epoch_table(trainer.state.log_history)
-    scored = [row for row in epochs if row.valid_mcc is not None]
-    best = max(scored, key=lambda row: row.valid_mcc)  # the first of equals, like the Trainer's best checkpoint
+    best = objective.best_epoch(epochs)
+    value = objective.of_epoch(best)
     trial.set_user_attr("epochs_s", sum((row.training_time_s or 0) + (row.validation_time_s or 0) for row in epochs))
-    for name, value in {
+    for name, attribute in {
         "best_epoch": best.epoch,
         "epochs_run": len(epochs),
         "training_time_s": sum(row.training_time_s or 0 for row in epochs),
         "pruned_at": reporter.pruned_at,
     }.items():
-        trial.set_user_attr(name, value)
+        trial.set_user_attr(name, attribute)
     if reporter.pruned_at is None:
-        keep_if_best(search, trainer, trial_dir, best.valid_mcc)
+        keep_if_best(search, trainer, trial_dir, value)
     remove_checkpoints(trial_dir)
-    finish(prepared, None, search={"trial": trial.number, "best_valid_mcc": best.valid_mcc, "best_epoch": best.epoch})
-    return best.valid_mcc
+    finish(prepared, None, search={"trial": trial.number, objective.value_name: value, "best_epoch": best.epoch})
+    return value
 
 
 def keep_if_best(search: Search, trainer: Any, trial_dir: Path, value: float) -> None:
     """Save the trial's best-epoch model (loaded back by the Trainer) if it beats the study's best so far."""
     with search.lock:
-        best = best_trial(search.study)
-    if best is None or value > best.value:
+        best = best_trial(search)
+    if best is None or search.space.objective.better(value, best.value):
         trainer.save_model(str(trial_dir / MODEL_DIR))

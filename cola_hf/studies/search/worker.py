@@ -6,8 +6,8 @@
 
 This module is a worker: it takes free slots of the study and runs trials in them (trial.py) until the study
 holds --n_trials, waits for the trials other workers still run (taking over any whose worker dies), then writes
-the reports (report.py) and, if it is the worker to, best/ (best.py). Why not `Trainer.hyperparameter_search`:
-docs/design.md.
+the reports (report.py) and, if it is the worker to, best/ (best.py). What it optimises: objective.py. Why not
+`Trainer.hyperparameter_search`: docs/architecture.md ("Why this way, and not the library's own").
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from filelock import FileLock
 from optuna.trial import TrialState
 
 from cola_hf.config import RunOptions
-from cola_hf.errors import StoppedBySignal, UsageError
+from cola_hf.errors import Refused, StoppedBySignal, UsageError
 from cola_hf.studies.search.best import finish_best
 from cola_hf.studies.search.report import write_reports
 from cola_hf.studies.search.space import SearchSpace, load_space
@@ -42,6 +42,7 @@ from cola_hf.studies.search.study import (
     has_free_slot,
     make_pruner,
     make_sampler,
+    record_output_dir,
     retry_trial,
     running_trials,
     study_finished,
@@ -64,7 +65,7 @@ def run_search(options: RunOptions, tokenized_files: datasets.DatasetDict | None
     logger.info("This worker ran trials %s; the study holds %d", search.trials_run, len(study.get_trials()))
     with search.lock:
         discard_models(search)
-        best = best_trial(study)
+        best = best_trial(search)
         build_from = claim_best(search, best) if best is not None and study_finished(search) else None
         best_options = None if best is None else recipe_options(search, search.space.option_values(best.params))
         summary = write_reports(search, best, best_options)
@@ -77,17 +78,23 @@ def join_study(options: RunOptions, tokenized_files: datasets.DatasetDict | None
     """This worker's view of the study its options name, creating the study if it is the first worker."""
     study_args = options.study
     if options.training.world_size > 1:
-        raise UsageError("--search runs every trial in one process; start one worker per GPU instead")
+        raise Refused("--search runs every trial in one process; start one worker per GPU instead")
     check_heartbeat(study_args.search_heartbeat_interval, study_args.search_grace_period)
     grid_alias = bool(study_args.grid)
-    space = load_space(study_args.grid or study_args.search, method="grid" if grid_alias else None)
+    try:
+        space = load_space(study_args.grid or study_args.search, method="grid" if grid_alias else None)
+    except UsageError as err:  # a bad sweep file: refused before the search takes its directory
+        raise Refused(str(err)) from err
     n_trials = resolve_n_trials(study_args.n_trials, space)
     output_dir = Path(options.training.output_dir)
     search_dir = output_dir / SEARCH_DIR
     search_dir.mkdir(parents=True, exist_ok=True)
-    storage = open_storage(
-        study_args.search_storage, search_dir, study_args.search_heartbeat_interval, study_args.search_grace_period
-    )
+    try:
+        storage = open_storage(
+            study_args.search_storage, search_dir, study_args.search_heartbeat_interval, study_args.search_grace_period
+        )
+    except UsageError as err:  # a storage it cannot open: refused before the search takes its directory
+        raise Refused(str(err)) from err
     group = options.tracking.experiment_name or f"{options.recipe}-{space.path.stem}"
     shared = study_lock(study_args.search_storage, group, search_dir)
     lock = FileLock(str(search_dir / "search.lock"))
@@ -95,8 +102,11 @@ def join_study(options: RunOptions, tokenized_files: datasets.DatasetDict | None
     # a study with different sweep files or recipes, one creates it and records them, and the other is refused.
     with lock, shared:
         claim_output_dir(options, group, space, storage)
-        study = optuna.create_study(study_name=group, storage=storage, direction="maximize", load_if_exists=True)
+        study = optuna.create_study(
+            study_name=group, storage=storage, direction=space.objective.direction, load_if_exists=True
+        )
         check_same_search(study, space, options)
+        record_output_dir(options, group, space)
         worker = study.user_attrs.get("workers_started", 0)
         study.set_user_attr("workers_started", worker + 1)
     # Each worker draws from its own random stream (the run's seed + its start order): two workers started
@@ -121,7 +131,7 @@ def join_study(options: RunOptions, tokenized_files: datasets.DatasetDict | None
 
 def check_heartbeat(interval: int, grace: int) -> None:
     if interval < 1 or grace <= interval:
-        raise UsageError(
+        raise Refused(
             f"--search_heartbeat_interval {interval} and --search_grace_period {grace}: the interval must be at least "
             "1 s and the grace period longer than it (a live worker must get a heartbeat in before it runs out)"
         )
@@ -129,14 +139,14 @@ def check_heartbeat(interval: int, grace: int) -> None:
 
 def resolve_n_trials(n_trials: int | None, space: SearchSpace) -> int:
     if n_trials is not None and n_trials < 1:
-        raise UsageError(f"--n_trials must be at least 1, found {n_trials}")
+        raise Refused(f"--n_trials must be at least 1, found {n_trials}")
     if space.method == "grid":
         size = space.grid_size()
         if n_trials is not None and n_trials > size:
             logger.info("--n_trials %d is more than the grid's %d points: each point runs once", n_trials, size)
         return min(n_trials or size, size)
     if n_trials is None:
-        raise UsageError(f"--search {space.path}: a {space.method} search needs --n_trials N (its total of trials)")
+        raise Refused(f"--search {space.path}: a {space.method} search needs --n_trials N (its total of trials)")
     return n_trials
 
 
