@@ -18,9 +18,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
-# Two pytest workers, one thread each: on 2 cores this beats one worker with two threads.
+# Two pytest workers, one thread each: on 2 cores this beats one worker with two threads. Each xdist_group runs
+# whole on one worker, in the order tests/conftest.py gives them (the long chains first; see its
+# pytest_collection_modifyitems).
 test: install
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder
 
 # setup.cfg's lower bounds, proven: a second environment (.venv-lowest) with every direct dependency at its bound
 # runs the suite's `lowest` subset.

@@ -24,8 +24,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
 from cola_hf.data.annotations import ANNOTATIONS_URL
-from cola_hf.data.blimp_pairs import BLIMP_URL
-from cola_hf.data.cola import COLA_URL
+from cola_hf.data.sources import BLIMP_URL, COLA_URL
 from cola_hf.errors import UsageError
 from cola_hf.file_io import read_yaml
 from cola_hf.redaction import redact_options

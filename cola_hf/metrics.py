@@ -8,10 +8,13 @@ from __future__ import annotations
 import warnings
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import evaluate
 import numpy as np
-from transformers import EvalPrediction
+
+if TYPE_CHECKING:
+    import evaluate
+    from transformers import EvalPrediction
 
 METRIC_SCRIPTS = Path(__file__).parent / "metric_scripts"
 
@@ -19,6 +22,8 @@ METRIC_SCRIPTS = Path(__file__).parent / "metric_scripts"
 @cache
 def cola_metrics() -> evaluate.CombinedEvaluations:
     """`evaluate.combine` of the shipped MCC and accuracy modules: compute() -> matthews_correlation, accuracy."""
+    import evaluate  # a third of a second, with scipy's statistics: imported at the first score, not with the module
+
     return evaluate.combine(
         [evaluate.load(str(METRIC_SCRIPTS / "matthews_correlation")), evaluate.load(str(METRIC_SCRIPTS / "accuracy"))]
     )

@@ -10,13 +10,13 @@ import logging
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "experiments" / "cola.py"
+# Launching the command lives in launching.py; REPO, SCRIPT and run_cola stay importable from here too.
+from launching import REPO, SCRIPT, run_cola, write_hooks  # noqa: F401
+
 COLA_ZIP = os.environ.get("COLA_ZIP")
 COLA_ANNOTATIONS_ZIP = os.environ.get("COLA_ANNOTATIONS_ZIP")
 BLIMP_ZIP = os.environ.get("BLIMP_ZIP")
@@ -82,20 +82,6 @@ def verb_cola_dir(tmp_path_factory) -> Path:
     return root
 
 
-# The files that take a minute or more of the suite, longest first. `make test` hands whole files to its two
-# workers in collection order (--dist loadfile --no-loadscope-reorder): these go first, so that the workers end
-# together instead of one waiting while the other runs the longest file last.
-LONGEST_FILES_FIRST = (
-    "test_fault_injection.py",
-    "test_preemption.py",
-    "test_search_postgres.py",
-    "test_reliability.py",
-    "test_slurm.py",
-    "test_search.py",
-    "test_blimp.py",
-)
-
-
 def error_line(stderr: str) -> str:
     """The one `cola: error:` line of a failed command, without that prefix; fails on a traceback or on more."""
     lines = [line for line in stderr.splitlines() if line.startswith("cola: error:")]
@@ -103,9 +89,16 @@ def error_line(stderr: str) -> str:
     return lines[0].removeprefix("cola: error: ")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: position for position, name in enumerate(LONGEST_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order is kept
+# How `make test` shares the suite between its two workers: tests/xdist_groups.py.
+from xdist_groups import (  # noqa: E402, F401 (hooks: pytest finds them by name here)
+    pytest_collection_finish,
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_configure_node,
+    pytest_itemcollected,
+    pytest_unconfigure,
+    pytest_xdist_make_scheduler,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -275,22 +268,11 @@ def encoder_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return directory
 
 
-def run_cola(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """experiments/cola.py in a subprocess, offline, as a user would run it.
-
-    Without BLiMP unless the test asks for it (--blimp_source): offline the default URL is skipped anyway, but a
-    copy in datasets' cache would have every run score 134,000 sentences.
-    """
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env or {})}
-    args = tuple(map(str, args))
-    if "--blimp_source" not in args:
-        args = (*args, "--blimp_source", "none")
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=full_env, cwd=REPO
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"cola.py exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
+@pytest.fixture(scope="session")
+def signal_hooks(tmp_path_factory) -> Path:
+    """launching.SIGNAL_HOOKS as a sitecustomize: pass it as `hooks=` to a launch, arm it with COLA_TEST_CUT or
+    COLA_TEST_HOLD."""
+    return write_hooks(tmp_path_factory.mktemp("signal-hooks"))
 
 
 # --- a real PostgreSQL server ----------------------------------------------------------------------------------

@@ -8,14 +8,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_cola_dir
+from conftest import write_cola_dir
+from launching import REPO, offline_env
 
 SPEED = REPO / "benchmarks" / "speed.py"
 COLUMNS = (
@@ -34,9 +34,8 @@ TRAIN = 180  # the conftest's 200 synthetic in_domain_train rows, less the 10% v
 
 
 def run_speed(*args: object) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     result = subprocess.run(
-        [sys.executable, str(SPEED), *map(str, args)], capture_output=True, text=True, env=env, cwd=REPO
+        [sys.executable, str(SPEED), *map(str, args)], capture_output=True, text=True, env=offline_env(), cwd=REPO
     )
     assert result.returncode == 0, f"speed.py exited {result.returncode}\n{result.stdout}\n{result.stderr[-5000:]}"
     return result

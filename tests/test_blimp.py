@@ -25,13 +25,15 @@ import pytest
 import torch
 from conftest import BLIMP_PAIRS as PAIRS
 from conftest import BLIMP_PARADIGMS as PARADIGMS
-from conftest import REPO, paradigm_lines, run_cola, write_blimp_dir
+from conftest import paradigm_lines, write_blimp_dir
+from launching import REPO, offline_env, run_cola
 from scipy import stats
 from sklearn.metrics import matthews_corrcoef
 
 from cola_hf.analysis import blimp_report as analysis
 from cola_hf.config import parse_args
 from cola_hf.data import blimp_pairs as blimp
+from cola_hf.data.sources import BLIMP_URL
 from cola_hf.errors import UsageError
 from cola_hf.training.inference import acceptable_probabilities
 
@@ -94,7 +96,7 @@ def test_none_skips_blimp(cache_dir):
 def test_the_url_offline_skips_blimp_with_one_line_saying_how_to_point_at_a_copy(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with caplog.at_level("WARNING", logger="cola_hf.data.blimp_pairs"):
-        assert blimp.read_blimp(blimp.BLIMP_URL, str(tmp_path / "empty-cache")) is None
+        assert blimp.read_blimp(BLIMP_URL, str(tmp_path / "empty-cache")) is None
     (record,) = caplog.records
     assert blimp.HOW_TO_PROVIDE in record.getMessage() and "\n" not in record.getMessage()
 
@@ -498,7 +500,7 @@ def test_the_speed_benchmark_runs_both_ways_and_they_agree(blimp_dir, tiny_model
         ],
         capture_output=True,
         text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")},
+        env=offline_env({"HF_DATASETS_CACHE": str(tmp_path / "cache")}),
         cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -538,6 +540,7 @@ def blimp_run(tmp_path_factory, cola_dir, tiny_model_dir, blimp_dir):
     return output_dir, result
 
 
+@pytest.mark.xdist_group("blimp-run")  # with the next test, on the module's blimp_run
 def test_a_run_scores_every_pair_with_its_final_model_at_its_threshold(blimp_run, blimp_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -567,6 +570,7 @@ def test_a_run_scores_every_pair_with_its_final_model_at_its_threshold(blimp_run
     assert f"BLiMP: {2 * len(predictions.uids)} sentences scored" in result.stderr
 
 
+@pytest.mark.xdist_group("blimp-run")
 def test_an_evaluation_only_run_scores_the_same_and_cola_compare_tests_the_two(blimp_run, blimp_dir, tmp_path):
     from cola_hf.cli.compare import main as compare_main
 
@@ -591,10 +595,10 @@ def test_an_evaluation_only_run_scores_the_same_and_cola_compare_tests_the_two(b
 
     # Again over the same directory, offline with the default URL and no copy in the cache: the run completes
     # without BLiMP, says in one line how to point at a copy, and leaves none of the earlier run's BLiMP files.
-    assert blimp.BLIMP_URL == parse_args([]).data.blimp_source
+    assert BLIMP_URL == parse_args([]).data.blimp_source
     result = run_cola(
         "--do_train", "False", "--model_name_or_path", trained, "--cola_source", cola_source,
-        "--output_dir", evaluated, "--overwrite_output_dir", "true", "--blimp_source", blimp.BLIMP_URL, *FAST,
+        "--output_dir", evaluated, "--overwrite_output_dir", "true", "--blimp_source", BLIMP_URL, *FAST,
         env={"HF_DATASETS_CACHE": str(tmp_path / "empty-cache")},
     )  # fmt: skip
     said = [line for line in result.stderr.splitlines() if "BLiMP skipped" in line]

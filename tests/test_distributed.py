@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SCRIPT
+from launching import REPO, SCRIPT, cola_command, offline_env, write_hooks
 from sklearn.metrics import matthews_corrcoef
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -93,15 +92,9 @@ def dropout_free_model(tiny_model_dir, tmp_path_factory) -> Path:
     return directory
 
 
-def accelerate_launch(config: str, output_dir: Path, *launch_flags: str, script_flags, env=None) -> subprocess.Popen:
-    command = [
-        *(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config)),
-        *("--mixed_precision", "no", *launch_flags),  # multi_gpu.yaml asks for bf16: keep the CPU in fp32
-        *(str(SCRIPT), *script_flags, "--output_dir", str(output_dir)),
-    ]
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env or {})}
+def start(command: list[str], env: dict | None = None, hooks: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=REPO
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=offline_env(env, hooks), cwd=REPO
     )
 
 
@@ -118,20 +111,15 @@ def runs(cola_dir, dropout_free_model, tmp_path_factory) -> dict:
     with every write of its processes under output_dir recorded."""
     root = tmp_path_factory.mktemp("distributed")
     flags = ["--cola_source", str(cola_dir), "--model_name_or_path", str(dropout_free_model), *RUN_FLAGS]
-    watch = root / "watch"
-    watch.mkdir()
-    (watch / "sitecustomize.py").write_text(WRITE_WATCH, encoding="utf-8")
-    one = accelerate_launch("accelerate_config.yaml", root / "one", script_flags=flags)
-    two = accelerate_launch(
-        "experiments/accelerate/multi_gpu.yaml",
-        root / "two",
-        *("--num_processes", "2"),
-        script_flags=flags,
-        env={
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(watch), os.environ.get("PYTHONPATH")])),
-            "COLA_TEST_WATCH_DIR": str(root / "two"),
-            "COLA_TEST_WATCH_LOG": str(watch),
-        },
+    watch = write_hooks(root / "watch", WRITE_WATCH)
+    # One process under accelerate's default single-process config, as `make tutorial` starts it.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--mixed_precision", "no"]
+    one_process = [*launcher, "--config_file", str(REPO / "accelerate_config.yaml")]
+    one = start([*one_process, str(SCRIPT), *flags, "--output_dir", str(root / "one")])
+    two = start(
+        cola_command(*flags, "--output_dir", root / "two", processes=2),
+        env={"COLA_TEST_WATCH_DIR": str(root / "two"), "COLA_TEST_WATCH_LOG": str(watch)},
+        hooks=watch,
     )
     logs = {"one": finish(one), "two": finish(two)}
     return {"one": root / "one", "two": root / "two", "logs": logs, "watch": watch}
@@ -292,7 +280,6 @@ def test_a_global_batch_that_does_not_divide_over_the_processes_stops_every_proc
         *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
         *(str(tmp_path / "parse.py"), *flags, "--global_train_batch_size", "33"),
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=offline_env())
     assert result.returncode != 0
     assert result.stderr.count("--global_train_batch_size 33 does not split evenly over 2 processes") == 2

@@ -15,7 +15,6 @@ And 2 processes with dropout on train, step by step, the very sentences 1 proces
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from launching import REPO, offline_env
 from torch.utils.data import DataLoader, SequentialSampler
 from transformers import (
     AutoModelForSequenceClassification,
@@ -192,11 +191,7 @@ def two_processes(tmp_path_factory, cola_dir, tiny_model_dir) -> Path:
     (out / "run.py").write_text(TWO_PROCESSES, encoding="utf-8")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command = [*launcher, str(out / "run.py"), str(Path(__file__).parent), str(tiny_model_dir), str(cola_dir), str(out)]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
+    env = offline_env()
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out

@@ -10,9 +10,16 @@ command, the next launch continues, and the last one finishes: its predictions m
 and so must its results.json, with one W&B run id and the study's first run never trained again. A search is cut
 in a trial's second epoch: its trials and best model must be those of the uncut search.
 
-The cut is delivered by a `sitecustomize` in the run's main process (through PYTHONPATH) at the drawn moment: it
-sends the real signal, as Slurm would, to the process or to the launcher (SIGTERM), or to every process of the job
-(SIGKILL), and for SIGTERM waits until the run has taken it. Nothing of cola_hf is replaced.
+The cut is delivered by the signal hooks of tests/launching.py (a `sitecustomize` in the run's main process) at
+the drawn moment: they send the real signal, as Slurm would, to the process or to the launcher (SIGTERM), or to
+every process of the job (SIGKILL), and for SIGTERM wait until the run has taken it. Nothing of cola_hf is replaced.
+
+Each cut also proves what a stop promises: a SIGTERM ends in one line (step, checkpoint, "run the same command to
+continue"), exit 75, a complete checkpoint where the signal came (after the epoch's validation for a cut during
+it, and that validation is in the checkpoint), no results.json or model card, and the next launch says it continues
+from that checkpoint; a SIGKILL mid-save leaves a checkpoint that the next launch names as incomplete and passes
+over; a SIGKILL leaves no lock that stops the next launch. On 2 processes every process saved its random state,
+and the same directory on 1 process is refused in one line.
 
 Budget: 22 launches of the tiny model on 180 sentences (3 epochs of 12 steps, batches of 16, the last of 4), 7 of
 them on 2 processes.
@@ -22,12 +29,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import re
 import signal
 import subprocess
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,79 +41,17 @@ import numpy as np
 import optuna
 import pytest
 import yaml
-from conftest import REPO, SCRIPT, write_cola_dir
+from launching import REPO, STOPPED, cola_command, offline_env, run_here
 
 RUN_ID_FILE = ".wandb_run_id"  # where a run keeps its W&B run id (cola_hf.tracking)
 
 EPOCHS, STEPS_PER_EPOCH = 3, 12  # 180 training sentences in batches of 16: 11 full and one of 4
-STOPPED = 75
 SIGNALS = ("SIGTERM", "SIGKILL")
 PREDICTION_FILES = ("out_of_domain_dev", "in_domain_dev", "glue_dev", "validation")
 RUN = [
     *("--num_train_epochs", str(EPOCHS), "--learning_rate", "1e-2", "--global_train_batch_size", "16"),
     *("--max_seq_length", "16", "--logging_steps", "4", "--disable_tqdm", "true", "--annotations_source", "none"),
 ]
-
-HOOKS = """
-import json, os, signal, time
-
-_cut = os.environ.get("COLA_TEST_CUT")
-if _cut and os.environ.get("RANK", "0") == "0":
-    import transformers
-
-    _kind, _number, _signal = _cut.split(":")
-    _number, _run = int(_number), os.environ.get("COLA_TEST_CUT_RUN", "")
-    _done = []
-
-    def _cut_here(trainer, step):
-        if _done or not str(trainer.args.output_dir).endswith(_run):
-            return
-        _done.append(step)
-        with open(os.environ["COLA_TEST_CUT_LOG"], "a") as log:
-            log.write(json.dumps({"cut": _cut, "step": step}) + "\\n")
-        launched = "LOCAL_RANK" in os.environ  # under accelerate launch: the launcher is the parent
-        if _signal == "SIGKILL":  # every process of the job, as Slurm does when the grace period ends
-            if launched:
-                import psutil
-
-                launcher = psutil.Process(os.getppid())
-                for process in [*launcher.children(recursive=True), launcher]:
-                    if process.pid != os.getpid():
-                        process.kill()
-            os.kill(os.getpid(), signal.SIGKILL)
-        os.kill(os.getppid() if launched else os.getpid(), signal.SIGTERM)
-        deadline = time.monotonic() + 60
-        while getattr(signal.getsignal(signal.SIGTERM), "received", None) is None and time.monotonic() < deadline:
-            time.sleep(0.01)  # until the run's handler has it (through the launcher on several processes)
-
-    def _at_epoch(trainer):
-        epoch = trainer.state.epoch
-        return trainer.state.global_step > 0 and epoch is not None and abs(epoch - _number) < 1e-9
-
-    _training_step = transformers.Trainer.training_step
-    _evaluation_loop = transformers.Trainer.evaluation_loop
-    _save_rng_state = transformers.Trainer._save_rng_state
-
-    def training_step(self, *args, **kwargs):
-        step = self.state.global_step + 1  # the step under way
-        if (_kind == "step" and step == _number) or (_kind == "last" and step == self.state.max_steps):
-            _cut_here(self, step)
-        return _training_step(self, *args, **kwargs)
-
-    def evaluation_loop(self, *args, **kwargs):
-        if _kind == "validation" and kwargs.get("metric_key_prefix") == "eval" and _at_epoch(self):
-            _cut_here(self, self.state.global_step)
-        return _evaluation_loop(self, *args, **kwargs)
-
-    def save_rng_state(self, output_dir):  # between the weights and trainer_state.json: mid-save
-        if _kind == "save" and _at_epoch(self):
-            _cut_here(self, self.state.global_step)
-        return _save_rng_state(self, output_dir)
-
-    transformers.Trainer.training_step = training_step
-    transformers.Trainer.evaluation_loop = evaluation_loop
-    transformers.Trainer._save_rng_state = save_rng_state
-"""
 
 
 # --- the kill points -------------------------------------------------------------------------------------------
@@ -202,40 +146,17 @@ def test_the_draw_covers_every_kind_of_point_and_both_signals():
 
 # --- running the command ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_cola_dir(tmp_path_factory.mktemp("faults") / "raw", train=200)
+def data(cola_dir) -> Path:
+    return cola_dir  # 200 training rows: 180 after the 10% validation split
 
 
-@pytest.fixture(scope="module")
-def hooks(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("fault-hooks")
-    (directory / "sitecustomize.py").write_text(HOOKS, encoding="utf-8")
-    return directory
-
-
-def command(processes: int, flags: list[str]) -> list[str]:
-    if processes == 1:
-        return [sys.executable, str(SCRIPT), *flags]
-    return [
-        *(sys.executable, "-m", "accelerate.commands.launch"),
-        *("--config_file", str(REPO / "experiments" / "accelerate" / "multi_gpu.yaml")),
-        *("--num_processes", str(processes), "--mixed_precision", "no", str(SCRIPT), *flags, "--use_cpu", "true"),
-    ]
-
-
-def launch(argv: list[str], hooks: Path, log: Path, cut: Cut | None = None, run: str = "") -> tuple[int, str]:
+def launch(argv: list[str], signal_hooks: Path, log: Path, cut: Cut | None = None, run: str = "") -> tuple[int, str]:
     """The command in a subprocess, cut at `cut` if given; its exit status and output."""
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "offline",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")])),
-        "COLA_TEST_CUT": cut.env() if cut else "",
-        "COLA_TEST_CUT_RUN": run,
-        "COLA_TEST_CUT_LOG": str(log),
-    }
-    result = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    env = {"WANDB_MODE": "offline", "COLA_TEST_CUT": cut.env() if cut else "", "COLA_TEST_CUT_RUN": run,
+           "COLA_TEST_CUT_LOG": str(log)}  # fmt: skip
+    result = subprocess.run(
+        argv, capture_output=True, text=True, env=offline_env(env, signal_hooks), cwd=REPO, timeout=300
+    )
     return result.returncode, result.stdout + result.stderr
 
 
@@ -278,37 +199,62 @@ def assert_same_results(run_dir: Path, reference: Path) -> None:
 
 
 def cut_chain(
-    argv: list[str], cuts: list[tuple[Cut, str]], hooks: Path, log: Path, watched: Path | None
+    argv: list[str],
+    cuts: list[tuple[Cut, str]],
+    hooks: Path,
+    log: Path,
+    watched: Path | None,
+    after_cut: Callable[[Cut, int], None] | None = None,
+    total_steps: int = EPOCHS * STEPS_PER_EPOCH,
 ) -> tuple[list[list], list[str]]:
     """Each cut (in the run whose directory ends with its name) in one launch of the same command, then a launch
-    that must finish. `watched`: the run that must not finish early and keeps one W&B run. The table's rows, and
-    every launch's output. A stop says so in one line, with no traceback before it."""
-    rows, outputs, run_id = [], [], None
+    that must finish. `watched`: the cut run's directory, whose launches continue it (not a search's trial, which
+    is run again from its start): what each stop left there is checked. `after_cut(cut, step)` runs after each
+    cut's launch. The table's rows, and every launch's output. A stop says so in one line, with no traceback
+    before it."""
+    rows, outputs, run_id, expected_next = [], [], None, []
     for cut, run in cuts:
         before = log.read_text(encoding="utf-8").count("\n") if log.exists() else 0
         status, output = launch(argv, hooks, log, cut, run)
+        assert all(line in output for line in expected_next), (expected_next, output[-3000:])
         logged = log.read_text(encoding="utf-8").splitlines()[before:] if log.exists() else []
         assert len(logged) == 1, f"{cut} was not reached (exit {status}):\n{output[-3000:]}"
         step = json.loads(logged[0])["step"]
+        expected_next = []
         if cut.signal == "SIGKILL":
             assert status == -signal.SIGKILL, output[-3000:]
+            if watched is not None and cut.kind == "save":  # half-written: named and passed over
+                assert not (watched / f"checkpoint-{step}" / "trainer_state.json").exists()
+                expected_next = [f"checkpoint-{step} is incomplete (the run stopped while saving it)"]
         else:  # the launcher of several processes reports the workers' stop in its own way; one process exits 75
             assert status == STOPPED or (status != 0 and "--num_processes" in argv), output[-3000:]
             # Saved where the signal came: the step under way, or the epoch's end for a validation or a save.
-            assert re.search(rf"cola: stopped by SIGTERM at step {step} of \d+; saved checkpoint-{step};", output), (
-                output[-3000:]
-            )
+            assert re.search(
+                rf"^cola: stopped by SIGTERM at step {step} of {total_steps}; saved checkpoint-{step}; "
+                r"run the same command to continue$",
+                output,
+                re.MULTILINE,
+            ), output[-3000:]
             assert "Traceback" not in output.split("cola: stopped by")[0], output[-3000:]
+            if watched is not None:
+                state = json.loads((watched / f"checkpoint-{step}" / "trainer_state.json").read_text())
+                validated = [entry["epoch"] for entry in state["log_history"] if "eval_loss" in entry]
+                if cut.kind == "validation":  # it finished before the save: the next launch does not repeat it
+                    assert validated[-1] == cut.number, validated
+                expected_next = [f"continuing from checkpoint-{step}"]
         if watched is not None:
-            assert not (watched / "results.json").exists()
+            assert not (watched / "results.json").exists() and not (watched / "README.md").exists()
             if (watched / RUN_ID_FILE).exists():
                 current = (watched / RUN_ID_FILE).read_text().strip()
                 assert run_id in (None, current)  # one W&B run from the first launch on, whatever the cut
                 run_id = current
+        if after_cut is not None:
+            after_cut(cut, step)
         rows.append([cut.kind, step, cut.signal, status])
         outputs.append(output)
     status, output = launch(argv, hooks, log)
     assert status == 0, output[-3000:]
+    assert all(line in output for line in expected_next), (expected_next, output[-3000:])
     return rows, [*outputs, output]
 
 
@@ -318,37 +264,72 @@ def report(name: str, rows: list[list], difference: float) -> None:
         print(" | ".join(str(value) for value in [*row, f"{difference:.1e}"]))
 
 
-def uncut(argv: list[str], hooks: Path, tmp_path: Path) -> None:
-    status, output = launch(argv, hooks, tmp_path / "uncut.log")
+def uncut(argv: list[str], signal_hooks: Path, tmp_path: Path) -> None:
+    status, output = launch(argv, signal_hooks, tmp_path / "uncut.log")
     assert status == 0, output[-3000:]
+
+
+def refused_on_another_number_of_processes(run_dir: Path, flags: list[str]) -> Callable[[Cut, int], None]:
+    """After the first SIGTERM of a 2-process chain: both processes saved their random state, and the same
+    directory on 1 process is refused in one line (each process continues its own random state)."""
+    checked = []
+
+    def check(cut: Cut, step: int) -> None:
+        if cut.signal != "SIGTERM" or checked:
+            return
+        checked.append(step)
+        checkpoint = run_dir / f"checkpoint-{step}"
+        assert {path.name for path in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+        one = run_here(*flags, "--output_dir", run_dir)
+        assert one.returncode == 2 and "Traceback" not in one.stderr, one.stderr[-3000:]
+        assert [line for line in one.stderr.splitlines() if line.startswith("cola: error:")] == [
+            f"cola: error: {checkpoint}: saved by 2 processes, and this run has 1; each process continues its own "
+            "random state, so it continues exactly only on 2: launch 2, or pass --overwrite_output_dir to start over"
+        ]
+
+    check.checked = checked
+    return check
 
 
 @pytest.mark.parametrize(
     ("sampler", "processes", "cuts"),
-    [("group_by_length", 2, CHAINS[1]), ("random", 1, CHAINS[2])],
+    [
+        pytest.param("group_by_length", 2, CHAINS[1], marks=pytest.mark.xdist_group("faults-2-processes")),
+        pytest.param("random", 1, CHAINS[2], marks=pytest.mark.xdist_group("faults-1-process")),
+    ],
     ids=["group_by_length-2-processes", "random-1-process"],
 )
-def test_a_run_cut_anywhere_finishes_as_the_uncut_run(tmp_path, data, tiny_model_dir, hooks, sampler, processes, cuts):
+def test_a_run_cut_anywhere_finishes_as_the_uncut_run(
+    tmp_path, data, tiny_model_dir, signal_hooks, sampler, processes, cuts
+):
     flags = ["--model_name_or_path", str(tiny_model_dir), "--cola_source", str(data), *RUN, "--report_to", "none",
              "--train_sampling_strategy", sampler]  # fmt: skip
     reference, run_dir = tmp_path / "uncut", tmp_path / "cut"
-    uncut(command(processes, [*flags, "--output_dir", str(reference)]), hooks, tmp_path)
-    argv = command(processes, [*flags, "--output_dir", str(run_dir)])
-    rows, _ = cut_chain(argv, [(cut, "") for cut in cuts], hooks, tmp_path / "cuts.log", run_dir)
+    uncut(cola_command(*flags, "--output_dir", reference, processes=processes), signal_hooks, tmp_path)
+    argv = cola_command(*flags, "--output_dir", run_dir, processes=processes)
+    after_cut = refused_on_another_number_of_processes(run_dir, flags) if processes > 1 else None
+    rows, _ = cut_chain(argv, [(cut, "") for cut in cuts], signal_hooks, tmp_path / "cuts.log", run_dir, after_cut)
+    if after_cut is not None:
+        assert after_cut.checked, "no SIGTERM in the 2-process chain"
     difference = largest_difference(run_dir, reference)
     report(f"{sampler}, {processes} process{'es' if processes > 1 else ''}", rows, difference)
     assert difference <= 1e-6
     assert_same_results(run_dir, reference)
 
 
-def test_a_seed_study_cut_during_its_second_seed_finishes_as_the_uncut_study(tmp_path, data, tiny_model_dir, hooks):
+@pytest.mark.xdist_group("faults-seed-study")
+def test_a_seed_study_cut_during_its_second_seed_finishes_as_the_uncut_study(
+    tmp_path, data, tiny_model_dir, signal_hooks
+):
     flags = ["--model_name_or_path", str(tiny_model_dir), "--cola_source", str(data), *RUN, "--report_to", "wandb",
              "--seeds", "1", "2"]  # fmt: skip
     reference, study = tmp_path / "uncut", tmp_path / "cut"
-    uncut(command(1, [*flags, "--output_dir", str(reference)]), hooks, tmp_path)
+    uncut(cola_command(*flags, "--output_dir", reference), signal_hooks, tmp_path)
     first, second = (f"cola-lr0.01-bs16-ep{EPOCHS}-seed{seed}" for seed in (1, 2))  # the study's run names
-    argv = command(1, [*flags, "--output_dir", str(study)])
-    rows, outputs = cut_chain(argv, [(cut, second) for cut in CHAINS[0]], hooks, tmp_path / "cuts.log", study / second)
+    argv = cola_command(*flags, "--output_dir", study)
+    rows, outputs = cut_chain(
+        argv, [(cut, second) for cut in CHAINS[0]], signal_hooks, tmp_path / "cuts.log", study / second
+    )
     # The first launch trained seed 1 whole before its cut in seed 2; no later launch trained it again.
     assert all(f"{first}: finished earlier, not run again" in output for output in outputs[1:])
 
@@ -364,19 +345,20 @@ def test_a_seed_study_cut_during_its_second_seed_finishes_as_the_uncut_study(tmp
     assert summary["test_mcc"] == json.loads((reference / "summary.json").read_text())["test_mcc"]
 
 
-def test_a_search_cut_in_a_trials_second_epoch_keeps_every_trial(tmp_path, data, tiny_model_dir, hooks):
+@pytest.mark.xdist_group("faults-search")
+def test_a_search_cut_in_a_trials_second_epoch_keeps_every_trial(tmp_path, data, tiny_model_dir, signal_hooks):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"method": "random", "parameters": {"learning_rate": {"values": [1e-2, 3e-3]}}}))
     flags = ["--model_name_or_path", str(tiny_model_dir), "--cola_source", str(data), *RUN, "--report_to", "none",
              "--num_train_epochs", "2", "--search", str(space), "--n_trials", "2",
              "--search_pruner", "none"]  # fmt: skip
     reference, search = tmp_path / "uncut", tmp_path / "cut"
-    uncut(command(1, [*flags, "--output_dir", str(reference)]), hooks, tmp_path)
+    uncut(cola_command(*flags, "--output_dir", reference), signal_hooks, tmp_path)
     # The second trial, cut in its second epoch: it is run again from its start, as trial 2.
     rng = random.Random(19)
     cuts = [(Cut("step", STEPS_PER_EPOCH + rng.randint(1, STEPS_PER_EPOCH - 1), rng.choice(SIGNALS)), "trial-001")]
-    argv = command(1, [*flags, "--output_dir", str(search)])
-    rows, _ = cut_chain(argv, cuts, hooks, tmp_path / "cuts.log", None)
+    argv = cola_command(*flags, "--output_dir", search)
+    rows, _ = cut_chain(argv, cuts, signal_hooks, tmp_path / "cuts.log", None, total_steps=2 * STEPS_PER_EPOCH)
 
     got, expected = study_trials(search), study_trials(reference)
     assert [trial.state.name for trial in got] == ["COMPLETE", "FAIL", "COMPLETE"]

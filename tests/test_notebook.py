@@ -12,14 +12,14 @@ import ast
 import base64
 import copy
 import json
-import os
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import COLA_ANNOTATIONS_ZIP, REPO, run_cola
+from conftest import COLA_ANNOTATIONS_ZIP
 from ipykernel.kernelspec import write_kernel_spec
+from launching import REPO, offline_env, run_cola
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
@@ -106,9 +106,7 @@ def executed(tiny_model_dir, cola_zip, blimp_dir, tmp_path_factory) -> tuple[dic
     append_environment_cell(notebook)
     environment = {
         "JUPYTER_PATH": str(work / "jupyter"),
-        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "disabled",
+        **{name: offline_env()[name] for name in ("PYTHONPATH", "HF_HUB_OFFLINE", "WANDB_MODE")},
     }
     with pytest.MonkeyPatch.context() as patch:
         for name, value in environment.items():

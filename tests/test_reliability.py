@@ -6,10 +6,7 @@ inputs, which stop before anything runs, go through the same `main` in this proc
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import os
 import re
 import shutil
@@ -22,9 +19,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SCRIPT, error_line, run_cola, synthetic_rows, write_cola_dir
+from conftest import error_line, synthetic_rows
+from launching import REPO, SCRIPT, offline_env, run_cola, run_here
 
-from cola_hf.cli.train import main
 from cola_hf.config import parse_args
 from cola_hf.data.cola import RAW_FILES
 from cola_hf.errors import UsageError
@@ -32,13 +29,6 @@ from cola_hf.integrations import hub
 from cola_hf.run_files import FAILED_MARKER
 
 FAST = ["--report_to", "none", "--disable_tqdm", "true"]
-# One intra-op thread: faster on a shared 2-core machine, and the same arithmetic in every run compared here.
-ENV = {"OMP_NUM_THREADS": "1"}
-
-
-def cola_env(extra: dict | None = None) -> dict:
-    """The environment run_cola gives a run (offline Hub, no W&B), for runs started with Popen."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **ENV, **(extra or {})}
 
 
 def assert_not_finished(output_dir: Path) -> None:
@@ -192,29 +182,15 @@ def bad_input_runs(tmp_path_factory, cola_dir, tiny_model_dir) -> dict:
     def run(item):
         case, (work, argv) = item
         command = [*python_command(case in UNREADABLE), str(SCRIPT), *argv]
-        return case, (work, subprocess.run(command, capture_output=True, text=True, env=cola_env(), cwd=REPO))
+        return case, (work, subprocess.run(command, capture_output=True, text=True, env=offline_env(), cwd=REPO))
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         runs = dict(pool.map(run, [item for item in commands.items() if item[0] in IN_A_SUBPROCESS]))
-    runs |= {case: (work, main_here(argv)) for case, (work, argv) in commands.items() if case not in IN_A_SUBPROCESS}
+    runs |= {case: (work, run_here(*argv)) for case, (work, argv) in commands.items() if case not in IN_A_SUBPROCESS}
     for case, path in UNREADABLE.items():
         if case in runs:
             (root / case / path).chmod(0o755)  # so that pytest can clean up
     return runs
-
-
-def main_here(argv: list[str]) -> subprocess.CompletedProcess:
-    """The command's `main` in this process, its output captured as a subprocess's would be."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    stdout, stderr = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            status = main(argv)
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-    return subprocess.CompletedProcess(argv, status, stdout.getvalue(), stderr.getvalue())
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -275,19 +251,19 @@ RESUME_RUN = ["--num_train_epochs", "3", "--learning_rate", "1e-2", "--global_tr
 
 
 @pytest.fixture(scope="module")
-def resume_data(tmp_path_factory) -> Path:
-    # 540 training sentences in batches of 16: 34 steps per epoch.
-    return write_cola_dir(tmp_path_factory.mktemp("resume") / "raw", train=600)
+def resume_data(cola_dir) -> Path:
+    return cola_dir  # 180 training sentences in batches of 16: 12 steps per epoch
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, resume_data, tiny_model_dir) -> tuple[Path, subprocess.CompletedProcess]:
     output_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
     result = run_cola("--model_name_or_path", tiny_model_dir, "--cola_source", resume_data, "--output_dir", output_dir,
-                      *RESUME_RUN, env=ENV)  # fmt: skip
+                      *RESUME_RUN)  # fmt: skip
     return output_dir, result
 
 
+@pytest.mark.xdist_group("reliability-resume")  # its fixtures are its own
 def test_a_checkpoint_continues_only_under_the_options_it_was_trained_with(
     tmp_path, resume_data, tiny_model_dir, uninterrupted
 ):
@@ -301,14 +277,14 @@ def test_a_checkpoint_continues_only_under_the_options_it_was_trained_with(
     command = ["--model_name_or_path", tiny_model_dir, "--cola_source", resume_data, "--output_dir", output_dir,
                *RESUME_RUN]  # fmt: skip
 
-    changed = run_cola(*command, "--learning_rate", "5e-3", "--seed", "7", env=ENV, check=False)
+    changed = run_here(*command, "--learning_rate", "5e-3", "--seed", "7")  # refusals: in this process
     assert changed.returncode == 2
     line = error_line(changed.stderr)
     assert "seed 42 there, 7 now" in line and "learning_rate 0.01 there, 0.005 now" in line
     assert checkpoint.is_dir() and not (output_dir / "results.json").exists()
-    # The same global batch in another layout would draw other dropout masks: refused too (processes: see
-    # test_preemption's several-processes test).
-    other_layout = run_cola(*command, "--per_device_train_batch_size", "8", env=ENV, check=False)
+    # The same global batch in another layout would draw other dropout masks: refused too (another number of processes:
+    # see test_fault_injection's 2-process chain).
+    other_layout = run_here(*command, "--per_device_train_batch_size", "8")
     assert other_layout.returncode == 2
     assert error_line(other_layout.stderr) == (
         f"{checkpoint}: saved with a per-device batch of 16, and this run's is 8; dropout masks are "
@@ -316,7 +292,7 @@ def test_a_checkpoint_continues_only_under_the_options_it_was_trained_with(
         "or --overwrite_output_dir to start over"
     )
 
-    same = run_cola(*command, env=ENV)
+    same = run_cola(*command)
     assert f"continuing from {checkpoint.name}" in same.stderr
     expected = json.loads((reference / "results.json").read_text())
     assert json.loads((output_dir / "results.json").read_text())["test"] == expected["test"]
@@ -374,7 +350,7 @@ def test_failed_upload_keeps_local_outputs_and_no_secret_leaks(tmp_path, cola_di
         "--model_name_or_path", tiny_model_dir, "--cola_source", cola_dir, "--output_dir", output_dir,
         "--num_train_epochs", "1", "--report_to", "wandb", "--disable_tqdm", "true",
         "--push_to_hub", "true", "--hub_model_id", "someone/cola-tiny",
-        env={**ENV, **secrets}, check=False,
+        env=secrets, check=False,
     )  # fmt: skip
 
     line = error_line(result.stderr)
@@ -397,7 +373,7 @@ def test_collapse_is_warned_about_and_recorded(tmp_path, cola_dir, tiny_model_di
     output_dir = tmp_path / "run"
     result = run_cola(
         "--model_name_or_path", tiny_model_dir, "--cola_source", cola_dir, "--output_dir", output_dir,
-        "--num_train_epochs", "2", "--learning_rate", "1", *FAST, env=ENV,
+        "--num_train_epochs", "2", "--learning_rate", "1", *FAST,
     )  # fmt: skip
     warnings = re.findall(
         r"Collapsed classifier at epoch (\d+): all 20 validation sentences predicted (\w+)", result.stderr
@@ -417,7 +393,7 @@ def test_divergence_stops_the_run_naming_the_step(tmp_path, cola_dir, tiny_model
     output_dir = tmp_path / "run"
     result = run_cola(
         "--model_name_or_path", tiny_model_dir, "--cola_source", cola_dir, "--output_dir", output_dir,
-        "--num_train_epochs", "2", "--learning_rate", "1e6", *FAST, env=ENV, check=False,
+        "--num_train_epochs", "2", "--learning_rate", "1e6", *FAST, check=False,
     )  # fmt: skip
     line = error_line(result.stderr)
     assert result.returncode == 1

@@ -8,12 +8,10 @@ trials differ in validation MCC and the best one is the one that learned.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, SCRIPT
+from launching import REPO, SCRIPT, cola_command, offline_env
 
 from cola_hf.config import make_parser
 from cola_hf.errors import UsageError
@@ -386,14 +384,7 @@ def test_a_search_on_a_database_url_runs_its_trials_there(tmp_path, base_args, c
     assert json.loads((tmp_path / "search" / "best" / "results.json").read_text())["config"]["search"]["n_trials"] == 2
 
 
-def cola_command(*args: str) -> list[str]:
-    return [sys.executable, str(SCRIPT), *map(str, args)]
-
-
-def subprocess_env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-
-
+@pytest.mark.xdist_group("search-two-workers")  # searches in subprocesses: a group of their own
 def test_two_workers_on_one_storage_run_exactly_n_trials_between_them(tmp_path, base_args):
     space = write_sweep(
         tmp_path / "space.yaml",
@@ -404,7 +395,7 @@ def test_two_workers_on_one_storage_run_exactly_n_trials_between_them(tmp_path, 
     command = cola_command(*base_args, "--output_dir", out, "--search", space, "--n_trials", "4")
     command += ["--num_train_epochs", "3"]
     workers = [
-        subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        subprocess.Popen(command, cwd=REPO, env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for _ in range(2)
     ]
     logs = [worker.communicate(timeout=300)[0].decode() for worker in workers]
@@ -414,28 +405,24 @@ def test_two_workers_on_one_storage_run_exactly_n_trials_between_them(tmp_path, 
     assert (out / "best" / "results.json").is_file()
 
 
-def test_sigkill_mid_trial_then_the_same_command_fails_and_reruns_only_the_interrupted_trial(tmp_path, base_args):
+@pytest.mark.xdist_group("search-sigkill")
+def test_sigkill_mid_trial_then_the_same_command_fails_and_reruns_only_the_interrupted_trial(
+    tmp_path, base_args, signal_hooks
+):
     space = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"values": [5e-3, 2e-3, 1e-3]}})
     out = tmp_path / "search"
     command = cola_command(*base_args, "--output_dir", out, "--search", space, "--n_trials", "3")
-    command += ["--num_train_epochs", "4"]
-    worker = subprocess.Popen(
-        command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and worker.poll() is None:
-        # Mid-trial: trial 1 has a checkpoint of its first epoch and is still running.
-        if list((out / "trials" / "trial-001").glob("checkpoint-*")) and states(out).get(1) == "RUNNING":
-            worker.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    worker.wait(timeout=60)
-    assert worker.returncode == -signal.SIGKILL
+    command += ["--num_train_epochs", "2"]
+    # Mid-trial: trial 1 killed in its second epoch (23 steps of 8 sentences each), its first one's checkpoint saved.
+    cut = {"COLA_TEST_CUT": "step:30:SIGKILL", "COLA_TEST_CUT_RUN": "trial-001"}
+    killed = subprocess.run(command, cwd=REPO, env=offline_env(cut, signal_hooks), capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    assert list((out / "trials" / "trial-001").glob("checkpoint-*"))
     assert states(out) == {0: "COMPLETE", 1: "RUNNING"}
     first = (out / "trials" / "trial-000" / "results.json").stat().st_mtime_ns
     interrupted_params = load_study(out).get_trials()[1].params
 
-    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     after = load_study(out).get_trials()
     assert [trial.state.name for trial in after] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
@@ -461,6 +448,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.xdist_group("search-best-once")
 def test_best_is_built_once_by_the_run_phases_its_card_complete_before_any_upload(tmp_path, base_args):
     """best/: results.json written once, with its search section; the card, search section included, is written
     once and only then read for W&B's model artifact (--log_model, W&B offline)."""
@@ -468,7 +456,7 @@ def test_best_is_built_once_by_the_run_phases_its_card_complete_before_any_uploa
     out, audit = tmp_path / "search", tmp_path / "audit.log"
     args = [*base_args, "--output_dir", out, "--search", space, "--num_train_epochs", "1"]
     args += ["--report_to", "wandb", "--log_model", "true"]
-    env = {**subprocess_env(), "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "AUDIT_LOG": str(audit)}
+    env = offline_env({"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "AUDIT_LOG": str(audit)})
     result = subprocess.run(
         [sys.executable, "-c", AUDIT_HOOK, str(SCRIPT), *map(str, args)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,

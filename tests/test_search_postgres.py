@@ -8,7 +8,6 @@ files of tests/test_search.py; heartbeats are set short where a test waits for o
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -17,16 +16,28 @@ import textwrap
 import threading
 import time
 from datetime import datetime
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import optuna
+import psycopg
 import pytest
-from conftest import REPO, error_line, postgres_admin
+import sqlalchemy
+from conftest import error_line, postgres_admin
+from launching import REPO, cola_command, offline_env, wait_for_file
 from optuna.trial import TrialState
-from test_search import cola_command, subprocess_env, write_sweep
+from test_search import write_sweep
 
 from cola_hf.errors import UsageError
-from cola_hf.studies.search.storage import AdvisoryLock, lock_key, open_storage, study_lock
+from cola_hf.studies.search.storage import (
+    CONNECT_TIMEOUT_S,
+    AdvisoryLock,
+    engine_kwargs,
+    lock_key,
+    open_storage,
+    study_lock,
+    why_not_opened,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +48,6 @@ def search_args(verb_cola_dir, encoder_dir) -> list[str]:
         "--max_seq_length", "16", "--global_train_batch_size", "8", "--num_train_epochs", "1",
         "--report_to", "none", "--disable_tqdm", "true",
     ]  # fmt: skip
-
-
-def python_env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 def start_holder(url: str, study_name: str, hold_limit_s: int | None = None) -> subprocess.Popen:
@@ -57,7 +64,7 @@ def start_holder(url: str, study_name: str, hold_limit_s: int | None = None) -> 
         time.sleep(600)
         """
     )
-    holder = subprocess.Popen([sys.executable, "-c", code], env=python_env(), stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", code], env=offline_env(), stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     return holder
 
@@ -160,7 +167,7 @@ def test_workers_counting_slots_under_the_lock_create_exactly_n_trials(postgres_
         """
     )
     workers = [
-        subprocess.Popen([sys.executable, "-c", code], env=python_env(), stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", code], env=offline_env(), stdout=subprocess.PIPE, text=True)
         for _ in range(3)
     ]
     created = [int(worker.communicate(timeout=120)[0]) for worker in workers]
@@ -192,9 +199,9 @@ def search_command(base_args: list, out, space, n_trials: int, storage: str, *ex
     )  # fmt: skip
 
 
-def start_worker(command: list[str], env: dict | None = None) -> subprocess.Popen:
+def start_worker(command: list[str], env: dict | None = None, hooks: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        command, cwd=REPO, env=env or subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, cwd=REPO, env=offline_env(env, hooks), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
 
 
@@ -218,6 +225,7 @@ def trial_states(url: str) -> list[str]:
     return [trial.state.name for trial in shared_study(url).get_trials(deepcopy=False)]
 
 
+@pytest.mark.xdist_group("postgres-three-workers")  # searches in subprocesses: a group of its own
 def test_three_workers_with_their_own_output_dirs_run_exactly_n_trials_and_build_one_best(
     tmp_path, search_args, postgres_database, monkeypatch, capsys
 ):
@@ -256,15 +264,21 @@ def test_three_workers_with_their_own_output_dirs_run_exactly_n_trials_and_build
     assert (best_dirs[0] / "results.json").stat().st_mtime_ns == built
 
 
+@pytest.mark.xdist_group("postgres-killed-worker")  # searches in subprocesses: a group of its own
 def test_a_worker_killed_mid_trial_is_noticed_by_its_heartbeat_and_its_trial_run_again(
-    tmp_path, search_args, postgres_database
+    tmp_path, search_args, postgres_database, signal_hooks
 ):
     """Separate output directories: only the heartbeat in the database can tell the others that a worker died."""
     space = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"values": [5e-3, 2e-3, 1e-3]}})
-    # Trials of 6 epochs: long enough to be caught after their first.
-    heartbeat = ["--search_heartbeat_interval", "1", "--search_grace_period", "3", "--num_train_epochs", "6"]
-    victim_out, survivor_out = tmp_path / "victim", tmp_path / "survivor"
-    victim = start_worker(search_command(search_args, victim_out, space, 2, postgres_database, *heartbeat))
+    heartbeat = ["--search_heartbeat_interval", "1", "--search_grace_period", "3", "--num_train_epochs", "2"]
+    victim_out, survivor_out, hold = tmp_path / "victim", tmp_path / "survivor", tmp_path / "hold"
+    hold.touch()
+    # Held in its first trial's second epoch (23 steps of 8 sentences each), past that trial's first checkpoint.
+    victim = start_worker(
+        search_command(search_args, victim_out, space, 2, postgres_database, *heartbeat),
+        {"COLA_TEST_HOLD": f"step:30:{hold}"},
+        signal_hooks,
+    )
     survivor = start_worker(search_command(search_args, survivor_out, space, 2, postgres_database, *heartbeat))
 
     def victim_mid_trial():
@@ -279,9 +293,9 @@ def test_a_worker_killed_mid_trial_is_noticed_by_its_heartbeat_and_its_trial_run
                 return trial
         return None
 
-    wait_until(lambda: victim_mid_trial() or victim.poll() is not None, "victim's trial past its first epoch", 240)
+    wait_for_file(Path(f"{hold}.reached"), victim, timeout=240)
     killed = victim_mid_trial()
-    assert killed is not None, victim.communicate()[0][-3000:]
+    assert killed is not None
     victim.send_signal(signal.SIGKILL)
     killed_at = datetime.now()
     victim.wait(timeout=30)
@@ -303,15 +317,22 @@ def test_a_worker_killed_mid_trial_is_noticed_by_its_heartbeat_and_its_trial_run
     )
 
 
+@pytest.mark.xdist_group("postgres-paused-worker")  # searches in subprocesses: a group of its own
 def test_a_worker_paused_past_the_grace_period_loses_its_trial_to_another_and_goes_on(
-    tmp_path, search_args, postgres_database
+    tmp_path, search_args, postgres_database, signal_hooks
 ):
     """SIGSTOP, as Slurm's PreemptMode=SUSPEND does: the paused worker's heartbeat stops, another worker fails its
     trial and runs it again; resumed, the first one's trial ends, is not recorded (it was failed), and the worker
     carries on without a traceback."""
     space = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"values": [5e-3, 2e-3, 1e-3]}})
-    heartbeat = ["--search_heartbeat_interval", "1", "--search_grace_period", "3", "--num_train_epochs", "6"]
-    paused = start_worker(search_command(search_args, tmp_path / "paused", space, 2, postgres_database, *heartbeat))
+    heartbeat = ["--search_heartbeat_interval", "1", "--search_grace_period", "3"]
+    hold = tmp_path / "hold"
+    hold.touch()
+    paused = start_worker(  # held at its first trial's second step until paused: caught mid-trial
+        search_command(search_args, tmp_path / "paused", space, 2, postgres_database, *heartbeat),
+        {"COLA_TEST_HOLD": f"step:2:{hold}"},
+        signal_hooks,
+    )
     other = start_worker(search_command(search_args, tmp_path / "other", space, 2, postgres_database, *heartbeat))
 
     def paused_trial():
@@ -321,13 +342,14 @@ def test_a_worker_paused_past_the_grace_period_loses_its_trial_to_another_and_go
             return None
         return next((trial for trial in running if trial.user_attrs.get("pid") == paused.pid), None)
 
-    wait_until(lambda: paused_trial() or paused.poll() is not None, "the first worker's trial", 240)
+    wait_for_file(Path(f"{hold}.reached"), paused, timeout=240)
     taken = paused_trial()
     assert taken is not None
     paused.send_signal(signal.SIGSTOP)
     try:
         wait_until(lambda: trial_states(postgres_database)[taken.number] == "FAIL", "its trial failed", 120)
     finally:
+        hold.unlink()  # resumed, it trains on
         paused.send_signal(signal.SIGCONT)
     logs = finish_workers([paused, other])
 
@@ -354,6 +376,7 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_run_again(tmp_p
     assert trials[1].system_attrs["retry_history"] == [0]
 
 
+@pytest.mark.xdist_group("postgres-password")  # searches in subprocesses: a group of its own
 def test_the_storage_password_is_recorded_nowhere(tmp_path, search_args, postgres_database):
     """W&B offline writes its runs under each trial's directory and best/: they are searched too."""
     from test_tracking import no_credentials_env
@@ -398,14 +421,24 @@ def test_a_server_that_never_answers_is_one_line_naming_it_within_the_connect_ti
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         port = silent.getsockname()[1]
-        url = f"postgresql+psycopg://cola:planted-secret@127.0.0.1:{port}/cola"
-        # Bounded by CONNECT_TIMEOUT_S (10 s), not by the operating system's minutes.
+        # The URL's own timeout, 2 s (libpq's least), bounds the wait rather than the operating system's minutes;
+        # the default one (10 s) takes the same way, checked below without waiting for it.
+        url = f"postgresql+psycopg://cola:planted-secret@127.0.0.1:{port}/cola?connect_timeout=2"
         code, err = cola_in_process(search_command(search_args, tmp_path / "out", space, 2, url), monkeypatch, capsys)
     assert code == 2
     line = error_line(err)
-    assert line.startswith(f"--search_storage postgresql+psycopg://cola:***@127.0.0.1:{port}/cola: ")
-    assert f"no answer from the database server at 127.0.0.1:{port} within 10 s" in line
+    assert line.startswith(f"--search_storage postgresql+psycopg://cola:***@127.0.0.1:{port}/cola?connect_timeout=2: ")
+    assert f"no answer from the database server at 127.0.0.1:{port} within 2 s" in line
     assert "planted-secret" not in err
+
+    # Without ?connect_timeout= the driver is given CONNECT_TIMEOUT_S, and the line names it.
+    default_url = url.split("?")[0]
+    assert CONNECT_TIMEOUT_S == 10
+    assert engine_kwargs(default_url)["connect_args"] == {"connect_timeout": CONNECT_TIMEOUT_S}
+    timed_out = psycopg.errors.ConnectionTimeout("connection timeout expired")
+    assert why_not_opened(timed_out, sqlalchemy.engine.make_url(default_url)) == (
+        f"no answer from the database server at 127.0.0.1:{port} within 10 s"
+    )
 
 
 def test_a_database_that_refuses_to_create_tables_is_one_line_saying_what_to_ask_for(
@@ -431,6 +464,7 @@ def test_a_database_that_refuses_to_create_tables_is_one_line_saying_what_to_ask
     assert "guest-secret" not in err
 
 
+@pytest.mark.xdist_group("postgres-two-sweeps")  # searches in subprocesses: a group of its own
 def test_two_sweep_files_under_one_study_name_the_second_is_refused(tmp_path, search_args, postgres_database):
     """Started together: the study lock lets one create the study and record its space; the other is refused."""
     first = write_sweep(tmp_path / "first.yaml", "random", {"learning_rate": {"values": [5e-3]}})

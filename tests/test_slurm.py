@@ -8,7 +8,6 @@ localhost); skipped otherwise. Jobs are submitted exactly as a user submits them
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_cola_dir
+from launching import REPO, offline_env
 
 SLURM_SCRIPT = REPO / "experiments" / "accelerate" / "slurm.sh"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -54,22 +53,17 @@ def wait_for(condition, what: str, log: Path, timeout: float):
     raise AssertionError(f"no {what} after {timeout:.0f} s; job log:\n{tail}")
 
 
-def test_job_stopped_mid_training_saves_requeues_itself_and_finishes(tmp_path, tiny_model_dir):
-    data = write_cola_dir(tmp_path / "raw", train=600)  # 540 training sentences: 34 steps per epoch
-    output_dir, log = tmp_path / "run", tmp_path / "slurm.out"
-    env = {
-        **os.environ,
-        "PYTHON": sys.executable,
-        "PYTHONPATH": str(REPO),
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "disabled",
-        "OMP_NUM_THREADS": "1",
-    }
+def test_job_stopped_mid_training_saves_requeues_itself_and_finishes(tmp_path, tiny_model_dir, cola_dir, signal_hooks):
+    output_dir, log, hold = tmp_path / "run", tmp_path / "slurm.out", tmp_path / "hold"
+    hold.touch()
+    # Held at step 5 of 24 (180 training sentences, 2 epochs) until the signal is in: it comes mid-training. The
+    # requeued job finds no hold file and goes on.
+    env = offline_env({"PYTHON": sys.executable, "COLA_TEST_HOLD": f"step:5:{hold}"}, signal_hooks)
     # The cluster's GPUs and time are the script's business; here one CPU and no time-limit signal.
     submit = ["sbatch", "--parsable", "--gpus=0", "--cpus-per-task=1", "--time=10", f"--output={log}"]
     training = [
-        *("--model_name_or_path", tiny_model_dir, "--cola_source", data, "--output_dir", output_dir),
-        *("--num_train_epochs", "30", "--global_train_batch_size", "16", "--learning_rate", "1e-3"),
+        *("--model_name_or_path", tiny_model_dir, "--cola_source", cola_dir, "--output_dir", output_dir),
+        *("--num_train_epochs", "2", "--global_train_batch_size", "16", "--learning_rate", "1e-3"),
         *("--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true"),
     ]
     submitted = subprocess.run(
@@ -78,9 +72,11 @@ def test_job_stopped_mid_training_saves_requeues_itself_and_finishes(tmp_path, t
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().split(";")[0]
     try:
-        wait_for(lambda: log.exists() and "{'loss':" in log.read_text(), "training loss in the log", log, timeout=60)
+        wait_for(lambda: Path(f"{hold}.reached").exists(), "the job at step 5", log, timeout=60)
         # What the time limit's --signal=B:TERM does: SIGTERM to the batch shell, which passes it on.
         subprocess.run(["scancel", "--batch", "--signal=TERM", job_id], check=True)
+        wait_for(lambda: "SIGTERM received" in log.read_text(), "the run taking the signal", log, timeout=60)
+        hold.unlink()
         final = wait_for(
             lambda: (fields := job_fields(job_id)).get("JobState") in FINAL_STATES and fields, "end", log, timeout=120
         )
@@ -104,9 +100,11 @@ def test_job_stopped_mid_training_saves_requeues_itself_and_finishes(tmp_path, t
 SEARCH_SCRIPT = REPO / "experiments" / "accelerate" / "slurm_search.sh"
 
 
-def submit_search_array(tmp_path: Path, tiny_model_dir: Path, n_trials: int, epochs: int) -> tuple[str, Path]:
-    """Two search workers as an array, sharing the study's journal in one OUTPUT_DIR; the array's job id."""
-    data = write_cola_dir(tmp_path / "raw", train=600)
+def submit_search_array(
+    tmp_path: Path, tiny_model_dir: Path, data: Path, n_trials: int, hooks: Path | None = None
+) -> tuple[str, Path]:
+    """Two search workers as an array, sharing the study's journal in one OUTPUT_DIR, trials of one epoch; the
+    array's job id. With `hooks`, each task holds its first trial at step 5 while tmp_path/hold-TASK exists."""
     space = tmp_path / "space.yaml"
     space.write_text(
         "method: random\nmetric: {name: eval/matthews_correlation, goal: maximize}\n"
@@ -117,12 +115,12 @@ def submit_search_array(tmp_path: Path, tiny_model_dir: Path, n_trials: int, epo
     submit.append(f"--output={tmp_path}/slurm-%A_%a.out")
     worker = [
         *("--model_name_or_path", tiny_model_dir, "--cola_source", data, "--output_dir", output_dir),
-        *("--search", space, "--n_trials", n_trials, "--num_train_epochs", epochs),
+        *("--search", space, "--n_trials", n_trials, "--num_train_epochs", "1"),
         *("--global_train_batch_size", "16", "--annotations_source", "none"),
         *("--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true"),
     ]
-    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    env.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    hold = {"COLA_TEST_HOLD": f"step:5:{tmp_path}/hold-$SLURM_ARRAY_TASK_ID"} if hooks else {}
+    env = offline_env({"PYTHON": sys.executable, **hold}, hooks)
     submitted = subprocess.run(
         [*submit, str(SEARCH_SCRIPT), *map(str, worker)], cwd=REPO, env=env, capture_output=True, text=True
     )
@@ -148,8 +146,8 @@ def wait_for_tasks(array_id: str, logs: list[Path], timeout: float) -> list[dict
     return wait_for(ended, "end of both tasks", logs[-1], timeout=timeout)
 
 
-def test_a_job_array_of_two_workers_runs_exactly_n_trials_and_one_best(tmp_path, tiny_model_dir):
-    array_id, output_dir = submit_search_array(tmp_path, tiny_model_dir, n_trials=3, epochs=1)
+def test_a_job_array_of_two_workers_runs_exactly_n_trials_and_one_best(tmp_path, tiny_model_dir, cola_dir):
+    array_id, output_dir = submit_search_array(tmp_path, tiny_model_dir, cola_dir, n_trials=3)
     logs = [tmp_path / f"slurm-{array_id}_{task}.out" for task in range(2)]
     try:
         tasks = wait_for_tasks(array_id, logs, timeout=300)
@@ -164,14 +162,19 @@ def test_a_job_array_of_two_workers_runs_exactly_n_trials_and_one_best(tmp_path,
         assert f"cola-hf: search worker {array_id}_{task} " in text
 
 
-def test_a_preempted_array_task_requeues_and_the_study_still_ends_with_n_trials(tmp_path, tiny_model_dir):
-    # Trials of 20 epochs (hundreds of steps): the signal, sent after the first 10, comes mid-trial.
-    array_id, output_dir = submit_search_array(tmp_path, tiny_model_dir, n_trials=3, epochs=20)
+def test_a_preempted_array_task_requeues_and_the_study_still_ends_with_n_trials(
+    tmp_path, tiny_model_dir, cola_dir, signal_hooks
+):
+    hold = tmp_path / "hold-1"  # task 1 held at step 5 of its first trial until the signal is in: mid-trial
+    hold.touch()
+    array_id, output_dir = submit_search_array(tmp_path, tiny_model_dir, cola_dir, n_trials=3, hooks=signal_hooks)
     logs = [tmp_path / f"slurm-{array_id}_{task}.out" for task in range(2)]
     try:
-        wait_for(lambda: logs[1].exists() and "{'loss':" in logs[1].read_text(), "task 1 training", logs[1], 120)
+        wait_for(lambda: Path(f"{hold}.reached").exists(), "task 1 at step 5", logs[1], 120)
         # What the time limit's --signal=B:TERM does (preemption signals the step the same way).
         subprocess.run(["scancel", "--batch", "--signal=TERM", f"{array_id}_1"], check=True)
+        wait_for(lambda: "SIGTERM received" in logs[1].read_text(), "task 1 taking the signal", logs[1], 60)
+        hold.unlink()
         tasks = wait_for_tasks(array_id, logs, timeout=400)
     finally:
         subprocess.run(["scancel", array_id], capture_output=True)

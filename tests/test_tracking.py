@@ -11,11 +11,9 @@ import hashlib
 import http.server
 import importlib.metadata
 import json
-import os
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import zlib
 from pathlib import Path
@@ -24,7 +22,7 @@ import matplotlib
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, SCRIPT
+from launching import REPO, cola_command, offline_env
 
 matplotlib.use("Agg")
 
@@ -102,9 +100,8 @@ def offline_runs(wandb_dir: Path) -> list[Path]:
 # --- a run with no API key -------------------------------------------------------------------------------------
 def no_credentials_env(tmp_path: Path) -> dict:
     """The user's environment minus every W&B setting and credential, as on a fresh machine."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
+    env = {key: value for key, value in offline_env().items() if not key.startswith("WANDB_")}
     env.update(
-        HF_HUB_OFFLINE="1",
         NETRC=str(tmp_path / "no-netrc"),  # no `wandb login` key either
         WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
         WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
@@ -123,7 +120,7 @@ def test_run_without_api_key_goes_offline_and_wandb_stores_metrics_config_summar
     out = tmp_path / "run"
     result = subprocess.run(
         [
-            sys.executable, str(SCRIPT), "experiments/recipes/tutorial.yaml",
+            *cola_command("experiments/recipes/tutorial.yaml"),
             "--cola_source", str(cola_dir), "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out),
             "--num_train_epochs", "2", "--max_train_samples", "64", "--max_seq_length", "16",
             "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true",

@@ -13,21 +13,19 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import transformers
 
 from cola_hf.config import RunOptions, parse_args
 from cola_hf.errors import HubPushError, Refused, RunFailed, StoppedBySignal, UsageError, one_line
 from cola_hf.integrations import hub
 from cola_hf.redaction import install_on, redact_argv, redact_text
-from cola_hf.results import RunResults
-from cola_hf.run import run
 from cola_hf.run_files import ERROR_LOG
-from cola_hf.studies.search.worker import run_search
-from cola_hf.studies.seeds import run_options, run_seeds
 from cola_hf.training.output_dir import check_output_dir_path, is_finished, mark_failed
+
+if TYPE_CHECKING:
+    from cola_hf.results import RunResults
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +109,12 @@ def dispatch(options: RunOptions) -> RunResults | dict | None:
         raise Refused("--seeds and --grid: give one or the other (a grid runs with --seed)")
     if study.search and (study.seeds or study.grid):
         raise Refused("--search with --seeds or --grid: give one (confirm a search's best_params.yaml over seeds)")
+    # The run and the studies are imported here, not above: with datasets, the Trainer, evaluate and Optuna they
+    # take seconds to import, which --help and a refused option never need.
+    from cola_hf.run import run
+    from cola_hf.studies.search.worker import run_search
+    from cola_hf.studies.seeds import run_options, run_seeds
+
     if study.search or study.grid:
         return run_search(options)
     if study.seeds:
@@ -141,6 +145,8 @@ def configure_logging(options: RunOptions) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(handlers=[handler], level=ours, force=True)
     level = args.get_process_log_level()
+    import datasets  # here: importing it takes most of a second, and --help and bad input do without
+
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
     transformers.utils.logging.enable_default_handler()

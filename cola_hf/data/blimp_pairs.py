@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-BLIMP_URL = "https://github.com/alexwarstadt/blimp/raw/master/BLiMP.zip"
 HOW_TO_PROVIDE = "--blimp_source path/to/BLiMP.zip"
 EXPECTED = "the BLiMP zip's URL, a local BLiMP.zip, a directory of its <UID>.jsonl files, or none"
 REQUIRED_FIELDS = ("sentence_good", "sentence_bad", "field", "linguistics_term", "UID", "pairID")

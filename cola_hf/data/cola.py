@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-COLA_URL = "https://nyu-mll.github.io/CoLA/cola_public_1.1.zip"  # the CoLA 1.1 release, from the CoLA site
 COLUMNS = ("sentence_source", "label", "label_notes", "sentence")
 FEATURES = datasets.Features(
     {

@@ -8,9 +8,12 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-import datasets
-
 from cola_hf.errors import ColaDataError, UsageError
+
+# The releases' addresses, here rather than beside their readers: the options' defaults (cola_hf.config) need them,
+# and importing the readers means importing `datasets`, most of a second that --help and bad input do without.
+COLA_URL = "https://nyu-mll.github.io/CoLA/cola_public_1.1.zip"  # the CoLA 1.1 release, from the CoLA site
+BLIMP_URL = "https://github.com/alexwarstadt/blimp/raw/master/BLiMP.zip"
 
 
 def is_url(source: str) -> bool:
@@ -24,6 +27,8 @@ def download(url: str, cache_dir: str | None = None, *, check_for_updates: bool 
     without, a cached copy is used as it is, offline too. Raises OSError or ConnectionError (offline mode
     included) when it cannot be fetched.
     """
+    import datasets
+
     download_config = datasets.DownloadConfig(cache_dir=cache_dir, use_etag=check_for_updates)
     return Path(datasets.DownloadManager(download_config=download_config).download_and_extract(url))
 
@@ -48,4 +53,6 @@ def local_root(
                 raise error(f"{path}: not a zip file; expected {expected}")
     except PermissionError as err:
         raise error(f"{err.filename}: cannot read ({err.strerror})") from err
+    import datasets
+
     return Path(datasets.DownloadManager().extract(str(path)))

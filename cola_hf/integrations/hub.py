@@ -16,13 +16,12 @@ import re
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import huggingface_hub
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import HubStrategy
 
 from cola_hf.config import options_with
@@ -31,6 +30,9 @@ from cola_hf.file_io import write_text
 from cola_hf.redaction import redact_text
 from cola_hf.results import EPOCH_COLUMNS, RunResults, TestSetResults
 from cola_hf.run_files import MODEL_CARD, PUBLISHED_FILES, RESULTS_FILE, card_entries
+
+if TYPE_CHECKING:  # transformers' Trainer takes a second to import: the command's --help and bad input need none
+    from transformers import Trainer, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
