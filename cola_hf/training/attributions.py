@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -32,6 +33,7 @@ METHODS = ("integrated_gradients", "gradient_x_input")
 DEFAULT_METHOD = "integrated_gradients"
 IG_STEPS = 16  # Gauss-Legendre points; docs/analysis.md gives the deltas this leaves on MiniLM
 DEFAULT_BATCH_SIZE = 16  # sentences per pass; integrated gradients runs IG_STEPS x this through the model
+BASELINE = "the sentence's special tokens kept, every word piece replaced by the padding token"
 # A delta this large beside the margin change it should equal: the word scores are not to be trusted alone.
 LARGE_DELTA = 0.1
 
@@ -182,3 +184,23 @@ def _gradient_x_input(
     with torch.no_grad():
         difference = embeddings(ids) - embeddings(baseline)
     return (gradient * difference).float().sum(dim=-1), margins
+
+
+def sample_pairs(uids: Sequence[str], per_paradigm: int, seed: int) -> list[int]:
+    """Rows of `per_paradigm` pairs drawn from each paradigm (all 67 of BLiMP), seeded; in row order."""
+    rows_of: dict[str, list[int]] = {}
+    for row, uid in enumerate(uids):
+        rows_of.setdefault(uid, []).append(row)
+    generator = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for uid in sorted(rows_of):
+        rows = rows_of[uid]
+        chosen.extend(generator.choice(rows, size=min(per_paradigm, len(rows)), replace=False).tolist())
+    return sorted(chosen)
+
+
+def most_confidently_wrong(labels: np.ndarray, probabilities: np.ndarray, count: int) -> list[int]:
+    """Rows of the `count` sentences whose P(acceptable) is furthest from their gold label, among the wrong ones."""
+    wrong = np.flatnonzero((probabilities > 0.5).astype(int) != labels)
+    distance = np.abs(probabilities[wrong] - labels[wrong])
+    return wrong[np.argsort(-distance, kind="stable")][:count].tolist()
