@@ -277,7 +277,7 @@ def sentence_html(sentence: ExplainedSentence, blamed: int | None = None) -> str
         spans.append(f'<span class="{" ".join(classes)}"{style} title="{score:+.3f}">{html.escape(word)}</span>')
     notes = [f"margin {sentence.margin:+.2f}"]
     if sentence.truncated_words:
-        notes.append(f"truncated at --max_seq_length {sentence.truncated_words} word(s) not seen")
+        notes.append(f"truncated at --max_seq_length: {sentence.truncated_words} word(s) not seen")
     if sentence.large_delta:
         notes.append(f"large convergence delta ({sentence.delta:+.3f}): the scores do not add up to the margin")
     return f'<div class="s">{" ".join(spans)} <span class="note">({"; ".join(notes)})</span></div>'
@@ -309,8 +309,8 @@ def page_html(explanations: Explanations) -> str:
 <style>{STYLE}</style><script>{COUNT_SCRIPT}</script></head><body>
 <h1>Why did the model say so?</h1>
 <p>Each word is shaded by how much it moved the model's margin, logit(acceptable) - logit(unacceptable):
-<span class="w" style="background-color: rgba(200, 30, 30, 0.6)">red</span> toward "unacceptable",
-<span class="w" style="background-color: rgba(30, 90, 200, 0.6)">blue</span> toward "acceptable" (hover for the
+<span class="key" style="background-color: rgba(200, 30, 30, 0.6)">red</span> toward "unacceptable",
+<span class="key" style="background-color: rgba(30, 90, 200, 0.6)">blue</span> toward "acceptable" (hover for the
 score). Method: {html.escape(explanations.method)}; baseline: {html.escape(explanations.baseline)}. In BLiMP's
 unacceptable sentences, <span class="diff">underlined</span> words differ from the acceptable sentence and the
 <span class="blamed">dashed</span> word is the one blamed most. An explanation of this classifier's decision,
