@@ -207,3 +207,25 @@ def test_the_page_shades_the_expected_words_in_a_real_browser(explained_run, tmp
     counted = re.search(r'<output id="shaded-count">(\d+)</output>', dom)
     assert counted is not None, dom[-2000:]
     assert int(counted.group(1)) == expected
+
+
+def test_cola_predict_explain_gives_word_scores_in_every_output(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from cola_hf.cli.predict import main as predict_main
+
+    page = tmp_path / "why.html"
+    argv = ["--model", str(tiny_model_dir), "--explain", "--explain_html", str(page)]
+    assert predict_main([*argv, "--format", "jsonl", *SENTENCES[1:]]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [record["words"] for record in records] == [text.replace(".", " .").split() for text in SENTENCES[1:]]
+    assert all(len(record["word_scores"]) == len(record["words"]) for record in records)
+    assert page.read_text().count('<span class="w"') == sum(len(record["words"]) for record in records)
+    assert predict_main([*argv, "The cat sat."]) == 0  # not a terminal: the signed-score form in a TSV column
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split("\t")[-1] == "word_scores"
+    assert re.fullmatch(
+        r"The\([+-]\d\.\d\d\) cat\([+-]\d\.\d\d\) sat\([+-]\d\.\d\d\) \.\([+-]\d\.\d\d\)", row.split("\t")[-1]
+    )
+    assert predict_main(["--model", str(tiny_model_dir), "--explain_html", str(page), "The cat sat."]) == 2
+    assert capsys.readouterr().err == "cola-predict: error: --explain_html needs --explain\n"

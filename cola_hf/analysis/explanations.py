@@ -327,6 +327,21 @@ not a grammatical analysis (docs/analysis.md).</p>{notes}
 """
 
 
+def sentences_page(labelled: Sequence[tuple[str, ExplainedSentence]]) -> str:
+    """cola-predict's page (--explain_html): each sentence under its label, shaded as in explanations.html."""
+    body = "".join(f"<h3>{html.escape(label)}</h3>{sentence_html(sentence)}" for label, sentence in labelled)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Why did the model say so?</title>
+<style>{STYLE}</style><script>{COUNT_SCRIPT}</script></head><body>
+<h1>Why did the model say so?</h1>
+<p><span class="key" style="background-color: rgba(200, 30, 30, 0.6)">Red</span> words pushed toward
+"unacceptable", <span class="key" style="background-color: rgba(30, 90, 200, 0.6)">blue</span> toward
+"acceptable" (hover for the score).</p>
+<p class="note">Words shaded on this page: <output id="shaded-count">(needs JavaScript)</output></p>
+{body}</body></html>
+"""
+
+
 def write_explanations(output_dir: str | Path, explanations: Explanations) -> None:
     """explanations.json and explanations.html."""
     output_dir = Path(output_dir)
