@@ -288,7 +288,9 @@ def log_run_outputs(
         attempt(png.name, lambda png=png: media.__setitem__(f"charts/{png.stem}", wandb.Image(str(png))))
     page = output_dir / EXPLANATIONS_HTML
     if page.is_file():
-        attempt(page.name, lambda: media.__setitem__("explanations", wandb.Html(page.read_text(encoding="utf-8"))))
+        # inject=False: W&B would add a stylesheet link to its site, and the page is meant to need no network.
+        html = functools.partial(wandb.Html, page.read_text(encoding="utf-8"), inject=False, data_is_not_path=True)
+        attempt(page.name, lambda: media.__setitem__("explanations", html()))
     for split in ("validation", *TEST_SPLITS):  # CoLA's predictions files (BLiMP's has no sentences)
         predictions = predictions_file(output_dir, split)
         if not predictions.is_file():
