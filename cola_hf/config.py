@@ -84,7 +84,7 @@ class DataArguments:
         },
     )
     explain_pairs: int = field(
-        default=2,
+        default=1,  # integrated gradients on 134 + 10 sentences: about a tenth of a MiniLM run (docs/analysis.md)
         metadata={
             "help": "Explain the model's judgments word by word (explanations.html, explanations.json) on this "
             "many BLiMP pairs per paradigm (seeded) and the test sets' most confidently wrong sentences; 0 skips it."
