@@ -229,3 +229,13 @@ def test_cola_predict_explain_gives_word_scores_in_every_output(tiny_model_dir, 
     )
     assert predict_main(["--model", str(tiny_model_dir), "--explain_html", str(page), "The cat sat."]) == 2
     assert capsys.readouterr().err == "cola-predict: error: --explain_html needs --explain\n"
+
+
+def test_a_terminal_gets_each_word_on_its_shade():
+    line = explanations.terminal_line(["Sat", "the", "cat"], [-1.0, 0.5, 0.0], colour=True)
+    assert line.split(" ") == [
+        "\x1b[48;2;255;80;80m\x1b[38;2;0;0;0mSat\x1b[0m",  # the strongest push toward "unacceptable": deepest red
+        "\x1b[48;2;167;167;255m\x1b[38;2;0;0;0mthe\x1b[0m",  # half as strong, toward "acceptable": light blue
+        "\x1b[48;2;255;255;255m\x1b[38;2;0;0;0mcat\x1b[0m",  # no push: white
+    ]
+    assert explanations.terminal_line(["Sat"], [-1.0], colour=False) == "Sat(-1.00)"
