@@ -279,12 +279,15 @@ def run_cola(*args: str, env: dict | None = None, check: bool = True) -> subproc
     """experiments/cola.py in a subprocess, offline, as a user would run it.
 
     Without BLiMP unless the test asks for it (--blimp_source): offline the default URL is skipped anyway, but a
-    copy in datasets' cache would have every run score 134,000 sentences.
+    copy in datasets' cache would have every run score 134,000 sentences. Without explanations likewise
+    (--explain_pairs): tests/test_explanations.py checks them in-process.
     """
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env or {})}
     args = tuple(map(str, args))
     if "--blimp_source" not in args:
         args = (*args, "--blimp_source", "none")
+    if "--explain_pairs" not in args:  # importing captum alone takes seconds, in every process that explains
+        args = (*args, "--explain_pairs", "0")
     result = subprocess.run(
         [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=full_env, cwd=REPO
     )
