@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, TextIO
 import numpy as np
 from tqdm.auto import tqdm
 
+from cola_hf.analysis.explanations import ExplainedSentence, explained_sentence, sentences_page, terminal_line
 from cola_hf.errors import UsageError, one_line
-from cola_hf.file_io import atomic_path, read_text, read_tsv
+from cola_hf.file_io import atomic_path, read_text, read_tsv, write_text
 
 if TYPE_CHECKING:
     from transformers import Pipeline
@@ -40,6 +41,10 @@ class Prediction:
     label: str
     # Probability of every label; they sum to 1.
     scores: dict[str, float]
+    # With --explain: the words the model saw and each one's push toward "acceptable" (negative: "unacceptable").
+    words: list[str] | None = None
+    word_scores: list[float] | None = None
+    truncated_words: int = 0
 
     @property
     def probability(self) -> float:
@@ -139,6 +144,47 @@ def classify(
     ]
 
 
+def explain(
+    classifier: Pipeline, predictions: Sequence[Prediction], batch_size: int = 16, max_length: int | None = None
+) -> list[ExplainedSentence]:
+    """Per-word attributions of every prediction's sentence (cola_hf/training/attributions.py), stored on them."""
+    from cola_hf.training.attributions import attribute_words
+
+    scored = attribute_words(
+        classifier.model,
+        classifier.tokenizer,
+        [prediction.sentence for prediction in predictions],
+        batch_size=batch_size,
+        max_length=max_length or model_max_length(classifier),
+    )
+    for prediction, attribution in zip(predictions, scored, strict=True):
+        prediction.words, prediction.word_scores = attribution.words, attribution.scores
+        prediction.truncated_words = attribution.truncated_words
+    return [explained_sentence(attribution) for attribution in scored]
+
+
+def write_explained(predictions: Sequence[Prediction], stream: TextIO, *, colour: bool) -> None:
+    """Each sentence's label and probability, then its words shaded (`colour`) or with their signed scores."""
+    for p in predictions:
+        assert p.words is not None and p.word_scores is not None
+        cut = f"  [truncated: {p.truncated_words} word(s) not seen]" if p.truncated_words else ""
+        line = terminal_line(p.words, p.word_scores, colour=colour)
+        stream.write(f"{p.label}\t{p.probability:.6f}\t{line}{cut}\n")
+
+
+def write_explanation_page(
+    path: str | Path, predictions: Sequence[Prediction], sentences: Sequence[ExplainedSentence]
+) -> None:
+    """--explain_html: the sentences shaded on one self-contained page."""
+    labelled = [
+        (f"{p.label} ({p.probability:.3f})", sentence) for p, sentence in zip(predictions, sentences, strict=True)
+    ]
+    try:
+        write_text(path, sentences_page(labelled))
+    except OSError as err:
+        raise UsageError(f"--explain_html {path}: cannot write ({err.strerror})") from err
+
+
 def label_ids(classifier: Pipeline, predictions: Sequence[Prediction]) -> np.ndarray:
     label2id = classifier.model.config.label2id
     return np.array([label2id[prediction.label] for prediction in predictions])
@@ -149,12 +195,18 @@ def write_labelled(predictions: Sequence[Prediction], stream: TextIO, output_for
     if output_format == "jsonl":
         for p in predictions:
             record = {"sentence": p.sentence, "label": p.label, "probability": p.probability, "scores": p.scores}
+            if p.words is not None:
+                record |= {"words": p.words, "word_scores": p.word_scores, "truncated_words": p.truncated_words}
             stream.write(json.dumps(record, ensure_ascii=False) + "\n")
         return
-    stream.write("sentence\tlabel\tprobability\n")
+    explained = bool(predictions) and predictions[0].words is not None
+    stream.write("sentence\tlabel\tprobability" + ("\tword_scores" if explained else "") + "\n")
     for p in predictions:
         # No quoting, like the CoLA files: sentences hold quotes. A tab would split the row, so it becomes a space.
-        stream.write(f"{p.sentence.replace(chr(9), ' ')}\t{p.label}\t{p.probability:.6f}\n")
+        row = f"{p.sentence.replace(chr(9), ' ')}\t{p.label}\t{p.probability:.6f}"
+        if explained:
+            row += "\t" + terminal_line(p.words or [], p.word_scores or [], colour=False).replace("\t", " ")
+        stream.write(row + "\n")
 
 
 GLUE_TEST_HEADER = ("index", "sentence")

@@ -82,6 +82,21 @@ class DataArguments:
             "copy, or a directory of its .jsonl files); 'none' skips them."
         },
     )
+    explain_pairs: int = field(
+        default=1,  # integrated gradients on 134 + 10 sentences: about a tenth of a MiniLM run (docs/analysis.md)
+        metadata={
+            "help": "Explain the model's judgments word by word (explanations.html, explanations.json) on this "
+            "many BLiMP pairs per paradigm (seeded) and the test sets' most confidently wrong sentences; 0 skips it."
+        },
+    )
+    explain_method: str = field(
+        default="integrated_gradients",
+        metadata={
+            "help": "How words are scored: integrated gradients on the input embeddings, or gradient x input "
+            "(one backward pass, no completeness guarantee).",
+            "choices": ["integrated_gradients", "gradient_x_input"],
+        },
+    )
 
 
 @dataclass
@@ -384,6 +399,8 @@ _ROLES = {
     "metric_for_best_model": "recipe",
     "greater_is_better": "recipe",
     "do_train": "unsearchable",
+    "explain_pairs": "unsearchable",
+    "explain_method": "unsearchable",
     "report_to": "unsearchable",
     "output_dir": "local",
     "overwrite_output_dir": "local",
@@ -467,6 +484,7 @@ OPTION_RANGES = {
     "seeds": Range(0, 2**32 - 1),
     "n_trials": AT_LEAST_ONE,
     "dataloader_num_workers": NOT_NEGATIVE,
+    "explain_pairs": NOT_NEGATIVE,
 }
 
 

@@ -27,7 +27,7 @@ import datasets
 import numpy as np
 from transformers import TrainerCallback
 
-from cola_hf.analysis import blimp_report
+from cola_hf.analysis import blimp_report, explanations
 from cola_hf.analysis.run_analysis import ThresholdAnalysis, analyze_run, phenomena_markdown, wandb_tables
 from cola_hf.analysis.tutorial_report import format_test_summary, report_test_split, write_epoch_outputs
 from cola_hf.config import RunOptions
@@ -39,6 +39,7 @@ from cola_hf.integrations import hub, tracking
 from cola_hf.predictions_tsv import predictions_file, write_predictions
 from cola_hf.redaction import redact_argv
 from cola_hf.results import TEST_SPLITS, RunResults
+from cola_hf.training import attributions
 from cola_hf.training.model import load_model
 from cola_hf.training.output_dir import hold_output_dir, prepare_output_dir
 from cola_hf.training.preemption import catching_sigterm
@@ -64,6 +65,7 @@ class PreparedRun:
     annotations_source: str | None  # checked: a local source was readable
     data_s: float  # reading and tokenizing CoLA (0 when a study's cache had them)
     blimp_source: str | None = None  # checked likewise; None: no BLiMP (`none`, or a trial)
+    blimp_pairs: datasets.Dataset | None = None  # read by score_blimp, for the explanations' sample
 
     @property
     def output_dir(self) -> Path:
@@ -77,6 +79,7 @@ class Evaluation:
 
     predictions: Predictions
     blimp: blimp_report.BlimpPredictions | None = None
+    explanations: explanations.Explanations | None = None
 
 
 def run(options: RunOptions, files_cache: FilesCache | None = None) -> RunResults | None:
@@ -163,7 +166,8 @@ def evaluate(prepared: PreparedRun) -> Evaluation:
     trainer, splits = prepared.trainer, prepared.splits
     predictions = {split: predict_split(trainer, splits[split]) for split in TEST_SPLITS}
     predictions["validation"] = trainer.validation_predictions(splits["validation"])
-    return Evaluation(predictions, score_blimp(prepared))
+    blimp = score_blimp(prepared)
+    return Evaluation(predictions, blimp, explain(prepared, predictions, blimp))
 
 
 def score_blimp(prepared: PreparedRun) -> blimp_report.BlimpPredictions | None:
@@ -179,6 +183,7 @@ def score_blimp(prepared: PreparedRun) -> blimp_report.BlimpPredictions | None:
         if pairs is None:
             return None
         sentences = blimp_pairs.tokenize_blimp(pairs, tokenizer, options.data.max_seq_length)
+    prepared.blimp_pairs = pairs  # the explanations' sample of pairs reads their sentences
     started = time.perf_counter()
     probabilities = score_on_every_process(
         trainer,
@@ -196,6 +201,74 @@ def score_blimp(prepared: PreparedRun) -> blimp_report.BlimpPredictions | None:
     )
     columns = sentences.with_format("numpy", columns=["pair", "label"])[:]
     return blimp_report.pair_predictions(pairs, columns["pair"], columns["label"], probabilities)
+
+
+EXPLAINED_ERRORS = 5  # per test set: its most confidently wrong sentences
+EXPLAINED_SPLITS = ("in_domain_dev", "out_of_domain_dev")  # glue_dev is the two together
+
+
+def explain(
+    prepared: PreparedRun, predictions: Predictions, blimp: blimp_report.BlimpPredictions | None
+) -> explanations.Explanations | None:
+    """Word-level explanations of the test sets' most confidently wrong sentences and of --explain_pairs BLiMP
+    pairs per paradigm, with the hit rates; on the main process only. None with --explain_pairs 0 or a slow
+    tokenizer (said in one log line)."""
+    trainer, data = prepared.trainer, prepared.options.data
+    if data.explain_pairs == 0 or not trainer.is_world_process_zero():
+        return None
+    tokenizer = trainer.processing_class
+    try:
+        attributions.check_explainable(tokenizer)
+    except UsageError as err:
+        logger.warning("Explanations skipped: %s", err)
+        return None
+    seed = prepared.options.training.seed
+
+    def attribute(texts: list[str]) -> list[explanations.ExplainedSentence]:
+        scored = attributions.attribute_words(
+            trainer.model, tokenizer, texts, method=data.explain_method, max_length=data.max_seq_length
+        )
+        return [explanations.explained_sentence(attribution) for attribution in scored]
+
+    started = time.perf_counter()
+    errors = []
+    for split in EXPLAINED_SPLITS:
+        labels, probabilities = predictions[split]
+        rows = attributions.most_confidently_wrong(labels, probabilities, EXPLAINED_ERRORS)
+        sentences = attribute([prepared.splits[split][row]["sentence"] for row in rows])
+        errors += [
+            explanations.ExplainedError(split, int(labels[row]), float(probabilities[row]), sentence)
+            for row, sentence in zip(rows, sentences, strict=True)
+        ]
+    pairs = []
+    if blimp is not None and prepared.blimp_pairs is not None:
+        rows = attributions.sample_pairs(blimp.uids, data.explain_pairs, seed)
+        chosen = prepared.blimp_pairs.select(rows)
+        scored = attribute([*chosen["sentence_good"], *chosen["sentence_bad"]])
+        for index, row in enumerate(rows):
+            good, bad = scored[index], scored[len(rows) + index]
+            pairs.append(
+                explanations.explained_pair(
+                    blimp.uids[row], blimp.pair_ids[row], blimp.terms[row], good, bad, bool(blimp.correct[row])
+                )
+            )
+    seconds = time.perf_counter() - started
+    count = len(errors) + 2 * len(pairs)
+    logger.info("Explanations: %d sentences in %.1f s (%.1f a second)", count, seconds, count / seconds)
+    return explanations.Explanations(
+        method=data.explain_method,
+        ig_steps=attributions.IG_STEPS if data.explain_method == "integrated_gradients" else 1,
+        baseline=attributions.BASELINE,
+        pairs_per_paradigm=data.explain_pairs,
+        seed=seed,
+        max_seq_length=data.max_seq_length,
+        hits=explanations.hit_table(pairs),
+        pairs=pairs,
+        errors=errors,
+        sentences=count,
+        seconds=round(seconds, 3),
+        sentences_per_second=round(count / seconds, 3),
+    )
 
 
 def finish(
@@ -242,6 +315,12 @@ def finish(
             tables |= blimp_report.wandb_tables(blimp_figures)
             summary = blimp_report.summary_metrics(blimp_figures)
             blimp_table = blimp_report.phenomena_markdown(blimp_figures)
+        explained = evaluation.explanations
+        if explained is None:
+            explanations.remove_explanations(output_dir)
+        else:
+            explanations.write_explanations(output_dir, explained)
+            card_sections = (*card_sections, explanations.card_section(explained))
         hub.write_model_card(
             output_dir,
             results,

@@ -191,6 +191,22 @@ BLIMP_CHART = run_file(
     published=True,
     card="BLiMP: pair accuracy per phenomenon beside GPT-2, an LSTM, a 5-gram model and humans",
 )
+EXPLANATIONS_JSON = run_file(
+    "explanations.json",
+    "cola_hf/analysis/explanations.py",
+    "per-word attributions of the test sets' most confidently wrong sentences and of sampled BLiMP pairs, and "
+    "the hit rate of the blamed word on the pairs' differing words, typed "
+    "([analysis.md](analysis.md#why-did-the-model-say-so)); absent with `--explain_pairs 0`",
+    published=True,
+)
+EXPLANATIONS_HTML = run_file(
+    "explanations.html",
+    "cola_hf/analysis/explanations.py",
+    "the same as one self-contained page: each word shaded by how it moved the judgment, BLiMP's differing "
+    "words marked",
+    published=True,
+    card="Why did the model say so? Word-level explanations, checked against BLiMP's minimal pairs",
+)
 
 # --- the model, as save_pretrained writes it -------------------------------------------------------------------
 _SAVED_MODEL = "transformers (save_pretrained)"

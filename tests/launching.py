@@ -56,10 +56,14 @@ def cola_command(*args: object, processes: int = 1) -> list[str]:
     ]
 
 
-def without_blimp(args: tuple[str, ...]) -> tuple[str, ...]:
+def without_blimp_or_explanations(args: tuple[str, ...]) -> tuple[str, ...]:
     """Without BLiMP unless the test asks for it (--blimp_source): offline the default URL is skipped anyway, but
-    a copy in datasets' cache would have every run score 134,000 sentences."""
-    return args if "--blimp_source" in args else (*args, "--blimp_source", "none")
+    a copy in datasets' cache would have every run score 134,000 sentences. Without explanations likewise
+    (--explain_pairs): importing captum alone takes seconds in every process that explains, and
+    tests/test_explanations.py checks them in-process."""
+    if "--blimp_source" not in args:
+        args = (*args, "--blimp_source", "none")
+    return args if "--explain_pairs" in args else (*args, "--explain_pairs", "0")
 
 
 def run_cola(
@@ -71,7 +75,7 @@ def run_cola(
     timeout: float = 600,
 ) -> subprocess.CompletedProcess:
     """experiments/cola.py in a subprocess, offline, as a user would run it; its output captured."""
-    command = cola_command(*without_blimp(tuple(map(str, args))), processes=processes)
+    command = cola_command(*without_blimp_or_explanations(tuple(map(str, args))), processes=processes)
     result = subprocess.run(
         command, capture_output=True, text=True, env=offline_env(env, hooks), cwd=REPO, timeout=timeout
     )
@@ -84,7 +88,7 @@ def start_cola(
     *args: object, env: Mapping[str, str] | None = None, processes: int = 1, hooks: Path | None = None
 ) -> subprocess.Popen:
     """experiments/cola.py started, not awaited: stdout and stderr in one text pipe (see `finish`)."""
-    command = cola_command(*without_blimp(tuple(map(str, args))), processes=processes)
+    command = cola_command(*without_blimp_or_explanations(tuple(map(str, args))), processes=processes)
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=offline_env(env, hooks), cwd=REPO
     )

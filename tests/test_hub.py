@@ -333,7 +333,7 @@ PUBLISHED = {
     "README.md", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "results.json",
     "training_stats.csv", "analysis.json", "analysis.md", "learning_curve.png", "mcc_per_batch_out_of_domain_dev.png",
     "mcc_per_batch_in_domain_dev.png", "mcc_per_batch_glue_dev.png", "reliability.png", "confusion_matrix.png",
-    "threshold.png",
+    "threshold.png", "explanations.json", "explanations.html",
 }  # fmt: skip
 
 

@@ -39,6 +39,7 @@ SHOWS = {
     "mistakes": {"table", "chart"},
     "load-back": {"table"},
     "blimp": {"chart"},
+    "explain": {"table"},
 }
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -204,6 +204,9 @@ def test_run_without_api_key_goes_offline_and_wandb_stores_metrics_config_summar
     assert [row[phenomena["columns"].index("phenomenon")] for row in phenomena["data"]][-1] == "overall"
     assert summary["charts/blimp._type"] == "image-file"
     assert not any(key.startswith("misclassified/blimp") for key in summary)  # its file has no sentences
+    # The explanations page, as W&B's own HTML media.
+    assert summary["explanations._type"] == "html-file"
+    assert (run_dir / "files" / summary["explanations.path"]).read_text() == (out / "explanations.html").read_text()
 
     # --log_model: the final model as an artifact.
     (artifact,) = [artifact for artifact in stored["artifacts"] if artifact.type == "model"]

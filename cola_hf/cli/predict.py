@@ -33,6 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max_length", type=int, help="truncate sentences to this many tokens (default: the model's limit)"
     )
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="score each word's push toward acceptable/unacceptable (integrated gradients): shaded in a terminal, "
+        "else a word_scores column (TSV) or words/word_scores (JSONL)",
+    )
+    parser.add_argument("--explain_html", metavar="FILE", help="with --explain: also one self-contained page")
     args = parser.parse_args(argv)
     # Imported here, and the heavy libraries inside `predict` only once needed: bad input fails in a blink.
     import datasets
@@ -74,6 +81,16 @@ def main(argv: list[str] | None = None) -> int:
         predictions = classify.classify(
             classifier, sentences.texts, args.batch_size, max_length, progress=args.input is not None
         )
+        if args.explain_html and not args.explain:
+            raise UsageError("--explain_html needs --explain")
+        shown = False  # the shaded sentences took stdout's place
+        if args.explain:
+            explained = classify.explain(classifier, predictions, max_length=max_length)
+            if args.explain_html:
+                classify.write_explanation_page(args.explain_html, predictions, explained)
+            if not args.output and glue_test is None and sys.stdout.isatty():
+                classify.write_explained(predictions, sys.stdout, colour=True)
+                shown = True
         if args.output:
             from cola_hf.file_io import atomic_path
 
@@ -82,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                     classify.write_labelled(predictions, stream, args.format)
             except OSError as err:
                 raise UsageError(f"--output {args.output}: cannot write ({err.strerror})") from err
-        elif glue_test is None:
+        elif glue_test is None and not shown:
             classify.write_labelled(predictions, sys.stdout, args.format)
         if glue_test is not None:
             classify.write_glue_submission(

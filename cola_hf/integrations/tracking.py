@@ -36,7 +36,7 @@ from cola_hf.errors import StoppedBySignal, one_line
 from cola_hf.predictions_tsv import predictions_file, read_predictions
 from cola_hf.redaction import redact_options
 from cola_hf.results import EPOCH_COLUMNS, TEST_SPLITS
-from cola_hf.run_files import MODEL_CARD, MODEL_FILES
+from cola_hf.run_files import EXPLANATIONS_HTML, MODEL_CARD, MODEL_FILES
 from cola_hf.run_files import WANDB_RUN_ID as RUN_ID_FILE
 
 if TYPE_CHECKING:
@@ -286,6 +286,11 @@ def log_run_outputs(
     attempt("training_stats table", lambda: media.update(_epoch_table(results)))
     for png in sorted(output_dir.glob("*.png")):
         attempt(png.name, lambda png=png: media.__setitem__(f"charts/{png.stem}", wandb.Image(str(png))))
+    page = output_dir / EXPLANATIONS_HTML
+    if page.is_file():
+        # inject=False: W&B would add a stylesheet link to its site, and the page is meant to need no network.
+        html = functools.partial(wandb.Html, page.read_text(encoding="utf-8"), inject=False, data_is_not_path=True)
+        attempt(page.name, lambda: media.__setitem__("explanations", html()))
     for split in ("validation", *TEST_SPLITS):  # CoLA's predictions files (BLiMP's has no sentences)
         predictions = predictions_file(output_dir, split)
         if not predictions.is_file():
