@@ -87,7 +87,8 @@ def run(options: RunOptions, files_cache: FilesCache | None = None) -> RunResult
     args = options.training
     with (
         hold_output_dir(args.output_dir, main_process=args.process_index == 0),
-        catching_sigterm() as sigterm,  # from the start: a signal while the data or model load stops it too
+        # From the start: a signal while the data or model load stops it too.
+        catching_sigterm(args.output_dir if args.world_size > 1 else None) as sigterm,
     ):
         checkpoint = prepare_output_dir(args.output_dir, args, options.trajectory())
         prepared = prepare(options, files_cache)

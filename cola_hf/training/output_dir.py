@@ -54,9 +54,32 @@ def is_finished(output_dir: str | Path) -> bool:
     return (Path(output_dir) / RESULTS_FILE).is_file()
 
 
-def mark_failed(output_dir: str | Path, message: str) -> None:
-    """Leave the marker that says why the run in `output_dir` failed."""
-    write_text(Path(output_dir) / FAILED_MARKER, message + "\n")
+def mark_failed(output_dir: str | Path, message: str, rank: int = 0, run_started: float | None = None) -> None:
+    """Leave the marker that says why the run in `output_dir` failed.
+
+    In a run of several processes the first failure is the cause and the others follow from it (a peer that
+    left a collective): a process other than the main one writes the marker when it fails, naming itself, and
+    the main process keeps such a marker written since `run_started` (a time.time()) instead of its own line.
+    """
+    marker = Path(output_dir) / FAILED_MARKER
+    if rank != 0:
+        write_text(marker, f"process {rank}: {message}\n")
+        return
+    if run_started is not None and failed_since(output_dir, run_started):
+        return
+    write_text(marker, message + "\n")
+
+
+def failed_since(output_dir: str | Path, run_started: float) -> str | None:
+    """The failure another process of this run recorded (written since `run_started`), else None."""
+    marker = Path(output_dir) / FAILED_MARKER
+    try:
+        if marker.stat().st_mtime < run_started:
+            return None
+        line = marker.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return line if line.startswith("process ") else None
 
 
 def prepare_output_dir(
