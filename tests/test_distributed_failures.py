@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,36 @@ def test_a_rank_that_raises_ends_every_process_with_run_failed(tmp_path, cola_di
     assert not (output_dir / "results.json").exists()
     # Rank 0 ended on the record of rank 1's failure, not on its connection to it nor on the launcher's SIGKILL.
     assert "another process of the run failed (process 1: unexpected RuntimeError: injected failure" in result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_machines_that_do_not_share_the_output_directory_are_refused_on_every_rank(tmp_path, cola_dir, tiny_model_dir):
+    """Two torchrun "nodes" on localhost (static rendezvous, --node_rank 0 and 1), each with a directory of its own,
+    as two machines whose --output_dir is on a local disk."""
+    port = str(free_port())
+    nodes = []
+    for node in (0, 1):
+        command = [
+            *(sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"),
+            *("--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port, str(SCRIPT)),
+            *("--cola_source", str(cola_dir), "--model_name_or_path", str(tiny_model_dir), *RUN),
+            *("--output_dir", str(tmp_path / f"node{node}" / "run")),
+        ]
+        nodes.append(
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
+        )
+    # A hang (each node deciding alone whether to resume) fails here.
+    outputs = [node.communicate(timeout=120) for node in nodes]
+    for node, (_, stderr) in zip(nodes, outputs, strict=True):
+        assert node.returncode != 0
+        lines = [line for line in stderr.splitlines() if line.startswith("cola: error:")]
+        assert len(lines) == 1, stderr[-3000:]
+        assert "not the same directory on every node: process 1 (on" in lines[0]
+        assert "give every node one shared directory" in lines[0]
+        assert "exitcode  : 2" in stderr  # torchrun's summary of its worker: a UsageError
+    assert not (tmp_path / "node0" / "run" / "trainer_state.json").exists()
