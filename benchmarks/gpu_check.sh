@@ -177,7 +177,7 @@ stage end_to_end 300 bash -c '
     --max_steps '"$([ -n "$dry" ] && echo 2 || echo 20)"' --save_strategy no
   "$0" experiments/cola.py "${@:3}" --model_name_or_path "$2/run_bf16" --output_dir "$2/eval_fp32" --do_train false
 ' "$PYTHON" "$model" "$out" "${run[@]}"
-comparison=$("$PYTHON" - "$out" "$TOLERANCE" <<'PYTHON'
+comparison=$("$PYTHON" - "$out" "$TOLERANCE" 2>&1 <<'PYTHON'
 import sys
 from pathlib import Path
 
