@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 COLA_SOURCE ?= https://nyu-mll.github.io/CoLA/cola_public_1.1.zip
 MODEL ?= bert-base-uncased
 
-.PHONY: install test test-lowest tutorial style quality
+.PHONY: install test test-lowest test-offline-install tutorial style quality
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +28,11 @@ test: install
 # runs the suite's `lowest` subset.
 test-lowest:
 	TORCH="$(TORCH)" bash .ci/lowest_versions.sh
+
+# docs/cluster.md's install on a node without network: a wheelhouse for this machine, installed with the network cut
+# into a fresh virtualenv whose site provides torch, transformers and accelerate (minutes: pip installs ~80 wheels).
+test-offline-install: install
+	SITE_VENV=$(VENV) bash .ci/offline_install.sh
 
 # accelerate sets one thread per process on a CPU; a single CPU process should use every core.
 tutorial: install

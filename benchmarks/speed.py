@@ -231,7 +231,8 @@ def run_tutorial(args: argparse.Namespace) -> dict[str, Any]:
         args.model_name_or_path, num_labels=2, output_attentions=False, output_hidden_states=False
     )
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, eps=1e-8)
+    # The tutorial's transformers.AdamW had no weight decay by default; torch's AdamW defaults to 0.01.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, eps=1e-8, weight_decay=0.0)
     total_steps = args.max_steps or len(train_dataloader)
     epochs = math.ceil(total_steps / len(train_dataloader))
     scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=total_steps)

@@ -41,7 +41,7 @@ from cola_hf.redaction import redact_argv
 from cola_hf.results import TEST_SPLITS, RunResults
 from cola_hf.training import attributions
 from cola_hf.training.model import load_model
-from cola_hf.training.output_dir import hold_output_dir, prepare_output_dir
+from cola_hf.training.output_dir import check_shared_output_dir, hold_output_dir, prepare_output_dir
 from cola_hf.training.preemption import catching_sigterm
 from cola_hf.training.scoring import score_on_every_process
 from cola_hf.training.trainer import TutorialTrainer, build_trainer, epoch_table, predict_split
@@ -90,8 +90,10 @@ def run(options: RunOptions, files_cache: FilesCache | None = None) -> RunResult
     args = options.training
     with (
         hold_output_dir(args.output_dir, main_process=args.process_index == 0),
-        catching_sigterm() as sigterm,  # from the start: a signal while the data or model load stops it too
+        # From the start: a signal while the data or model load stops it too.
+        catching_sigterm(args.output_dir if args.world_size > 1 else None) as sigterm,
     ):
+        check_shared_output_dir(args.output_dir, args)
         checkpoint = prepare_output_dir(args.output_dir, args, options.trajectory())
         prepared = prepare(options, files_cache)
         prepared.trainer.stop_on_signal.watch(sigterm)  # from now on: a checkpoint at the next step, then a stop

@@ -253,6 +253,14 @@ LOCK_FILE = run_file(
 HOLDER_FILE = run_file(
     ".cola.lock.holder", "cola_hf/training/output_dir.py", "who holds the lock", published=False, cleared=False
 )
+SHARED_DIR_TOKEN = run_file(
+    ".cola.shared_dir_token",
+    "cola_hf/training/output_dir.py",
+    "a token the main process writes as a run of several processes starts, which every process must read back "
+    "(the directory is the same on every node)",
+    published=False,
+    cleared=False,
+)
 WANDB_RUN_ID = run_file(
     ".wandb_run_id",
     "cola_hf/integrations/tracking.py",

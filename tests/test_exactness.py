@@ -20,6 +20,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from launching import REPO, offline_env
@@ -62,7 +63,9 @@ class RecordingTrainer(TutorialTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         rows = [
-            ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"], strict=True)
+            ids[mask.bool()].tolist()
+            for ids, mask, label in zip(inputs["input_ids"], inputs["attention_mask"], inputs["labels"], strict=True)
+            if label != -100  # a placeholder of zero weight, on a process with no sentence in a short last step
         ]
         self.trained.append((self.state.global_step + 1, rows))
         return super().training_step(model, inputs, num_items_in_batch)
@@ -246,3 +249,57 @@ def test_default_schedule_is_the_tutorials_2e5_linear_decay(tmp_path, cola_dir, 
     assert isinstance(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, torch.optim.AdamW)
     assert all(group["weight_decay"] == 0.0 and group["eps"] == 1e-8 for group in optimizer.param_groups)
     assert all(group["fused"] for group in optimizer.param_groups)
+
+
+# Run under torch.distributed.run with 4 processes: 99 sentences leave each epoch a last step of 3, fewer sentences
+# than processes (as 15 do on the 16 processes of the multi-node config); then 7 validation sentences are scored,
+# with and without --dataloader_drop_last.
+FOUR_PROCESSES = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_exactness import train, training_set
+
+model_dir, cola_dir, out = sys.argv[2:5]
+trainer = train(model_dir, cola_dir, out + "/run", 99, "--use_cpu", "true")
+rank = trainer.args.process_index
+if rank == 0:
+    torch.save(trainer.model.state_dict(), out + "/weights.pt")
+sentences = training_set(model_dir, cola_dir, 7)[0]
+scored = {}
+for drop_last in (False, True):
+    trainer.args.dataloader_drop_last = drop_last
+    scored[str(drop_last)] = trainer.predict(sentences).predictions.tolist()
+with open(f"{out}/record-{rank}.json", "w") as handle:
+    json.dump({"trained": trainer.trained, "scored": scored}, handle)
+"""
+
+
+def test_a_last_step_smaller_than_the_processes_trains_and_scores_every_sentence_once(
+    tmp_path, cola_dir, tiny_model_dir
+):
+    (tmp_path / "run.py").write_text(FOUR_PROCESSES, encoding="utf-8")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
+    command = [*launcher, str(tmp_path / "run.py"), str(Path(__file__).parent), str(tiny_model_dir), str(cola_dir)]
+    result = subprocess.run(
+        [*command, str(tmp_path)], capture_output=True, text=True, env=offline_env(), cwd=REPO, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads((tmp_path / f"record-{rank}.json").read_text()) for rank in range(4)]
+
+    weights, _, _ = tutorial_loop(tiny_model_dir, cola_dir, 99)
+    assert_same_weights(torch.load(tmp_path / "weights.pt"), weights, tiny_model_dir)
+    # Every process took part in every step (the one without a sentence ran a placeholder of weight zero) ...
+    assert all([step for step, _ in record["trained"]] == list(range(1, EPOCHS * 4 + 1)) for record in records)
+    # ... and the sentences trained are the training set, each once per epoch.
+    dataset, _ = training_set(tiny_model_dir, cola_dir, 99)
+    every_sentence = Counter(tuple(ids) for ids in dataset["input_ids"])
+    steps = steps_trained(*(record["trained"] for record in records))
+    for epoch in range(EPOCHS):
+        assert sum((steps[step] for step in range(epoch * 4 + 1, epoch * 4 + 5)), Counter()) == every_sentence
+    assert sum(steps[4].values()) == 3  # the last step: 3 sentences on 4 processes
+
+    one = train(tiny_model_dir, cola_dir, tmp_path / "one", 99)
+    expected = one.predict(training_set(tiny_model_dir, cola_dir, 7)[0]).predictions
+    for drop_last in ("False", "True"):
+        scored = np.asarray(records[0]["scored"][drop_last])
+        np.testing.assert_allclose(scored, expected, atol=1e-5, rtol=0)  # all 7, in order, like 1 process

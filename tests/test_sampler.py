@@ -101,12 +101,25 @@ def test_a_short_last_step_is_split_evenly_over_processes_and_micro_batches():
         assert sorted(i for process in split for batch in process for i in batch) == list(range(14))
 
 
-def test_a_last_step_too_short_for_every_process_is_refused_unless_dropped():
-    five = [10] * 5  # 4 per step on 2 processes x 2 micro-batches of 1: the last step has 1 sentence for 2
-    with pytest.raises(ValueError, match="last optimizer step of each epoch has 1 sentences"):
-        sampler((1, 2, 2), lengths=five)
-    dropped = sampler((1, 2, 2), lengths=five, drop_last=True)
-    assert len(dropped) == 2 and dropped.steps_per_epoch == 1
+@pytest.mark.parametrize(
+    ("sentences", "layout"),
+    [(5, (1, 2, 2)), (15, (1, 1, 16)), (1, (2, 1, 4)), (33, (2, 2, 8)), (3, (1, 1, 3))],
+    ids=["1-on-2x2", "15-on-16", "1-on-4", "1-on-8x2", "3-on-3"],
+)
+def test_a_last_step_shorter_than_the_processes_leaves_some_micro_batches_empty(sentences, layout):
+    """Every process yields the same number of micro-batches (each takes part in the step's collectives); the
+    sentences are each in one of them, and only a process without a sentence gets an empty one."""
+    per_device, accumulation, processes = layout
+    lengths = [10] * sentences
+    yielded = [list(sampler(layout, rank=rank, lengths=lengths)) for rank in range(processes)]
+    assert len({len(batches) for batches in yielded}) == 1
+    assert len(yielded[0]) == len(sampler(layout, lengths=lengths))
+    assert sorted(i for batches in yielded for batch in batches for i in batch) == list(range(sentences))
+    last_step = sampler(layout, lengths=lengths).split(sampler(layout, lengths=lengths).global_batches(0)[-1])
+    sizes = [len(batch) for process in last_step for batch in process]
+    assert max(sizes) - min(sizes) <= 1  # split evenly: empty micro-batches only where there are more than sentences
+    dropped = sampler(layout, lengths=lengths, drop_last=True)
+    assert dropped.steps_per_epoch == sentences // (per_device * accumulation * processes)
 
 
 def test_length_grouping_cuts_the_padding_of_random_batches():

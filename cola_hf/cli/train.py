@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,9 @@ from cola_hf.training.output_dir import check_output_dir_path, is_finished, mark
 
 if TYPE_CHECKING:
     from cola_hf.results import RunResults
+
+# When this process started (about): a failure another process of the run recorded after it is this run's.
+STARTED = time.time()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,8 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, RunFailed) as err:
         if debug:
             raise
-        if not isinstance(err, Refused) and (output_dir := run_directory(options)) is not None:
-            mark_failed(output_dir, redact_text(str(err)))
+        if not isinstance(err, Refused):  # a refused directory is not this run's: nothing written there
+            if (output_dir := run_directory(options)) is not None:
+                mark_failed(output_dir, redact_text(str(err)), run_started=STARTED)
+            elif isinstance(err, RunFailed):
+                mark_failed_by_this_process(options, redact_text(str(err)))
         print(f"cola: error: {redact_text(str(err))}", file=sys.stderr)
         return err.exit_code
     except Exception as err:  # nobody foresaw it: one line on the console, the traceback in a file
@@ -67,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         log.write_text(redact_text(traceback.format_exc()), encoding="utf-8")
         message = redact_text(f"unexpected {one_line(err)}; the traceback is in {log} (--debug shows it here)")
         if output_dir is not None:
-            mark_failed(output_dir, message)
+            mark_failed(output_dir, message, run_started=STARTED)
+        else:
+            mark_failed_by_this_process(options, message)
         print(f"cola: error: {message}", file=sys.stderr)
         return RunFailed.exit_code
 
@@ -79,6 +88,14 @@ def run_directory(options: RunOptions | None) -> str | None:
     if args is not None and args.should_save and Path(args.output_dir).is_dir() and not is_finished(args.output_dir):
         return args.output_dir
     return None
+
+
+def mark_failed_by_this_process(options: RunOptions | None, message: str) -> None:
+    """A failure of a process other than the main one, in a run of several: it leaves RUN_FAILED itself, naming
+    itself (the main process only sees a peer leave, or is blocked in a collective and ended by the launcher)."""
+    args = options.training if options is not None else None
+    if args is not None and args.world_size > 1 and Path(args.output_dir).is_dir():
+        mark_failed(args.output_dir, message, rank=args.process_index)
 
 
 def train(recipe: str | Path | None = None, **options: Any) -> RunResults | dict | None:

@@ -10,6 +10,8 @@
 - ... and in the layout that saved it (processes, per-device batch): each process continues its own random state,
   which draws its dropout masks micro-batch by micro-batch, and no mapping of N states onto M processes, or of
   masks onto other micro-batches, continues the run that was stopped; another layout is refused.
+- A run of several processes needs the same directory on every node (`check_shared_output_dir`): each process
+  saves its own random state into each checkpoint, and each decides from the directory whether to resume.
 - One run at a time per directory: a second one stops at once, naming the holder (`hold_output_dir`).
 - An evaluation-only run never writes into a training run's directory (it would finish a run it did not train).
 - --overwrite_output_dir clears what the previous run left (`PREVIOUS_RUN_FILES`) before anything is written.
@@ -27,11 +29,13 @@ import re
 import shutil
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import filelock
+import torch.distributed
 from transformers import TrainingArguments
 
 from cola_hf.errors import Refused, UsageError
@@ -44,6 +48,7 @@ from cola_hf.run_files import (
     RESULTS_FILE,
     RUN_OPTIONS_FILE,
     RUN_OUTCOME_FILES,
+    SHARED_DIR_TOKEN,
     TRAINER_STATE,
 )
 
@@ -67,9 +72,32 @@ def is_finished(output_dir: str | Path) -> bool:
     return (Path(output_dir) / RESULTS_FILE).is_file()
 
 
-def mark_failed(output_dir: str | Path, message: str) -> None:
-    """Leave the marker that says why the run in `output_dir` failed."""
-    write_text(Path(output_dir) / FAILED_MARKER, message + "\n")
+def mark_failed(output_dir: str | Path, message: str, rank: int = 0, run_started: float | None = None) -> None:
+    """Leave the marker that says why the run in `output_dir` failed.
+
+    In a run of several processes the first failure is the cause and the others follow from it (a peer that
+    left a collective): a process other than the main one writes the marker when it fails, naming itself, and
+    the main process keeps such a marker written since `run_started` (a time.time()) instead of its own line.
+    """
+    marker = Path(output_dir) / FAILED_MARKER
+    if rank != 0:
+        write_text(marker, f"process {rank}: {message}\n")
+        return
+    if run_started is not None and failed_since(output_dir, run_started):
+        return
+    write_text(marker, message + "\n")
+
+
+def failed_since(output_dir: str | Path, run_started: float) -> str | None:
+    """The failure another process of this run recorded (written since `run_started`), else None."""
+    marker = Path(output_dir) / FAILED_MARKER
+    try:
+        if marker.stat().st_mtime < run_started:
+            return None
+        line = marker.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return line if line.startswith("process ") else None
 
 
 def prepare_output_dir(
@@ -108,6 +136,36 @@ def prepare_output_dir(
         if trajectory is not None:
             write_json(output_dir / RUN_OPTIONS_FILE, trajectory)
     return checkpoint
+
+
+def check_shared_output_dir(output_dir: str | Path, training_args: TrainingArguments) -> None:
+    """Refuse, on every process at once, a run whose processes do not all see the main process's output directory.
+
+    Nodes with node-local output directories would each keep their processes' rng_state files and decide alone
+    whether to resume: node 1 sees no checkpoint, node 0 sees one, and the processes hang in their first
+    collective. The main process writes a fresh token, every process reads it back, and all of them compare.
+    """
+    if training_args.world_size <= 1 or not torch.distributed.is_initialized():
+        return
+    token_file = Path(output_dir) / SHARED_DIR_TOKEN
+    token = [None]
+    if training_args.process_index == 0:
+        token = [uuid.uuid4().hex]
+        write_text(token_file, token[0])
+    torch.distributed.broadcast_object_list(token, src=0)  # after the write: the others read it after this
+    try:
+        seen = token_file.read_text(encoding="utf-8")
+    except OSError:
+        seen = None
+    everyone: list[Any] = [None] * training_args.world_size
+    torch.distributed.all_gather_object(everyone, (seen == token[0], socket.gethostname()))
+    elsewhere = [f"{rank} (on {host})" for rank, (same, host) in enumerate(everyone) if not same]
+    if elsewhere:
+        raise UsageError(
+            f"{output_dir}: not the same directory on every node: process{'es' if len(elsewhere) > 1 else ''} "
+            f"{', '.join(elsewhere)} do not see what the main process wrote there; give every node one shared "
+            "directory (a network filesystem) as --output_dir"
+        )
 
 
 def check_not_a_training_run(output_dir: Path) -> None:

@@ -16,15 +16,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import socket
+import sys
+import threading
+import time
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback
 
-from cola_hf.errors import StoppedBySignal
+from cola_hf.errors import RunFailed, StoppedBySignal
+from cola_hf.training.output_dir import failed_since
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -50,14 +57,74 @@ class SigtermLatch:
 
 
 @contextlib.contextmanager
-def catching_sigterm() -> Iterator[SigtermLatch]:
-    """While inside, SIGTERM is recorded in the latch (from data loading on), for the Trainer to act on."""
+def catching_sigterm(peers_write_to: str | Path | None = None) -> Iterator[SigtermLatch]:
+    """While inside, SIGTERM is recorded in the latch (from data loading on), for the Trainer to act on.
+
+    `peers_write_to`: the output directory of a run of several processes. A SIGTERM there may also be the
+    launcher's shutdown after another process failed (torchrun stops the survivors with SIGTERM, then SIGKILL);
+    a survivor may then be blocked in a collective the failed process never joins (NCCL waits until its
+    timeout), where no Python handler runs. `PeerFailureWatch` ends it at once when that process recorded its
+    failure.
+    """
     latch = SigtermLatch()
     previous = signal.signal(signal.SIGTERM, latch)
+    watch = PeerFailureWatch(Path(peers_write_to)) if peers_write_to is not None else None
     try:
         yield latch
     finally:
+        if watch is not None:
+            watch.close()
         signal.signal(signal.SIGTERM, previous)
+
+
+class PeerFailureWatch:
+    """After a SIGTERM, ends this process when another process of the run recorded its failure (RUN_FAILED).
+
+    Python runs signal handlers in the main thread, between bytecodes: not while it waits inside a collective.
+    The interpreter's C-level handler does write the signal's number to the wakeup fd at once, so a thread
+    reading it sees the signal whatever the main thread is doing. A preemption's SIGTERM finds no such record
+    and is left to the latch: the run saves and stops as usual.
+    """
+
+    POLL_S = 0.2
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        self.started = time.time()
+        self.closed = threading.Event()
+        self.reader, self.writer = socket.socketpair()
+        self.writer.setblocking(False)
+        self.previous_fd = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
+        self.thread = threading.Thread(target=self._watch, name="cola-peer-failure-watch", daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.closed.is_set():
+            try:
+                received = self.reader.recv(64)
+            except OSError:
+                return
+            if not received or self.closed.is_set():
+                return
+            if signal.SIGTERM in received:
+                break
+        while not self.closed.wait(self.POLL_S):
+            if (failure := failed_since(self.output_dir, self.started)) is not None:
+                print(
+                    f"cola: error: another process of the run failed ({failure}); this one stops too",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(RunFailed.exit_code)
+
+    def close(self) -> None:
+        self.closed.set()
+        signal.set_wakeup_fd(self.previous_fd)
+        with contextlib.suppress(OSError):
+            self.writer.send(b"\0")  # wakes the thread's recv
+        self.thread.join(timeout=5)
+        self.reader.close()
+        self.writer.close()
 
 
 class StopOnSignal(TrainerCallback):

@@ -19,6 +19,9 @@ Why not the stock samplers:
   the second epoch on, sentences are trained twice or never.
 - accelerate's `BatchSamplerShard` fills a last batch shorter than the global batch with sentences from the start
   of the epoch, so on N processes the last step of every epoch trains repeats. Here that step is split evenly.
+  A last step with fewer sentences than micro-batches over the processes (15 sentences on 16 processes) leaves
+  some micro-batches empty: such a process still yields one, so that it takes part in the step's collectives, and
+  the trainer turns it into a placeholder of zero weight (TutorialTrainer's collator).
 
 It is a `BatchRebalanceSampler` for the Trainer's sake: that is how the Trainer recognises a batch sampler that is
 already per process (it passes it as the DataLoader's `batch_sampler` and keeps accelerate from sharding it again).
@@ -26,7 +29,8 @@ already per process (it passes it as the DataLoader's `batch_sampler` and keeps 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from transformers.trainer_pt_utils import BatchRebalanceSampler, get_length_grouped_indices
@@ -67,12 +71,6 @@ class GlobalBatchSampler(BatchRebalanceSampler):
         )
         self.per_device_batch = per_device_batch
         self.order = order
-        if self.has_tail and self.remainder < processes * self.micro_batches_in_step(self.remainder):
-            raise ValueError(
-                f"the last optimizer step of each epoch has {self.remainder} sentences: too few for "
-                f"{processes} processes x {self.micro_batches_in_step(self.remainder)} micro-batches without "
-                "repeating sentences; drop it (--dataloader_drop_last true) or run on fewer processes"
-            )
 
     @property
     def global_batch(self) -> int:
@@ -106,7 +104,8 @@ class GlobalBatchSampler(BatchRebalanceSampler):
         ]
 
     def split(self, batch: list[int]) -> list[list[list[int]]]:
-        """A global batch as `[process][micro-batch]` index lists: consecutive, sizes differing by at most one.
+        """A global batch as `[process][micro-batch]` index lists: consecutive, sizes differing by at most one
+        (some empty when the batch has fewer sentences than there are micro-batches).
 
         Consecutive, because a length-grouped global batch is sorted by length: each micro-batch then pads little.
         """
@@ -133,3 +132,26 @@ class GlobalBatchSampler(BatchRebalanceSampler):
         """Micro-batches this process yields in an epoch (the DataLoader's length)."""
         tail = self.micro_batches_in_step(self.remainder) if self.has_tail else 0
         return self.num_full_batches * self.grad_accum + tail
+
+
+class CollateEmptyAsPlaceholder:
+    """A collator that turns an empty micro-batch (GlobalBatchSampler's, in a short last step) into one sentence
+    of zero weight.
+
+    The process must still run a forward and backward pass, so that it joins the gradient all-reduce and the
+    count of the step's sentences (`num_items_in_batch`) like every other process. The placeholder is the empty
+    sentence with label -100: cross-entropy ignores it and the Trainer does not count it, so its gradient is
+    exactly zero and the step's loss is the mean over the sentences the other processes hold.
+    """
+
+    def __init__(self, collator: Callable[[list[dict]], Any], tokenizer: Any) -> None:
+        self.collator = collator
+        self.tokenizer = tokenizer
+
+    def __call__(self, features: list[dict]) -> Any:
+        if not features:
+            features = [{**self.tokenizer(""), "label": IGNORED_LABEL}]
+        return self.collator(features)
+
+
+IGNORED_LABEL = -100  # torch's cross_entropy ignore_index, which the Trainer's item count skips too

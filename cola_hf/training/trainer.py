@@ -47,7 +47,7 @@ from cola_hf.errors import TrainingDiverged, UsageError
 from cola_hf.metrics import compute_metrics
 from cola_hf.results import EpochStats
 from cola_hf.training.preemption import StopOnSignal
-from cola_hf.training.sampler import ORDERS, GlobalBatchSampler
+from cola_hf.training.sampler import ORDERS, CollateEmptyAsPlaceholder, GlobalBatchSampler
 
 if TYPE_CHECKING:
     from cola_hf.config import RunOptions
@@ -78,6 +78,9 @@ class TutorialTrainer(Trainer):
         # Sequence-classification heads take **kwargs, so the Trainer would hand them `num_items_in_batch`, which
         # their own loss ignores. The loss is sentence_mean_loss's: the model only computes the logits.
         self.model_accepts_loss_kwargs = False
+        tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+        if tokenizer is not None:  # a short last step may leave a process an empty micro-batch
+            self.data_collator = CollateEmptyAsPlaceholder(self.data_collator, tokenizer)
         self.train_batches: GlobalBatchSampler | None = None  # the training sampler, once train() has built it
         self._epoch_loss_sum: torch.Tensor | None = None
         self._first_nonfinite_step: torch.Tensor | None = None
@@ -142,6 +145,17 @@ class TutorialTrainer(Trainer):
         except ValueError as err:
             raise UsageError(str(err)) from err
         return self.train_batches
+
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, **kwargs):
+        if is_training or not self.args.dataloader_drop_last:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
+        # --dataloader_drop_last drops an epoch's short last step from training; evaluation and the test sets
+        # score every sentence (accelerate pads a shard that is short and gather_for_metrics drops the padding).
+        self.args.dataloader_drop_last = False
+        try:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
+        finally:
+            self.args.dataloader_drop_last = True
 
     def _get_eval_sampler(self, eval_dataset):
         # Stock Trainer also length-groups (shuffles) evaluation when training groups by length; predictions
