@@ -19,7 +19,7 @@ if str(REPO_ROOT) not in sys.path:
 from cola_hf.analysis import explanations  # noqa: E402
 from cola_hf.data import blimp_pairs  # noqa: E402
 from cola_hf.training import attributions  # noqa: E402
-from cola_hf.training.inference import score_texts  # noqa: E402
+from cola_hf.training.inference import acceptable_probabilities  # noqa: E402
 from cola_hf.training.model import load_model_and_tokenizer  # noqa: E402
 
 
@@ -40,8 +40,10 @@ def main() -> None:
     rows = attributions.sample_pairs(pairs["UID"], args.pairs, args.seed)
     chosen = pairs.select(rows)
     good_texts, bad_texts = list(chosen["sentence_good"]), list(chosen["sentence_bad"])
-    good_p = score_texts(model, tokenizer, good_texts, max_length=args.max_seq_length, progress=False)
-    bad_p = score_texts(model, tokenizer, bad_texts, max_length=args.max_seq_length, progress=False)
+    # The pairs' own sentences, tokenized as a run tokenizes BLiMP (data/blimp_pairs.py), then scored as it does.
+    encoded = tokenizer(good_texts + bad_texts, truncation=True, max_length=args.max_seq_length)["input_ids"]
+    scored_p = acceptable_probabilities(model, encoded, pad_token_id=tokenizer.pad_token_id, progress=False)
+    good_p, bad_p = scored_p[: len(good_texts)], scored_p[len(good_texts) :]
     report = [f"model {args.model}; {len(rows)} pairs ({args.pairs} per paradigm, seed {args.seed})", ""]
     for method in args.methods:
         started = time.perf_counter()
