@@ -1,5 +1,5 @@
 """The command's --help (and bad input, which stops at the same point) imports what parsing needs and nothing more:
-not the Trainer, datasets, evaluate, Optuna, pandas, matplotlib or W&B, which take seconds and are imported where a
+not the Trainer, datasets, evaluate, pandas, matplotlib or W&B, which take seconds and are imported where a
 run, a study or a chart uses them (docs/architecture.md)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 
 from launching import REPO, SCRIPT, offline_env
 
-NOT_FOR_PARSING = ("transformers.trainer", "datasets", "evaluate", "optuna", "pandas", "matplotlib", "wandb")
+NOT_FOR_PARSING = ("transformers.trainer", "datasets", "evaluate", "pandas", "matplotlib", "wandb")
 
 
 def test_help_imports_none_of_the_heavy_libraries_a_run_needs():

@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import optuna  # noqa: F401 (here, not only where a search uses it: see configure_logging)
 import transformers
 
 from cola_hf.config import RunOptions, parse_args
@@ -126,8 +127,8 @@ def dispatch(options: RunOptions) -> RunResults | dict | None:
         raise Refused("--seeds and --grid: give one or the other (a grid runs with --seed)")
     if study.search and (study.seeds or study.grid):
         raise Refused("--search with --seeds or --grid: give one (confirm a search's best_params.yaml over seeds)")
-    # The run and the studies are imported here, not above: with datasets, the Trainer, evaluate and Optuna they
-    # take seconds to import, which --help and a refused option never need.
+    # The run and the studies are imported here, not above: with datasets, the Trainer and evaluate they take
+    # seconds to import, which --help and a refused option never need.
     from cola_hf.run import run
     from cola_hf.studies.search.worker import run_search
     from cola_hf.studies.seeds import run_options, run_seeds
@@ -168,5 +169,7 @@ def configure_logging(options: RunOptions) -> None:
     transformers.utils.logging.set_verbosity(level)
     transformers.utils.logging.enable_default_handler()
     # No password or token in any log line: every handler that writes ours or the libraries' masks them
-    # (transformers and Optuna have handlers of their own, not the root's).
+    # (transformers and Optuna have handlers of their own, not the root's). Optuna makes its handler when it is
+    # imported, which is why it is imported with this module (about 30 ms): imported later, inside a
+    # search, its handler would be unmasked, and bound to whatever sys.stderr was then (a notebook cell's, a test's).
     install_on(logging.getLogger(), logging.getLogger("transformers"), logging.getLogger("optuna"))
