@@ -39,7 +39,9 @@ from cola_hf.integrations import hub, tracking
 from cola_hf.predictions_tsv import predictions_file, write_predictions
 from cola_hf.redaction import redact_argv
 from cola_hf.results import TEST_SPLITS, RunResults
+from cola_hf.training.best_epoch import kept_epoch
 from cola_hf.training.inference import acceptable_probabilities
+from cola_hf.training.layers import reinit_top_layers
 from cola_hf.training.model import load_model
 from cola_hf.training.output_dir import hold_output_dir, prepare_output_dir
 from cola_hf.training.preemption import catching_sigterm
@@ -130,6 +132,12 @@ def prepare(
         options.model.trust_remote_code,
     )
     check_range_for_model(options, model)
+    if model_dir is None and args.do_train and args.reinit_top_layers:
+        logger.info(
+            "Re-initialised from seed %d: %s",
+            args.seed,
+            ", ".join(reinit_top_layers(model, args.reinit_top_layers, args.seed)),
+        )
     if not cached:
         started = time.perf_counter()
         with args.main_process_first(desc="tokenizing"):
@@ -212,7 +220,8 @@ def finish(
     if epochs:
         write_epoch_outputs(output_dir, epochs)
     config = options.config() | ({"search": search} if search is not None else {})
-    results = RunResults(epochs=epochs, config=config)
+    kept = kept_epoch(trainer.state, options.training.load_best_model_at_end)
+    results = RunResults(epochs=epochs, config=config, kept_epoch=kept)
     tables, summary = None, {}
     if evaluation is not None:
         predictions = evaluation.predictions

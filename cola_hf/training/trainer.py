@@ -45,6 +45,8 @@ from transformers.trainer_utils import EvalLoopOutput, PredictionOutput, has_len
 from cola_hf.errors import TrainingDiverged, UsageError
 from cola_hf.metrics import compute_metrics
 from cola_hf.results import EpochStats
+from cola_hf.training.best_epoch import ResumableEarlyStopping
+from cola_hf.training.optimizer import create_layerwise_optimizer
 from cola_hf.training.preemption import StopOnSignal
 from cola_hf.training.sampler import ORDERS, GlobalBatchSampler
 
@@ -88,6 +90,13 @@ class TutorialTrainer(Trainer):
         self.add_callback(self.stop_on_signal)
         self.add_callback(self._epoch_statistics)
         self.add_callback(_EpochOfTheBatches(self))
+        if self.args.early_stopping_patience is not None:
+            self.add_callback(ResumableEarlyStopping(self.args.early_stopping_patience))
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None and self.args.layerwise_lr_decay != 1.0:
+            self.optimizer = create_layerwise_optimizer(self, self.model if model is None else model)
+        return super().create_optimizer(model)  # with the optimizer made, only its bookkeeping
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
