@@ -275,7 +275,9 @@ class _EpochStatistics(TrainerCallback):
         if counts is not None:
             logger.warning(
                 "Collapsed classifier at epoch %s: all %d validation sentences predicted %s (MCC is 0). "
-                "Try a lower --learning_rate, --warmup_steps, or another --seed.",
+                "Try a lower --learning_rate, --warmup_steps, --layerwise_lr_decay 0.8, --reinit_top_layers 1, "
+                "--load_best_model_at_end true with --early_stopping_patience (a collapse is often passing), "
+                "or another --seed (docs/stable-fine-tuning.md).",
                 f"{state.epoch:g}" if state.epoch is not None else "?",
                 sum(counts.values()),
                 next(label for label, count in counts.items() if count),
