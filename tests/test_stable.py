@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SCRIPT, verb_rule_rows, write_tsv
+from conftest import SCRIPT, error_line, verb_rule_rows, write_tsv
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, Trainer
 
 from cola_hf.cli.compare import main as compare_main
@@ -117,13 +117,17 @@ def changed_parameters(before: dict[str, torch.Tensor], model: torch.nn.Module) 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "modernbert"])
 @pytest.mark.parametrize("count", [1, LAYERS])
-def test_reinit_changes_exactly_the_top_layers_reproducibly_from_the_seed(family, count):
-    def trained() -> torch.nn.Module:  # as if fine-tuned: no bias at 0, no norm at 1, so a reset shows everywhere
-        model = tiny_model(family)
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.add_(0.5)
-        return model
+def test_reinit_changes_exactly_the_top_layers_reproducibly_from_the_seed(tmp_path, family, count):
+    # A checkpoint as a run loads it (from_pretrained marks every loaded tensor initialised), as if pretrained: no
+    # bias at 0 and no norm at 1, so that a reset shows everywhere.
+    model = tiny_model(family)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.5)
+    model.save_pretrained(tmp_path)
+
+    def trained() -> torch.nn.Module:
+        return AutoModelForSequenceClassification.from_pretrained(tmp_path)
 
     model = trained()
     before = {name: value.clone() for name, value in model.state_dict().items()}
@@ -150,6 +154,18 @@ def test_reinit_changes_exactly_the_top_layers_reproducibly_from_the_seed(family
 def test_reinit_beyond_the_models_layers_is_one_line():
     with pytest.raises(UsageError, match=rf"^--reinit_top_layers {LAYERS + 1}: out of range, expected <= {LAYERS} "):
         reinit_top_layers(tiny_model("bert"), LAYERS + 1, seed=0)
+
+
+def test_more_layers_than_the_model_has_is_one_line_once_it_is_loaded(tmp_path, cola_dir, tiny_model_dir, capsys):
+    from cola_hf.cli.train import main
+
+    status = main(["--model_name_or_path", str(tiny_model_dir), "--cola_source", str(cola_dir), "--report_to", "none",
+                   "--output_dir", str(tmp_path / "run"), "--reinit_top_layers", "3"])  # fmt: skip
+
+    assert status == 2
+    assert error_line(capsys.readouterr().err) == (
+        "--reinit_top_layers 3: out of range, expected <= 2 (the encoder layers of this model)"
+    )
 
 
 def test_patience_without_keeping_the_best_epoch_is_one_line():
