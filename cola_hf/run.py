@@ -260,6 +260,8 @@ def finish(
             sections=card_sections,
         )
     results.save(output_dir)  # last: its presence means "finished"
+    if kept is not None:
+        summary = {**summary, "kept_epoch": kept}
     tracking.log_run_outputs(output_dir, results, log_model=options.tracking.log_model, tables=tables, summary=summary)
     if options.training.push_to_hub:
         hub.push_trainer_output(trainer)  # after results.json: a failed upload leaves a finished local run

@@ -4,7 +4,8 @@ What the subclass changes, and why:
 - Nothing in the optimiser or schedule. With `ColaTrainingArguments`' defaults the stock Trainer already builds
   exactly the tutorial's torch AdamW(lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0) and
   `get_linear_schedule_with_warmup(0, batches_per_epoch * epochs)`, and clips the gradient norm at 1.0;
-  tests/test_exactness.py checks it parameter by parameter against a hand-written tutorial loop.
+  tests/test_exactness.py checks it parameter by parameter against a hand-written tutorial loop. Only
+  `--layerwise_lr_decay` below 1 replaces it: one parameter group per layer (cola_hf/training/optimizer.py).
 - The batches. Each epoch's order is a function of (seed, epoch) only, cut into global batches that every
   layout trains alike (1 process or N, with or without accumulation), an epoch's short last batch split evenly
   instead of filled up with repeats (cola_hf/training/sampler.py). A run resumed at any step, and every process
@@ -18,6 +19,8 @@ What the subclass changes, and why:
 - A collapsed classifier (every validation sentence predicted as one class, so MCC is 0) is warned about at
   the epoch it happens, with the class counts and the usual remedies.
 - SIGTERM, while the run handles it, saves a checkpoint and stops (cola_hf/training/preemption.py).
+- `--early_stopping_patience`: the Trainer's EarlyStoppingCallback, its count carried over a resume
+  (cola_hf/training/best_epoch.py).
 """
 
 from __future__ import annotations
