@@ -95,6 +95,15 @@ def test_each_parameter_trains_at_the_rate_times_its_power_of_the_decay(tmp_path
     assert optimizer.param_groups[0]["lr"] == 1e-3  # the head first: the rate the Trainer logs
 
 
+def test_a_model_without_one_module_per_layer_is_refused_in_one_line(tmp_path):
+    albert = AutoModelForSequenceClassification.from_config(
+        AutoConfig.for_model("albert", **TINY, embedding_size=8, num_hidden_layers=LAYERS)
+    )  # one layer's weights shared over its depth
+    trainer = TutorialTrainer(model=albert, args=training_args(tmp_path, "--layerwise_lr_decay", "0.8"))
+    with pytest.raises(UsageError, match=r"^--layerwise_lr_decay 0.8: albert has no list of 3 encoder layers"):
+        trainer.create_optimizer()
+
+
 def test_decay_one_builds_the_stock_trainers_optimizer(tmp_path):
     args = training_args(tmp_path, "--weight_decay", "0.01")
     ours = TutorialTrainer(model=tiny_model("bert"), args=args).create_optimizer()
