@@ -185,12 +185,14 @@ def test_patience_without_keeping_the_best_epoch_is_one_line():
 
 # --- the best epoch, kept, tested, and resumed after SIGTERM --------------------------------------------------
 # The verb rule at a high rate: validation MCC 0 after epoch 1, then 1.0 from epoch 2 on (never better), so the best
-# epoch is 2 and a patience of 2 stops the run after epoch 4 of 6. 180 training sentences: 12 steps an epoch.
+# epoch is 2 and a patience of 2 stops the run after epoch 4 of 6. 180 training sentences: 12 steps an epoch. With
+# layer-wise rates and a re-initialised layer, so that a resume restores their parameter groups and weights too.
 STEPS_PER_EPOCH, BEST_EPOCH, LAST_EPOCH = 12, 2, 4
 BEST_EPOCH_RUN = [
     *("--num_train_epochs", "6", "--learning_rate", "5e-3", "--global_train_batch_size", "16", "--seed", "42"),
     *("--max_seq_length", "16", "--disable_tqdm", "true", "--annotations_source", "none", "--blimp_source", "none"),
     *("--report_to", "none", "--load_best_model_at_end", "true", "--early_stopping_patience", "2"),
+    *("--layerwise_lr_decay", "0.8", "--reinit_top_layers", "1"),  # resumed too: their groups, their weights
 ]
 
 
