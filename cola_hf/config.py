@@ -131,6 +131,28 @@ class ColaTrainingArguments(TrainingArguments):
     lr_scheduler_type: str = field(default="linear", metadata={"help": "Learning-rate schedule."})
     warmup_steps: float = field(default=0, metadata={"help": "Warmup steps (the tutorial uses none)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clipping."})
+    # Stable fine-tuning (docs/stable-fine-tuning.md). At these defaults none of it acts: the tutorial's optimizer.
+    layerwise_lr_decay: float = field(
+        default=1.0,
+        metadata={
+            "help": "Layer-wise learning-rate decay (ELECTRA): the head at learning_rate, each encoder layer below "
+            "it times one more power of this, the embeddings lowest; 1.0: one rate for all."
+        },
+    )
+    reinit_top_layers: int = field(
+        default=0,
+        metadata={
+            "help": "Re-initialise the top N encoder layers (and the pooler) from the run's seed before training "
+            "(Zhang et al. 2021)."
+        },
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "With --load_best_model_at_end: stop after this many validations without a better MCC "
+            "(Mosbach et al. 2021); default: train every epoch."
+        },
+    )
     # Scale-out: the recipe fixes the GLOBAL batch; the per-device batch and accumulation follow from the
     # number of processes (see resolve_batch_layout below and the README's "Scaling out").
     global_train_batch_size: int = field(
@@ -190,6 +212,13 @@ class ColaTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if self.load_best_model_at_end and self.metric_for_best_model is None:
+            self.metric_for_best_model = "matthews_correlation"  # the best epoch is CoLA's, not the lowest loss
+        if self.early_stopping_patience is not None and not self.load_best_model_at_end:
+            raise UsageError(
+                f"--early_stopping_patience {self.early_stopping_patience} needs --load_best_model_at_end true: "
+                "stopping early keeps the best epoch, not the last"
+            )
         # --use_cpu on a GPU machine: pinning would open a CUDA context on GPU 0 in every process, for nothing.
         on_gpu = torch.cuda.is_available() and not self.use_cpu
         if not on_gpu:
@@ -378,6 +407,9 @@ _ROLES = {
     "lr_scheduler_type": "card recipe trajectory",
     "warmup_steps": "card recipe trajectory",
     "max_grad_norm": "card recipe trajectory",
+    "layerwise_lr_decay": "card trajectory",
+    "reinit_top_layers": "card trajectory",
+    "early_stopping_patience": "card trajectory",
     "per_device_train_batch_size": "card recipe",
     "gradient_accumulation_steps": "card",
     "num_train_epochs": "card recipe trajectory",
@@ -473,6 +505,9 @@ OPTION_RANGES = {
     "adam_beta2": Range(0, 1, high_open=True),
     "adam_epsilon": POSITIVE,
     "max_grad_norm": NOT_NEGATIVE,  # 0: no clipping
+    "layerwise_lr_decay": Range(0, 1, low_open=True),
+    "reinit_top_layers": NOT_NEGATIVE,  # and at most the model's layers, checked once it is loaded
+    "early_stopping_patience": AT_LEAST_ONE,
     "max_seq_length": Range(2),  # [CLS] and [SEP]; the model's positions are checked once it is loaded
     "max_train_samples": AT_LEAST_ONE,
     "validation_fraction": Range(0, 1, low_open=True, high_open=True),

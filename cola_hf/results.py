@@ -4,7 +4,7 @@ The file is the run's record and its "finished" mark (written once, last, atomic
 Every reader (model card, W&B, studies, cola-compare) goes through `RunResults`, so a field is renamed or added
 here and nowhere else.
 On disk it is plain JSON: `epochs` (one row per epoch), `test` (one entry per test set), `config` (every
-argument of the run).
+argument of the run), and `kept_epoch` when the run kept its best epoch rather than its last.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ class RunResults:
     epochs: list[EpochStats] = field(default_factory=list)
     test: dict[str, TestSetResults] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    # The epoch whose model was kept and tested (--load_best_model_at_end: the best validation MCC); None: the last.
+    kept_epoch: int | None = None
 
     # --- what readers ask of a run ---
     @property
@@ -72,8 +74,16 @@ class RunResults:
 
     @property
     def final_valid_mcc(self) -> float | None:
-        """Validation MCC after the last epoch: the model that was saved and tested."""
+        """Validation MCC of the model that was saved and tested: the kept epoch's, else the last epoch's."""
+        if self.kept_epoch is not None:
+            return next((row.valid_mcc for row in self.epochs if row.epoch == self.kept_epoch), None)
         return self.valid_mccs[-1] if self.valid_mccs else None
+
+    @property
+    def collapsed(self) -> bool:
+        """The tested model predicted one class for every validation sentence (MCC 0 for a degenerate reason)."""
+        epoch = self.kept_epoch if self.kept_epoch is not None else (self.epochs[-1].epoch if self.epochs else None)
+        return any(row.collapsed for row in self.epochs if row.epoch == epoch)
 
     @property
     def best_valid_mcc(self) -> float | None:
@@ -93,6 +103,7 @@ class RunResults:
             "epochs": [_without_none(asdict(row)) for row in self.epochs],
             "test": {split: _without_none(asdict(result)) for split, result in self.test.items()},
             "config": self.config,
+            **({"kept_epoch": self.kept_epoch} if self.kept_epoch is not None else {}),
         }
 
     @classmethod

@@ -40,6 +40,8 @@ from cola_hf.predictions_tsv import predictions_file, write_predictions
 from cola_hf.redaction import redact_argv
 from cola_hf.results import TEST_SPLITS, RunResults
 from cola_hf.training import attributions
+from cola_hf.training.best_epoch import kept_epoch
+from cola_hf.training.layers import reinit_top_layers
 from cola_hf.training.model import load_model
 from cola_hf.training.output_dir import check_shared_output_dir, hold_output_dir, prepare_output_dir
 from cola_hf.training.preemption import catching_sigterm
@@ -135,6 +137,12 @@ def prepare(
         options.model.trust_remote_code,
     )
     check_range_for_model(options, model)
+    if model_dir is None and args.do_train and args.reinit_top_layers:
+        logger.info(
+            "Re-initialised from seed %d: %s",
+            args.seed,
+            ", ".join(reinit_top_layers(model, args.reinit_top_layers, args.seed)),
+        )
     if not cached:
         started = time.perf_counter()
         with args.main_process_first(desc="tokenizing"):
@@ -290,7 +298,8 @@ def finish(
     if epochs:
         write_epoch_outputs(output_dir, epochs)
     config = options.config() | ({"search": search} if search is not None else {})
-    results = RunResults(epochs=epochs, config=config)
+    kept = kept_epoch(trainer.state, options.training.load_best_model_at_end)
+    results = RunResults(epochs=epochs, config=config, kept_epoch=kept)
     tables, summary = None, {}
     if evaluation is not None:
         predictions = evaluation.predictions
@@ -335,6 +344,8 @@ def finish(
             sections=card_sections,
         )
     results.save(output_dir)  # last: its presence means "finished"
+    if kept is not None:
+        summary = {**summary, "kept_epoch": kept}
     tracking.log_run_outputs(output_dir, results, log_model=options.tracking.log_model, tables=tables, summary=summary)
     if options.training.push_to_hub:
         hub.push_trainer_output(trainer)  # after results.json: a failed upload leaves a finished local run

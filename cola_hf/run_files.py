@@ -66,7 +66,8 @@ RESULTS_FILE = run_file(
     "results.json",
     "cola_hf/results.py",
     "per epoch: training loss, validation loss, accuracy, MCC, times; per test set: MCC, accuracy, positive "
-    "ratio, n, MCC per batch of 32; every option (written last: it marks the run finished)",
+    "ratio, n, MCC per batch of 32; every option; the epoch kept, with --load_best_model_at_end (written last: "
+    "it marks the run finished)",
     published=True,
     outcome=True,
     card="Every figure of this card, and the options of the run",

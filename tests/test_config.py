@@ -54,6 +54,15 @@ def test_tutorial_yaml_only_restates_the_defaults():
     assert differing <= {"output_dir", "logging_dir", "run_name"}
 
 
+@pytest.mark.parametrize("recipe", sorted(path.name for path in RECIPES.glob("*.yaml")))
+def test_every_recipe_parses_and_names_its_source(recipe):
+    """A recipe is options a run accepts, with where its values come from in a comment."""
+    text = (RECIPES / recipe).read_text(encoding="utf-8")
+    assert text.startswith("# ") and ("Source:" in text or recipe == "tutorial.yaml")
+    options = parse_args([str(RECIPES / recipe)])
+    assert options.recipe == recipe.removesuffix(".yaml")
+
+
 def test_flags_override_the_recipe():
     training_args = parse_args([str(RECIPES / "tutorial.yaml"), "--num_train_epochs", "2"]).training
     assert training_args.num_train_epochs == 2

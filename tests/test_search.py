@@ -76,6 +76,8 @@ def test_shipped_sweep_files_are_optuna_spaces_over_options_of_the_run():
         "weight_decay": CategoricalDistribution([0.0, 0.01]),
         "num_train_epochs": IntDistribution(2, 5),
         "global_train_batch_size": CategoricalDistribution([16, 32]),
+        "layerwise_lr_decay": FloatDistribution(0.6, 1.0),
+        "reinit_top_layers": CategoricalDistribution([0, 1, 2]),
     }
     # Each drawn value becomes the option's own type, as the flag would give it.
     values = wide.option_values({"num_train_epochs": 3, "global_train_batch_size": 32, "learning_rate": 1e-4})
@@ -105,10 +107,13 @@ def test_wide_sweep_runs_under_the_wandb_agent_too(monkeypatch):
         "weight_decay": 0.01,
         "num_train_epochs": 3,
         "global_train_batch_size": 16,
+        "layerwise_lr_decay": 0.8,
+        "reinit_top_layers": 1,
     }
     options = parse_args(agent_command(sweep, point)[3:])
     args = options.training
     assert (args.learning_rate, args.warmup_steps, args.weight_decay, args.num_train_epochs) == (1.2e-4, 0.1, 0.01, 3)
+    assert (args.layerwise_lr_decay, args.reinit_top_layers) == (0.8, 1)
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 16
     assert args.get_warmup_steps(100) == 10  # below 1, warmup_steps is a fraction of the training steps
 

@@ -58,18 +58,25 @@ def test_seeds_run_once_each_in_one_wandb_group_and_aggregate_every_test_mcc(
     assert summary["seeds"] == [3, 4]
     for split in SPLITS:
         values = [run["test"][split]["matthews_correlation"] for run in runs]
+        low, high = sorted(values)
         assert summary["test_mcc"][split] == pytest.approx(
             {
                 "mean": statistics.fmean(values),
                 "std": statistics.stdev(values),
+                "median": statistics.fmean(values),
+                "q1": low + (high - low) / 4,
+                "q3": low + (high - low) * 3 / 4,
+                "iqr": (high - low) / 2,
                 "min": min(values),
                 "max": max(values),
                 "n": 2,
             }  # fmt: skip
         )
     table = (out / "summary.md").read_text().splitlines()
-    assert table[0] == "| seed | " + " | ".join(SPLITS) + " |"
-    assert [row.split(" | ")[0] for row in table[2:]] == ["| 3", "| 4", "| mean", "| std", "| min", "| max"]
+    assert table[0] == "| seed | " + " | ".join(SPLITS) + " | collapsed |"
+    assert [row.split(" | ")[0] for row in table[2:]] == [
+        "| 3", "| 4", "| mean", "| std", "| median", "| iqr", "| min", "| max", "| collapsed"
+    ]  # fmt: skip
     assert (out / "comparison" / "comparison.png").is_file()
 
 
@@ -87,6 +94,10 @@ def test_seed_statistics_are_mean_sample_std_min_max():
         {
             "mean": sum(ood) / 3,
             "std": (sum((x - sum(ood) / 3) ** 2 for x in ood) / 2) ** 0.5,
+            "median": 0.40,
+            "q1": 0.35,
+            "q3": 0.42,
+            "iqr": 0.07,
             "min": 0.30,
             "max": 0.44,
             "n": 3,

@@ -115,10 +115,10 @@ def write_phenomena(
 
 
 def write_significance(labels: list[str], groups: list[list[Path]], output_dir: Path) -> str:
-    """significance.md: each run or group against the first, on glue_dev; the table."""
-    from cola_hf.analysis.significance import significance_markdown, significance_tests
+    """significance.md: each run or group against the first, on glue_dev; the table, and the runs that collapsed."""
+    from cola_hf.analysis.significance import collapse_note, significance_markdown, significance_tests
 
-    table = significance_markdown(significance_tests(labels, groups))
+    table = significance_markdown(significance_tests(labels, groups)) + collapse_note(labels, groups)
     write_text(output_dir / "significance.md", table)
     return table
 

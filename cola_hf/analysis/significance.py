@@ -1,7 +1,8 @@
 """Several runs side by side for cola-compare: is run B really better than run A, or just another seed?
 
 Two runs that predicted the same sentences: a paired bootstrap of their MCC difference on glue_dev. Two groups of
-seeds: Welch's t-test on their glue_dev MCCs. Beside the tests, the per-phenomenon table of every run or group.
+seeds: Welch's t-test on their glue_dev MCCs. Either way, the runs that collapsed (one class) are named beside it.
+Beside the tests, the per-phenomenon table of every run or group.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from cola_hf.analysis.run_analysis import (
 from cola_hf.data.annotations import ANNOTATIONS_URL, HOW_TO_PROVIDE, check_rows, load_annotations
 from cola_hf.errors import UsageError
 from cola_hf.predictions_tsv import Predictions, predictions_file, read_predictions
+from cola_hf.results import RunResults
 
 TEST_RESAMPLES = 10_000
 
@@ -217,6 +219,29 @@ def significance_tests(
                 f"{label}: cannot test a single run against a group of seeds; give two runs or two seed directories"
             )
     return results
+
+
+def collapsed_runs(members: list[Path]) -> list[Path]:
+    """The runs whose tested model predicted one class for every validation sentence (results.json's epochs)."""
+    return [run_dir for run_dir in members if RunResults.load(run_dir).collapsed]
+
+
+def collapse_note(labels: list[str], groups: list[list[Path]]) -> str:
+    """A line per run or group that holds collapsed runs, naming them; empty when none did.
+
+    A collapsed run's MCC of 0 is a failure of training, not a draw from the recipe's spread: it pulls a group's
+    mean down and its std up, and Welch's test then weighs a few failures as if they were noise.
+    """
+    lines = []
+    for label, members in zip(labels, groups, strict=True):
+        collapsed = collapsed_runs(members)
+        if collapsed:
+            names = ", ".join(run_dir.name for run_dir in collapsed)
+            lines.append(
+                f"- {label}: {len(collapsed)} of {len(members)} runs collapsed (one class on validation, MCC 0): "
+                f"{names}; its figures include them"
+            )
+    return "\nCollapsed runs:\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def _glue_dev_mccs(members: list[Path]) -> list[float]:

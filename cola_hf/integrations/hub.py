@@ -125,6 +125,8 @@ def build_model_card(
         hyperparameters=_hyperparameters(results.config),
         epoch_header=[EPOCH_TITLES[column] for column in EPOCH_COLUMNS],
         epoch_rows=[[_format(column, getattr(row, column)) for column in EPOCH_COLUMNS] for row in results.epochs],
+        kept_epoch=results.kept_epoch,
+        epochs_trained=len(results.epochs),
         plots=charts,
         links=links,
         phenomena=phenomena,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from cola_hf.analysis.comparison import compare
@@ -78,7 +79,8 @@ def run_each(options: RunOptions, all_changes: list[dict[str, Any]], group: str)
 
 # --- seeds ---------------------------------------------------------------------------------------------------
 def run_seeds(options: RunOptions) -> dict:
-    """The recipe once per seed; summary.json and summary.md/.csv: mean, std, min, max of every test MCC."""
+    """The recipe once per seed; summary.json and summary.md/.csv: mean, std, median, IQR, min, max of every test
+    MCC, and the runs that collapsed."""
     seeds = list(dict.fromkeys(options.study.seeds or []))
     group = options.tracking.experiment_name or f"{options.recipe}-seeds"
     runs = run_each(options, [{"seed": seed} for seed in seeds], group)
@@ -92,17 +94,32 @@ def run_seeds(options: RunOptions) -> dict:
     write_csv(output_dir / "summary.csv", table)
     compare([each.output_dir for each in runs], output_dir / "comparison")
     logger.info("Test MCC over %d seeds (%s):\n%s", len(seeds), group, table.to_string(index=False))
+    if summary["collapsed"]["count"]:
+        logger.warning(
+            "%d of %d runs collapsed (one class on validation, MCC 0): %s",
+            summary["collapsed"]["count"],
+            len(seeds),
+            ", ".join(summary["collapsed"]["runs"]),
+        )
     return summary
 
 
 def aggregate_seeds(runs: list[StudyRun], group: str) -> dict:
-    """Statistics of each test set's MCC over the seeds; std is the sample standard deviation (n - 1)."""
+    """Statistics of each test set's MCC over the seeds, and the runs that collapsed.
+
+    std is the sample standard deviation (n - 1). Beside mean and std, which one collapsed seed drags far, the
+    median and the interquartile range (q3 - q1, numpy's linear interpolation: `np.percentile`'s default), as
+    ELECTRA and ModernBERT report. A run collapsed when its tested model predicted one class for every validation
+    sentence (MCC 0 for a degenerate reason): they are counted and named.
+    """
     rows = [
         {
             "seed": each.changes["seed"],
             "name": each.name,
             "output_dir": str(each.output_dir),
             "valid_mcc": each.results.final_valid_mcc,
+            "kept_epoch": each.results.kept_epoch,
+            "collapsed": each.results.collapsed,
             "test_mcc": each.results.test_mccs(),
         }
         for each in runs
@@ -111,22 +128,44 @@ def aggregate_seeds(runs: list[StudyRun], group: str) -> dict:
     stats = {}
     for split in splits:
         values = [row["test_mcc"][split] for row in rows if split in row["test_mcc"]]
+        q1, median, q3 = np.percentile(values, [25, 50, 75])
         stats[split] = {
             "mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "median": float(median),
+            "q1": float(q1),
+            "q3": float(q3),
+            "iqr": float(q3 - q1),
             "min": min(values),
             "max": max(values),
             "n": len(values),
         }
-    return {"group": group, "seeds": [row["seed"] for row in rows], "runs": rows, "test_mcc": stats}
+    collapsed = [row["name"] for row in rows if row["collapsed"]]
+    return {
+        "group": group,
+        "seeds": [row["seed"] for row in rows],
+        "runs": rows,
+        "test_mcc": stats,
+        "collapsed": {"count": len(collapsed), "runs": collapsed},
+    }
+
+
+SUMMARY_STATISTICS = ("mean", "std", "median", "iqr", "min", "max")
 
 
 def seed_table(summary: dict) -> pd.DataFrame:
-    """One row per seed, then mean, std, min and max; one column per test set's MCC."""
+    """One row per seed (whether it collapsed), then mean, std, median, IQR, min and max (the collapsed count);
+    one column per test set's MCC."""
     splits = list(summary["test_mcc"])
     rows = [
-        {"seed": str(run["seed"]), **{split: run["test_mcc"].get(split) for split in splits}} for run in summary["runs"]
+        {
+            "seed": str(run["seed"]),
+            **{split: run["test_mcc"].get(split) for split in splits},
+            "collapsed": "yes" if run.get("collapsed") else "no",
+        }
+        for run in summary["runs"]
     ]
-    for statistic in ("mean", "std", "min", "max"):
+    for statistic in SUMMARY_STATISTICS:
         rows.append({"seed": statistic, **{split: summary["test_mcc"][split][statistic] for split in splits}})
+    rows.append({"seed": "collapsed", "collapsed": str(summary["collapsed"]["count"])})
     return pd.DataFrame(rows)

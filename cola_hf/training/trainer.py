@@ -4,7 +4,8 @@ What the subclass changes, and why:
 - Nothing in the optimiser or schedule. With `ColaTrainingArguments`' defaults the stock Trainer already builds
   exactly the tutorial's torch AdamW(lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0) and
   `get_linear_schedule_with_warmup(0, batches_per_epoch * epochs)`, and clips the gradient norm at 1.0;
-  tests/test_exactness.py checks it parameter by parameter against a hand-written tutorial loop.
+  tests/test_exactness.py checks it parameter by parameter against a hand-written tutorial loop. Only
+  `--layerwise_lr_decay` below 1 replaces it: one parameter group per layer (cola_hf/training/optimizer.py).
 - The batches. Each epoch's order is a function of (seed, epoch) only, cut into global batches that every
   layout trains alike (1 process or N, with or without accumulation), an epoch's short last batch split evenly
   instead of filled up with repeats (cola_hf/training/sampler.py). A run resumed at any step, and every process
@@ -18,6 +19,8 @@ What the subclass changes, and why:
 - A collapsed classifier (every validation sentence predicted as one class, so MCC is 0) is warned about at
   the epoch it happens, with the class counts and the usual remedies.
 - SIGTERM, while the run handles it, saves a checkpoint and stops (cola_hf/training/preemption.py).
+- `--early_stopping_patience`: the Trainer's EarlyStoppingCallback, its count carried over a resume
+  (cola_hf/training/best_epoch.py).
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ from transformers.trainer_utils import EvalLoopOutput, PredictionOutput, has_len
 from cola_hf.errors import TrainingDiverged, UsageError
 from cola_hf.metrics import compute_metrics
 from cola_hf.results import EpochStats
+from cola_hf.training.best_epoch import ResumableEarlyStopping
+from cola_hf.training.optimizer import create_layerwise_optimizer
 from cola_hf.training.preemption import StopOnSignal
 from cola_hf.training.sampler import ORDERS, CollateEmptyAsPlaceholder, GlobalBatchSampler
 
@@ -92,6 +97,13 @@ class TutorialTrainer(Trainer):
         self.add_callback(self.stop_on_signal)
         self.add_callback(self._epoch_statistics)
         self.add_callback(_EpochOfTheBatches(self))
+        if self.args.early_stopping_patience is not None:
+            self.add_callback(ResumableEarlyStopping(self.args.early_stopping_patience))
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None and self.args.layerwise_lr_decay != 1.0:
+            self.optimizer = create_layerwise_optimizer(self, self.model if model is None else model)
+        return super().create_optimizer(model)  # with the optimizer made, only its bookkeeping
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -285,7 +297,9 @@ class _EpochStatistics(TrainerCallback):
         if counts is not None:
             logger.warning(
                 "Collapsed classifier at epoch %s: all %d validation sentences predicted %s (MCC is 0). "
-                "Try a lower --learning_rate, --warmup_steps, or another --seed.",
+                "Try a lower --learning_rate, --warmup_steps, --layerwise_lr_decay 0.8, --reinit_top_layers 1, "
+                "--load_best_model_at_end true with --early_stopping_patience (a collapse is often passing), "
+                "or another --seed (docs/stable-fine-tuning.md).",
                 f"{state.epoch:g}" if state.epoch is not None else "?",
                 sum(counts.values()),
                 next(label for label, count in counts.items() if count),
