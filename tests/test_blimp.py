@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -512,18 +511,28 @@ def test_the_speed_benchmark_runs_both_ways_and_they_agree(blimp_dir, tiny_model
     assert "sentences/s" in result.stdout
 
 
-def test_the_gpu_check_stops_at_once_without_a_gpu(tmp_path):
+def test_the_gpu_check_stops_at_once_without_a_gpu(tmp_path, tiny_model_dir):
+    """Its preflight: every path given and readable, then no CUDA GPU: one line, nothing started."""
     output = tmp_path / "gpu-check"
+    (tmp_path / "cola.zip").write_bytes(b"")
+    (tmp_path / "blimp.zip").write_bytes(b"")
+    paths = {"COLA_ZIP": tmp_path / "cola.zip", "BLIMP_ZIP": tmp_path / "blimp.zip", "TOKENIZER": tiny_model_dir}
     result = subprocess.run(
         ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(output)],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""},
+        env={
+            **offline_env(),
+            "PYTHON": sys.executable,
+            "CUDA_VISIBLE_DEVICES": "",
+            **{k: str(v) for k, v in paths.items()},
+        },
         cwd=tmp_path,
     )
     assert result.returncode == 1
-    assert result.stderr.strip().startswith("gpu_check: no CUDA GPU") and "\n" not in result.stderr.strip()
-    assert not output.exists()  # nothing started
+    line = result.stderr.strip()
+    assert line.startswith("gpu_check: preflight: torch ") and "sees no CUDA GPU" in line and "\n" not in line
+    assert all(path.stat().st_size == 0 for path in output.rglob("*") if path.is_file())  # no stage started
 
 
 # --- in a run -------------------------------------------------------------------------------------------------

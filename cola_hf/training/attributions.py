@@ -18,7 +18,11 @@ Token scores are summed into words through the fast tokenizer's word ids (a slow
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
+import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -74,8 +78,7 @@ def attribute_words(
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> list[SentenceAttribution]:
     """Per-word attributions of every sentence, in order."""
-    from captum.attr import LayerIntegratedGradients  # captum imports matplotlib: only when explaining
-
+    LayerIntegratedGradients = _layer_integrated_gradients()  # noqa: N806 (a class)
     if method not in METHODS:
         raise UsageError(f"unknown attribution method {method!r}; expected one of {', '.join(METHODS)}")
     check_explainable(tokenizer)
@@ -156,7 +159,29 @@ def attribute_words(
                 )
     finally:
         model.train(was_training)
+        # captum's explainer holds itself in a reference cycle (through its inner IntegratedGradients): cut what
+        # it holds of the model, so that the model goes as soon as the run lets it go, not at the next collection.
+        explainer.forward_func = explainer.layer = explainer.ig = None
     return results
+
+
+def _layer_integrated_gradients() -> type:
+    """captum's class, imported on first use (captum imports matplotlib: only when explaining), in a thread of its
+    own: importing captum leaves the importing frames in a reference cycle (an exception caught inside the
+    import), and every frame of the stack that imports it with them, a run's and its model's included, alive
+    until the collector runs. A new thread's stack holds nothing of the run; an import error is raised here."""
+    if "captum.attr" not in sys.modules:
+        importer = threading.Thread(target=_import_quietly, args=("captum.attr",), name="cola-import-captum")
+        importer.start()
+        importer.join()
+    from captum.attr import LayerIntegratedGradients
+
+    return LayerIntegratedGradients
+
+
+def _import_quietly(module: str) -> None:
+    with contextlib.suppress(ImportError):
+        importlib.import_module(module)
 
 
 def _gradient_x_input(

@@ -159,9 +159,11 @@ def check_shared_output_dir(output_dir: str | Path, training_args: TrainingArgum
         seen = None
     everyone: list[Any] = [None] * training_args.world_size
     torch.distributed.all_gather_object(everyone, (seen == token[0], socket.gethostname()))
+    if training_args.process_index == 0:  # every process has read it: a finished run's directory keeps no token
+        token_file.unlink(missing_ok=True)
     elsewhere = [f"{rank} (on {host})" for rank, (same, host) in enumerate(everyone) if not same]
     if elsewhere:
-        raise UsageError(
+        raise Refused(
             f"{output_dir}: not the same directory on every node: process{'es' if len(elsewhere) > 1 else ''} "
             f"{', '.join(elsewhere)} do not see what the main process wrote there; give every node one shared "
             "directory (a network filesystem) as --output_dir"
