@@ -216,9 +216,9 @@ def probabilities_of(model_dir: Path, predictions_file: Path) -> np.ndarray:
 
 
 def test_the_best_epoch_is_kept_tested_and_recorded_and_a_sigtermed_run_resumes_to_it(
-    tmp_path, tiny_model_dir, verb_data
+    tmp_path, tiny_model_dir, verb_data, signal_hooks
 ):
-    from test_fault_injection import HOOKS, Cut, largest_difference, launch
+    from test_fault_injection import Cut, largest_difference, launch
 
     from cola_hf.cli.train import main
 
@@ -244,12 +244,9 @@ def test_the_best_epoch_is_kept_tested_and_recorded_and_a_sigtermed_run_resumes_
     assert loss > 5 * results.epochs[-1].valid_loss
 
     # SIGTERM mid-step in epoch 4, one validation without improvement counted: the resumed run must count it too.
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(HOOKS, encoding="utf-8")
     cut_dir = tmp_path / "cut"
     cut = Cut("step", (LAST_EPOCH - 1) * STEPS_PER_EPOCH + 5, "SIGTERM")
-    status, output = launch([sys.executable, str(SCRIPT), *flags, "--output_dir", str(cut_dir)], hooks,
+    status, output = launch([sys.executable, str(SCRIPT), *flags, "--output_dir", str(cut_dir)], signal_hooks,
                             tmp_path / "cut.log", cut)  # fmt: skip
     assert status == 75, output[-3000:]
     assert main([*flags, "--output_dir", str(cut_dir)]) == 0
