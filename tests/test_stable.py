@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SCRIPT, error_line, verb_rule_rows, write_tsv
+from conftest import SCRIPT, error_line
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, Trainer
 
 from cola_hf.cli.compare import main as compare_main
@@ -196,15 +196,6 @@ BEST_EPOCH_RUN = [
 ]
 
 
-@pytest.fixture(scope="module")
-def verb_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("verb-rule")
-    write_tsv(root / "in_domain_train.tsv", verb_rule_rows(200, seed=1))
-    write_tsv(root / "in_domain_dev.tsv", verb_rule_rows(40, seed=2))
-    write_tsv(root / "out_of_domain_dev.tsv", verb_rule_rows(36, seed=3))
-    return root
-
-
 def probabilities_of(model_dir: Path, predictions_file: Path) -> np.ndarray:
     """P(acceptable) of the file's sentences by the model saved in `model_dir`."""
     sentences = read_predictions(predictions_file).sentences
@@ -216,13 +207,13 @@ def probabilities_of(model_dir: Path, predictions_file: Path) -> np.ndarray:
 
 
 def test_the_best_epoch_is_kept_tested_and_recorded_and_a_sigtermed_run_resumes_to_it(
-    tmp_path, tiny_model_dir, verb_data, signal_hooks
+    tmp_path, tiny_model_dir, verb_cola_dir, signal_hooks
 ):
     from test_fault_injection import Cut, largest_difference, launch
 
     from cola_hf.cli.train import main
 
-    flags = ["--model_name_or_path", str(tiny_model_dir), "--cola_source", str(verb_data), *BEST_EPOCH_RUN]
+    flags = ["--model_name_or_path", str(tiny_model_dir), "--cola_source", str(verb_cola_dir), *BEST_EPOCH_RUN]
     uncut = tmp_path / "uncut"
     assert main([*flags, "--output_dir", str(uncut)]) == 0
 
