@@ -45,4 +45,9 @@ for platform in $NODE_PLATFORMS; do
 done
 "$PYTHON" -m pip download --quiet --dest "$wheelhouse" --only-binary=:all: --implementation cp \
   --python-version "$NODE_PYTHON" "${platforms[@]}" --requirement "$wheelhouse/requirements.txt"
+# A dependency that itself needs torch (captum) makes pip fetch torch and its CUDA runtime too: the node has
+# them (the site's), so they leave the wheelhouse, and pip takes the site's when it installs.
+for name in $SITE nvidia triton; do
+  rm -f "$wheelhouse/${name}"-*.whl "$wheelhouse/${name}"_*.whl
+done
 echo "make_wheelhouse: $(ls "$wheelhouse"/*.whl | wc -l) wheels in $wheelhouse for Python $NODE_PYTHON" >&2
