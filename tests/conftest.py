@@ -6,7 +6,6 @@ Nothing here touches the network: the WordPiece vocabulary is built on the fly w
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 # Launching the command lives in launching.py; REPO, SCRIPT and run_cola stay importable from here too.
-from launching import REPO, SCRIPT, run_cola, write_hooks  # noqa: F401
+from launching import REPO, SCRIPT, preserved_logging, run_cola, write_hooks  # noqa: F401
 
 COLA_ZIP = os.environ.get("COLA_ZIP")
 COLA_ANNOTATIONS_ZIP = os.environ.get("COLA_ANNOTATIONS_ZIP")
@@ -102,14 +101,11 @@ from xdist_groups import (  # noqa: E402, F401 (hooks: pytest finds them by name
 
 
 @pytest.fixture(autouse=True)
-def restore_root_logging():
-    """A run in this process configures the root logger (cola_hf.cli.train.configure_logging): the next test
-    starts from the logging it had, as a new process would."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+def restore_logging():
+    """A run in this process configures logging (cola_hf.cli.train.configure_logging), and some tests turn
+    loggers up: the next test starts from the logging this one had, as a new process would."""
+    with preserved_logging():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
-from contextlib import redirect_stderr, redirect_stdout
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,6 +25,25 @@ SCRIPT = REPO / "experiments" / "cola.py"
 # (`accelerate launch --cpu` starts only one).
 MULTI_PROCESS_CONFIG = REPO / "experiments" / "accelerate" / "multi_gpu.yaml"
 STOPPED = 75  # the exit status of a run stopped by SIGTERM (cola_hf.errors.StoppedBySignal)
+
+
+# The loggers a run configures (cola_hf.cli.train.configure_logging), and a test may turn up to see everything.
+CONFIGURED_LOGGERS = ("", "transformers", "datasets", "huggingface_hub", "optuna", "cola_hf")
+
+
+@contextmanager
+def preserved_logging() -> Iterator[None]:
+    """The logging of the process as it was, once the block ends: each test starts as a new process would (a
+    library left at INFO by one test's run prints lines into the next test's one-line error)."""
+    loggers = [logging.getLogger(name) for name in CONFIGURED_LOGGERS]
+    saved = [(logger, logger.level, logger.handlers[:], logger.propagate) for logger in loggers]
+    try:
+        yield
+    finally:
+        for logger, level, handlers, propagate in saved:
+            logger.setLevel(level)
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
 
 
 def offline_env(extra: Mapping[str, str] | None = None, hooks: Path | None = None) -> dict[str, str]:
@@ -229,13 +248,8 @@ def run_here(*args: object, env: Mapping[str, str] | None = None) -> subprocess.
 
     argv = list(map(str, args))
     variables = {name: offline_env(env)[name] for name in ("HF_HUB_OFFLINE", "WANDB_MODE", *(env or {}))}
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
     stdout, stderr = io.StringIO(), io.StringIO()
-    try:
-        with mock.patch.dict(os.environ, variables), redirect_stdout(stdout), redirect_stderr(stderr):
-            status = main(argv)
-    finally:  # main configures the root logger, as it would in a process of its own
-        root.handlers[:] = handlers
-        root.setLevel(level)
+    # main configures logging, as it would in a process of its own
+    with preserved_logging(), mock.patch.dict(os.environ, variables), redirect_stdout(stdout), redirect_stderr(stderr):
+        status = main(argv)
     return subprocess.CompletedProcess(argv, status, stdout.getvalue(), stderr.getvalue())

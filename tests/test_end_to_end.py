@@ -103,11 +103,15 @@ def test_saved_model_works_with_pipeline_and_evaluation_only_mode(real_run, tmp_
 @pytest.mark.lowest
 def test_synthetic_run_with_tutorial_padding(tmp_path, cola_dir, tiny_model_dir):
     output_dir = tmp_path / "run"
-    run_cola(
+    result = run_cola(
         "--model_name_or_path", tiny_model_dir, "--cola_source", cola_dir, "--output_dir", output_dir,
         "--num_train_epochs", "2", "--pad_to_max_length", "true", "--train_sampling_strategy", "random",
-        "--base_model", "bert-base-uncased", *FAST,
+        "--base_model", "bert-base-uncased", *FAST, env={"PYTHONPROFILEIMPORTTIME": "1"},
     )  # fmt: skip
+    # A run that reports to no W&B never imports wandb (most of a second at every run's end).
+    log = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    imported = {line.rsplit("|", 1)[1].strip() for line in log}
+    assert "cola_hf.run" in imported and "wandb" not in imported
     results = json.loads((output_dir / "results.json").read_text())
     assert [row["epoch"] for row in results["epochs"]] == [1, 2]
     assert all(row["training_loss"] > 0 and row["validation_time_s"] > 0 for row in results["epochs"])

@@ -40,6 +40,8 @@ from cola_hf.run_files import EXPLANATIONS_HTML, MODEL_CARD, MODEL_FILES
 from cola_hf.run_files import WANDB_RUN_ID as RUN_ID_FILE
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     import pandas as pd
     from transformers import Trainer
 
@@ -232,11 +234,17 @@ def stable_run_id(output_dir: str | Path, fresh: bool = False) -> str:
     return run_id
 
 
+def open_wandb() -> ModuleType | None:
+    """The wandb module while a W&B run is open in this process, else None. A run without W&B never imported
+    wandb, and need not now: importing it takes most of a second of every such run's end."""
+    wandb = sys.modules.get("wandb")
+    return wandb if wandb is not None and wandb.run is not None else None
+
+
 def stop_run_preempted() -> None:
     """Mark the open W&B run as preempted (the run resumes later into the same W&B run) and close it."""
-    import wandb
-
-    if wandb.run is None:
+    wandb = open_wandb()
+    if wandb is None:
         return
     try:
         wandb.run.mark_preempting()
@@ -260,11 +268,10 @@ def log_run_outputs(
     Each upload is tried on its own: whatever fails is named in one message, the rest still goes up, and the
     local outputs (already complete when this is called) are never touched.
     """
-    import wandb
-
-    run = wandb.run
-    if run is None:
+    wandb = open_wandb()
+    if wandb is None:
         return
+    run = wandb.run
     output_dir = Path(output_dir)
     failed: list[str] = []
 
