@@ -92,12 +92,26 @@ def run_cola(
     processes: int = 1,
     hooks: Path | None = None,
     timeout: float = 600,
+    in_process: bool = False,
 ) -> subprocess.CompletedProcess:
-    """experiments/cola.py in a subprocess, offline, as a user would run it; its output captured."""
-    command = cola_command(*without_blimp_or_explanations(tuple(map(str, args))), processes=processes)
-    result = subprocess.run(
-        command, capture_output=True, text=True, env=offline_env(env, hooks), cwd=REPO, timeout=timeout
-    )
+    """experiments/cola.py in a subprocess, offline, as a user would run it; its output captured.
+
+    `in_process`: the command's `main` in this process instead (`run_here`), where a process of its own is not
+    what the test is about: the same run, without the seconds every new process spends importing torch,
+    transformers, datasets and evaluate (a tiny run's work is a second or two). What only a process shows stays
+    in one: signals, several processes, W&B's service, and what the libraries print to the stderr they found
+    when imported.
+    """
+    args = without_blimp_or_explanations(tuple(map(str, args)))
+    if in_process:
+        if processes != 1 or hooks is not None:
+            raise ValueError("in_process: one process, without signal hooks")
+        result = run_here(*args, env=env)
+    else:
+        command = cola_command(*args, processes=processes)
+        result = subprocess.run(
+            command, capture_output=True, text=True, env=offline_env(env, hooks), cwd=REPO, timeout=timeout
+        )
     if check and result.returncode != 0:
         raise AssertionError(f"cola.py exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
@@ -238,10 +252,23 @@ def write_hooks(directory: Path, source: str = SIGNAL_HOOKS) -> Path:
     return directory
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread for the block (offline_env's OMP_NUM_THREADS=1), whatever this process had."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_here(*args: object, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
-    """The command's `main` in this process, where a process of its own is not the point (bad input, a refusal):
-    it saves a launch. Its exit status and output as a subprocess's would be, under the offline environment's
-    variables. The arguments as given (a refusal stops before BLiMP)."""
+    """The command's `main` in this process, where a process of its own is not the point (bad input, a refusal, a
+    run whose files the test reads): it saves a launch. Its exit status and output as a subprocess's would be,
+    under the offline environment's variables. The arguments as given (a refusal stops before BLiMP)."""
     from unittest import mock
 
     from cola_hf.cli.train import main
@@ -249,7 +276,8 @@ def run_here(*args: object, env: Mapping[str, str] | None = None) -> subprocess.
     argv = list(map(str, args))
     variables = {name: offline_env(env)[name] for name in ("HF_HUB_OFFLINE", "WANDB_MODE", *(env or {}))}
     stdout, stderr = io.StringIO(), io.StringIO()
-    # main configures logging, as it would in a process of its own
-    with preserved_logging(), mock.patch.dict(os.environ, variables), redirect_stdout(stdout), redirect_stderr(stderr):
-        status = main(argv)
+    # main configures logging, as it would in a process of its own; one intra-op thread, as a launched process has
+    with preserved_logging(), one_thread(), mock.patch.dict(os.environ, variables):
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            status = main(argv)
     return subprocess.CompletedProcess(argv, status, stdout.getvalue(), stderr.getvalue())

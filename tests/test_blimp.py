@@ -544,7 +544,7 @@ def blimp_run(tmp_path_factory, cola_dir, tiny_model_dir, blimp_dir):
     output_dir = tmp_path_factory.mktemp("blimp-run") / "run"
     result = run_cola(
         "--model_name_or_path", tiny_model_dir, "--cola_source", cola_dir, "--output_dir", output_dir,
-        "--blimp_source", blimp_dir, "--num_train_epochs", "1", *FAST,
+        "--blimp_source", blimp_dir, "--num_train_epochs", "1", *FAST, in_process=True,
     )  # fmt: skip
     return output_dir, result
 
@@ -587,7 +587,7 @@ def test_an_evaluation_only_run_scores_the_same_and_cola_compare_tests_the_two(b
     evaluated = tmp_path / "eval"
     cola_source = json.loads((trained / "results.json").read_text())["config"]["cola_source"]
     run_cola("--do_train", "False", "--model_name_or_path", trained, "--cola_source", cola_source,
-             "--output_dir", evaluated, "--blimp_source", blimp_dir, *FAST)  # fmt: skip
+             "--output_dir", evaluated, "--blimp_source", blimp_dir, *FAST, in_process=True)  # fmt: skip
     before = analysis.read_blimp_predictions(trained / analysis.PREDICTIONS_FILE)
     after = analysis.read_blimp_predictions(evaluated / analysis.PREDICTIONS_FILE)
     assert after.keys() == before.keys()
@@ -633,7 +633,7 @@ def test_a_bad_blimp_source_stops_the_run_before_training(source, message, tmp_p
     output_dir = tmp_path / "run"
     result = run_cola(
         "--model_name_or_path", tiny_model_dir, "--cola_source", cola_dir, "--output_dir", output_dir,
-        "--blimp_source", source, "--num_train_epochs", "1", *FAST, check=False,
+        "--blimp_source", source, "--num_train_epochs", "1", *FAST, check=False, in_process=True,
     )  # fmt: skip
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("cola: error:")]

@@ -31,7 +31,7 @@ def real_run(tmp_path_factory, cola_zip, tiny_model_dir):
     result = run_cola(
         "experiments/recipes/tutorial.yaml",
         "--model_name_or_path", tiny_model_dir, "--cola_source", cola_zip, "--output_dir", output_dir,
-        "--num_train_epochs", "1", *FAST,
+        "--num_train_epochs", "1", *FAST, in_process=True,
     )  # fmt: skip
     return output_dir, result
 
@@ -85,7 +85,7 @@ def test_saved_model_works_with_pipeline_and_evaluation_only_mode(real_run, tmp_
     evaluated = tmp_path / "eval"
     zip_path = json.loads((output_dir / "results.json").read_text())["config"]["cola_source"]
     run_cola("--do_train", "False", "--model_name_or_path", output_dir, "--cola_source", zip_path,
-             "--output_dir", evaluated, "--overwrite_output_dir", "true", *FAST)  # fmt: skip
+             "--output_dir", evaluated, "--overwrite_output_dir", "true", *FAST, in_process=True)  # fmt: skip
     trained = json.loads((output_dir / "results.json").read_text())
     again = json.loads((evaluated / "results.json").read_text())
     assert again["epochs"] == []

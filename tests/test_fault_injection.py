@@ -51,6 +51,7 @@ PREDICTION_FILES = ("out_of_domain_dev", "in_domain_dev", "glue_dev", "validatio
 RUN = [
     *("--num_train_epochs", str(EPOCHS), "--learning_rate", "1e-2", "--global_train_batch_size", "16"),
     *("--max_seq_length", "16", "--logging_steps", "4", "--disable_tqdm", "true", "--annotations_source", "none"),
+    *("--blimp_source", "none", "--explain_pairs", "0"),
 ]
 
 
@@ -264,8 +265,14 @@ def report(name: str, rows: list[list], difference: float) -> None:
         print(" | ".join(str(value) for value in [*row, f"{difference:.1e}"]))
 
 
-def uncut(argv: list[str], signal_hooks: Path, tmp_path: Path) -> None:
-    status, output = launch(argv, signal_hooks, tmp_path / "uncut.log")
+def uncut(flags: list[object], signal_hooks: Path, tmp_path: Path, processes: int = 1) -> None:
+    """The reference: the same command, never cut. On one process without W&B in this process (run_here): the
+    same run, without a launch's imports."""
+    if processes == 1 and "wandb" not in flags:
+        result = run_here(*flags)
+        status, output = result.returncode, result.stdout + result.stderr
+    else:
+        status, output = launch(cola_command(*flags, processes=processes), signal_hooks, tmp_path / "uncut.log")
     assert status == 0, output[-3000:]
 
 
@@ -305,7 +312,7 @@ def test_a_run_cut_anywhere_finishes_as_the_uncut_run(
     flags = ["--model_name_or_path", str(tiny_model_dir), "--cola_source", str(data), *RUN, "--report_to", "none",
              "--train_sampling_strategy", sampler]  # fmt: skip
     reference, run_dir = tmp_path / "uncut", tmp_path / "cut"
-    uncut(cola_command(*flags, "--output_dir", reference, processes=processes), signal_hooks, tmp_path)
+    uncut([*flags, "--output_dir", reference], signal_hooks, tmp_path, processes)
     argv = cola_command(*flags, "--output_dir", run_dir, processes=processes)
     after_cut = refused_on_another_number_of_processes(run_dir, flags) if processes > 1 else None
     rows, _ = cut_chain(argv, [(cut, "") for cut in cuts], signal_hooks, tmp_path / "cuts.log", run_dir, after_cut)
@@ -324,7 +331,7 @@ def test_a_seed_study_cut_during_its_second_seed_finishes_as_the_uncut_study(
     flags = ["--model_name_or_path", str(tiny_model_dir), "--cola_source", str(data), *RUN, "--report_to", "wandb",
              "--seeds", "1", "2"]  # fmt: skip
     reference, study = tmp_path / "uncut", tmp_path / "cut"
-    uncut(cola_command(*flags, "--output_dir", reference), signal_hooks, tmp_path)
+    uncut([*flags, "--output_dir", reference], signal_hooks, tmp_path)
     first, second = (f"cola-lr0.01-bs16-ep{EPOCHS}-seed{seed}" for seed in (1, 2))  # the study's run names
     argv = cola_command(*flags, "--output_dir", study)
     rows, outputs = cut_chain(
@@ -353,7 +360,7 @@ def test_a_search_cut_in_a_trials_second_epoch_keeps_every_trial(tmp_path, data,
              "--num_train_epochs", "2", "--search", str(space), "--n_trials", "2",
              "--search_pruner", "none"]  # fmt: skip
     reference, search = tmp_path / "uncut", tmp_path / "cut"
-    uncut(cola_command(*flags, "--output_dir", reference), signal_hooks, tmp_path)
+    uncut([*flags, "--output_dir", reference], signal_hooks, tmp_path)
     # The second trial, cut in its second epoch: it is run again from its start, as trial 2.
     rng = random.Random(19)
     cuts = [(Cut("step", STEPS_PER_EPOCH + rng.randint(1, STEPS_PER_EPOCH - 1), rng.choice(SIGNALS)), "trial-001")]

@@ -55,7 +55,7 @@ def assert_same_predictions(run: Path, reference: Path) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_model_dir, cola_dir) -> Path:
     output_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    run_cola(*run_args(tiny_model_dir, cola_dir, output_dir))
+    run_cola(*run_args(tiny_model_dir, cola_dir, output_dir), in_process=True)
     return output_dir
 
 
@@ -79,7 +79,7 @@ def test_a_second_sigterm_during_the_save_does_not_cut_it_short(
         "run the same command to continue"
     )
     assert (saving / "trainer_state.json").is_file()
-    run_cola(*run_args(tiny_model_dir, cola_dir, output_dir))
+    run_cola(*run_args(tiny_model_dir, cola_dir, output_dir), in_process=True)
     assert_same_predictions(output_dir, uninterrupted)
 
 

@@ -259,7 +259,7 @@ def resume_data(cola_dir) -> Path:
 def uninterrupted(tmp_path_factory, resume_data, tiny_model_dir) -> tuple[Path, subprocess.CompletedProcess]:
     output_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
     result = run_cola("--model_name_or_path", tiny_model_dir, "--cola_source", resume_data, "--output_dir", output_dir,
-                      *RESUME_RUN)  # fmt: skip
+                      *RESUME_RUN, in_process=True)  # fmt: skip
     return output_dir, result
 
 
@@ -292,7 +292,7 @@ def test_a_checkpoint_continues_only_under_the_options_it_was_trained_with(
         "or --overwrite_output_dir to start over"
     )
 
-    same = run_cola(*command)
+    same = run_cola(*command, in_process=True)
     assert f"continuing from {checkpoint.name}" in same.stderr
     expected = json.loads((reference / "results.json").read_text())
     assert json.loads((output_dir / "results.json").read_text())["test"] == expected["test"]
@@ -373,7 +373,7 @@ def test_collapse_is_warned_about_and_recorded(tmp_path, cola_dir, tiny_model_di
     output_dir = tmp_path / "run"
     result = run_cola(
         "--model_name_or_path", tiny_model_dir, "--cola_source", cola_dir, "--output_dir", output_dir,
-        "--num_train_epochs", "2", "--learning_rate", "1", *FAST,
+        "--num_train_epochs", "2", "--learning_rate", "1", *FAST, in_process=True,
     )  # fmt: skip
     warnings = re.findall(
         r"Collapsed classifier at epoch (\d+): all 20 validation sentences predicted (\w+)", result.stderr
@@ -393,7 +393,7 @@ def test_divergence_stops_the_run_naming_the_step(tmp_path, cola_dir, tiny_model
     output_dir = tmp_path / "run"
     result = run_cola(
         "--model_name_or_path", tiny_model_dir, "--cola_source", cola_dir, "--output_dir", output_dir,
-        "--num_train_epochs", "2", "--learning_rate", "1e6", *FAST, check=False,
+        "--num_train_epochs", "2", "--learning_rate", "1e6", *FAST, check=False, in_process=True,
     )  # fmt: skip
     line = error_line(result.stderr)
     assert result.returncode == 1
