@@ -165,6 +165,7 @@ def test_the_notebook_trains_what_the_command_line_trains(executed, tiny_model_d
         "experiments/recipes/tutorial.yaml",
         *("--model_name_or_path", tiny_model_dir, "--cola_source", cola_zip, "--annotations_source", "none"),
         *("--num_train_epochs", EPOCHS, "--max_train_samples", TRAIN_SAMPLES, "--output_dir", cli_dir),
+        in_process=True,  # the command's main, as experiments/cola.py calls it; the notebook runs in a kernel
     )
 
     def measured(run_dir: Path) -> tuple[list[dict], dict]:

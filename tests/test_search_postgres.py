@@ -24,7 +24,7 @@ import psycopg
 import pytest
 import sqlalchemy
 from conftest import error_line, postgres_admin
-from launching import REPO, cola_command, offline_env, wait_for_file
+from launching import REPO, cola_command, offline_env, run_here, wait_for_file
 from optuna.trial import TrialState
 from test_search import write_sweep
 
@@ -227,7 +227,7 @@ def trial_states(url: str) -> list[str]:
 
 @pytest.mark.xdist_group("postgres-three-workers")  # searches in subprocesses: a group of its own
 def test_three_workers_with_their_own_output_dirs_run_exactly_n_trials_and_build_one_best(
-    tmp_path, search_args, postgres_database, monkeypatch, capsys
+    tmp_path, search_args, postgres_database
 ):
     space = write_sweep(
         tmp_path / "space.yaml",
@@ -258,8 +258,8 @@ def test_three_workers_with_their_own_output_dirs_run_exactly_n_trials_and_build
 
     # The same command after the end: no trial added, best/ left alone.
     built = (best_dirs[0] / "results.json").stat().st_mtime_ns
-    code, err = cola_in_process(commands[1], monkeypatch, capsys)
-    assert code == 0, err[-3000:]
+    again = run_here(*commands[1][2:])  # less python and the script
+    assert again.returncode == 0, again.stderr[-3000:]
     assert trial_states(postgres_database) == ["COMPLETE"] * 4
     assert (best_dirs[0] / "results.json").stat().st_mtime_ns == built
 
@@ -402,20 +402,7 @@ def test_the_storage_password_is_recorded_nowhere(tmp_path, search_args, postgre
 
 
 # --- bad input -------------------------------------------------------------------------------------------------
-def cola_in_process(command: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """A worker's command run in this process (saving a process start): its exit status and its stderr."""
-    from cola_hf.cli.train import main
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    capsys.readouterr()
-    code = main([str(arg) for arg in command[2:]])  # without python and the script
-    return code, capsys.readouterr().err
-
-
-def test_a_server_that_never_answers_is_one_line_naming_it_within_the_connect_timeout(
-    tmp_path, search_args, monkeypatch, capsys
-):
+def test_a_server_that_never_answers_is_one_line_naming_it_within_the_connect_timeout(tmp_path, search_args):
     space = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"values": [1e-3]}})
     with socket.socket() as silent:  # accepts connections (the kernel does), never says a word
         silent.bind(("127.0.0.1", 0))
@@ -424,7 +411,8 @@ def test_a_server_that_never_answers_is_one_line_naming_it_within_the_connect_ti
         # The URL's own timeout, 2 s (libpq's least), bounds the wait rather than the operating system's minutes;
         # the default one (10 s) takes the same way, checked below without waiting for it.
         url = f"postgresql+psycopg://cola:planted-secret@127.0.0.1:{port}/cola?connect_timeout=2"
-        code, err = cola_in_process(search_command(search_args, tmp_path / "out", space, 2, url), monkeypatch, capsys)
+        result = run_here(*search_command(search_args, tmp_path / "out", space, 2, url)[2:])  # less python, script
+    code, err = result.returncode, result.stderr
     assert code == 2
     line = error_line(err)
     assert line.startswith(f"--search_storage postgresql+psycopg://cola:***@127.0.0.1:{port}/cola?connect_timeout=2: ")
@@ -442,7 +430,7 @@ def test_a_server_that_never_answers_is_one_line_naming_it_within_the_connect_ti
 
 
 def test_a_database_that_refuses_to_create_tables_is_one_line_saying_what_to_ask_for(
-    tmp_path, search_args, postgres_server, postgres_database, monkeypatch, capsys
+    tmp_path, search_args, postgres_server, postgres_database
 ):
     """A role that may log in and use the database, but not create tables in its schema (PostgreSQL 15's default
     for anyone but the owner)."""
@@ -453,7 +441,8 @@ def test_a_database_that_refuses_to_create_tables_is_one_line_saying_what_to_ask
     try:
         url = f"postgresql+psycopg://{guest}:guest-secret@{owner.hostname}:{owner.port}{owner.path}"
         space = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"values": [1e-3]}})
-        code, err = cola_in_process(search_command(search_args, tmp_path / "out", space, 2, url), monkeypatch, capsys)
+        result = run_here(*search_command(search_args, tmp_path / "out", space, 2, url)[2:])
+        code, err = result.returncode, result.stderr
     finally:
         with postgres_admin(postgres_server) as admin:
             admin.execute(f"DROP OWNED BY {guest}")
