@@ -71,6 +71,16 @@ if _watched and _rank is not None:
                 log.write(f"{event} {path}\\n")
 
     sys.addaudithook(_hook)
+
+    import atexit
+
+    def _at_exit():  # registered first, so it runs last: what the process left when its interpreter ends
+        if "torch.distributed" in sys.modules:
+            state = "open" if sys.modules["torch.distributed"].is_initialized() else "closed"
+            with open(os.path.join(os.environ["COLA_TEST_WATCH_LOG"], f"exit-rank{_rank}.txt"), "w") as out:
+                out.write(state)
+
+    atexit.register(_at_exit)
 """
 
 
@@ -217,6 +227,13 @@ def test_only_the_main_process_writes_outputs(runs):
     allowed = re.compile(r"(os\.mkdir .*/checkpoint-\d+|open .*/checkpoint-\d+/rng_state_1\.pth)$")
     assert [line for line in written if not allowed.match(line)] == []
     assert sorted(path.name for path in runs["two"].iterdir()) == sorted(path.name for path in runs["one"].iterdir())
+
+
+def test_every_process_closes_its_process_group_before_it_exits(runs):
+    """Left open, gloo's threads meet the interpreter's end: now and then a process that finished its run aborts
+    ("terminate called without an active exception", SIGABRT) and the launcher reports the run failed."""
+    states = {path.name: path.read_text(encoding="utf-8") for path in runs["watch"].glob("exit-rank*.txt")}
+    assert states == {"exit-rank0.txt": "closed", "exit-rank1.txt": "closed"}
 
 
 def single_process_probabilities(model_dir: Path, sentences: dict[str, list[str]]) -> dict[str, np.ndarray]:

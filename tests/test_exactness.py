@@ -271,6 +271,7 @@ for drop_last in (False, True):
     scored[str(drop_last)] = trainer.predict(sentences).predictions.tolist()
 with open(f"{out}/record-{rank}.json", "w") as handle:
     json.dump({"trained": trainer.trained, "scored": scored}, handle)
+torch.distributed.destroy_process_group()  # as cola_hf.cli.train.main does: see close_process_group there
 """
 
 

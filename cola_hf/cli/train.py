@@ -49,11 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(options)
         hub.prepare_push(options.training)  # fails in one line before any work: no token, offline, bad repo id
         dispatch(options)
+        close_process_group()
         return 0
     except HubPushError as err:  # the local run is complete: no RUN_FAILED marker
         print(f"cola: error: {redact_text(str(err))}", file=sys.stderr)
         return err.exit_code
     except StoppedBySignal as err:  # not a failure: the checkpoint is complete, the same command continues
+        close_process_group()  # every process stopped at the same step
         if options is None or options.training.process_index == 0:  # one line for the run, not one per process
             print(f"cola: {err}", file=sys.stderr, flush=True)
         return err.exit_code
@@ -80,6 +82,16 @@ def main(argv: list[str] | None = None) -> int:
             mark_failed_by_this_process(options, message)
         print(f"cola: error: {message}", file=sys.stderr)
         return RunFailed.exit_code
+
+
+def close_process_group() -> None:
+    """Close the process group accelerate opened for a run on several processes, once every process is done with
+    it. Left open to the interpreter's end, gloo's threads now and then abort a process that finished its run
+    (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#190489), and the launcher then
+    reports the run failed. Not after a failure: the other processes may be gone, or stuck in a collective."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def run_directory(options: RunOptions | None) -> str | None:
