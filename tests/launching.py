@@ -9,21 +9,26 @@ this checkout's `cola_hf` first on the path whatever is installed.
 
 from __future__ import annotations
 
+import atexit
 import io
 import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
+
+from forkserver import ForkedProcess, ForkServer
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "cola.py"
 # accelerate's multi-GPU config, which with --use_cpu true starts gloo processes on a machine without GPUs
 # (`accelerate launch --cpu` starts only one).
 MULTI_PROCESS_CONFIG = REPO / "experiments" / "accelerate" / "multi_gpu.yaml"
+SESSION_ENVIRON = dict(os.environ)  # as this module was first imported: before any test could change it
 STOPPED = 75  # the exit status of a run stopped by SIGTERM (cola_hf.errors.StoppedBySignal)
 
 
@@ -46,14 +51,17 @@ def preserved_logging() -> Iterator[None]:
             logger.propagate = propagate
 
 
-def offline_env(extra: Mapping[str, str] | None = None, hooks: Path | None = None) -> dict[str, str]:
+def offline_env(
+    extra: Mapping[str, str] | None = None, hooks: Path | None = None, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The environment of a launched process: this one's, with the Hub offline, W&B disabled, one thread, output
     unbuffered (tests read a run's lines as they come) and this checkout (behind `hooks`, if given) first on
     PYTHONPATH; `extra` last, so a test may set any of these otherwise (W&B offline, say)."""
     path = [str(hooks)] if hooks is not None else []
-    path += [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+    base = os.environ if base is None else base
+    path += [str(REPO), *filter(None, [base.get("PYTHONPATH")])]
     return {
-        **os.environ,
+        **base,
         "HF_HUB_OFFLINE": "1",
         "WANDB_MODE": "disabled",
         "OMP_NUM_THREADS": "1",
@@ -108,10 +116,7 @@ def run_cola(
             raise ValueError("in_process: one process, without signal hooks")
         result = run_here(*args, env=env)
     else:
-        command = cola_command(*args, processes=processes)
-        result = subprocess.run(
-            command, capture_output=True, text=True, env=offline_env(env, hooks), cwd=REPO, timeout=timeout
-        )
+        result = run_process(cola_command(*args, processes=processes), env=env, hooks=hooks, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"cola.py exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
@@ -119,12 +124,60 @@ def run_cola(
 
 def start_cola(
     *args: object, env: Mapping[str, str] | None = None, processes: int = 1, hooks: Path | None = None
-) -> subprocess.Popen:
-    """experiments/cola.py started, not awaited: stdout and stderr in one text pipe (see `finish`)."""
-    command = cola_command(*without_blimp_or_explanations(tuple(map(str, args))), processes=processes)
+) -> subprocess.Popen | ForkedProcess:
+    """experiments/cola.py started, not awaited: stdout and stderr as one text (see `finish`)."""
+    return start_process(
+        cola_command(*without_blimp_or_explanations(tuple(map(str, args))), processes=processes), env, hooks
+    )
+
+
+def start_process(
+    command: list[str], env: Mapping[str, str] | None = None, hooks: Path | None = None
+) -> subprocess.Popen | ForkedProcess:
+    """A command started in the offline environment, not awaited: its stdout and stderr as one text, in the order
+    written (`finish` or `communicate()[0]`). A one-process run of experiments/cola.py is forked from this
+    worker's fork server where it may be (tests/forkserver.py); anything else is exec'd."""
+    if (forked := fork(command, env, hooks, combined=True)) is not None:
+        return forked
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=offline_env(env, hooks), cwd=REPO
     )
+
+
+def run_process(
+    command: list[str], env: Mapping[str, str] | None = None, hooks: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """A command run to its end in the offline environment (forked as `start_process` says); stdout, stderr apart."""
+    process = fork(command, env, hooks, combined=False) or subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=offline_env(env, hooks), cwd=REPO
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+_fork_server: list[ForkServer] = []
+_fork_server_lock = threading.Lock()
+
+
+def fork(command: list[str], env: Mapping[str, str] | None, hooks: Path | None, combined: bool) -> ForkedProcess | None:
+    """`command` forked from this worker's fork server, or None where it must be exec'd: not one process of
+    experiments/cola.py, or an environment that differs from the server's in what a library may read when it is
+    imported (COLA_NO_FORK_SERVER=1: never forked)."""
+    if command[:2] != [sys.executable, str(SCRIPT)] or os.environ.get("COLA_NO_FORK_SERVER") == "1":
+        return None
+    with _fork_server_lock:
+        if not _fork_server:  # the environment the session started with, whatever the test under way has set
+            _fork_server.append(ForkServer(offline_env(base=SESSION_ENVIRON), REPO))
+            atexit.register(_fork_server[0].close)
+    server = _fork_server[0]
+    if not server.can_fork(offline_env(env)):
+        return None
+    return server.start(command[1:], offline_env(env, hooks), hooks, combined)
 
 
 def finish(process: subprocess.Popen, timeout: float = 600) -> str:

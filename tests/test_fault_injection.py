@@ -32,7 +32,6 @@ import json
 import random
 import re
 import signal
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ import numpy as np
 import optuna
 import pytest
 import yaml
-from launching import REPO, STOPPED, cola_command, offline_env, run_here
+from launching import STOPPED, cola_command, run_here, run_process
 
 RUN_ID_FILE = ".wandb_run_id"  # where a run keeps its W&B run id (cola_hf.tracking)
 
@@ -152,12 +151,10 @@ def data(cola_dir) -> Path:
 
 
 def launch(argv: list[str], signal_hooks: Path, log: Path, cut: Cut | None = None, run: str = "") -> tuple[int, str]:
-    """The command in a subprocess, cut at `cut` if given; its exit status and output."""
+    """The command in a process of its own, cut at `cut` if given; its exit status and output."""
     env = {"WANDB_MODE": "offline", "COLA_TEST_CUT": cut.env() if cut else "", "COLA_TEST_CUT_RUN": run,
            "COLA_TEST_CUT_LOG": str(log)}  # fmt: skip
-    result = subprocess.run(
-        argv, capture_output=True, text=True, env=offline_env(env, signal_hooks), cwd=REPO, timeout=300
-    )
+    result = run_process(argv, env, signal_hooks, timeout=300)
     return result.returncode, result.stdout + result.stderr
 
 

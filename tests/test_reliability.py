@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import error_line, synthetic_rows
-from launching import REPO, SCRIPT, offline_env, run_cola, run_here
+from launching import SCRIPT, run_cola, run_here, run_process
 
 from cola_hf.config import parse_args
 from cola_hf.data.cola import RAW_FILES
@@ -179,13 +179,13 @@ def bad_input_runs(tmp_path_factory, cola_dir, tiny_model_dir) -> dict:
             (work / UNREADABLE[case]).chmod(0)
         commands[case] = (work, [*args, "--output_dir", str(work / "out"), *FAST])
 
-    def run(item):
+    def run_case(item):
         case, (work, argv) = item
         command = [*python_command(case in UNREADABLE), str(SCRIPT), *argv]
-        return case, (work, subprocess.run(command, capture_output=True, text=True, env=offline_env(), cwd=REPO))
+        return case, (work, run_process(command))
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        runs = dict(pool.map(run, [item for item in commands.items() if item[0] in IN_A_SUBPROCESS]))
+        runs = dict(pool.map(run_case, [item for item in commands.items() if item[0] in IN_A_SUBPROCESS]))
     runs |= {case: (work, run_here(*argv)) for case, (work, argv) in commands.items() if case not in IN_A_SUBPROCESS}
     for case, path in UNREADABLE.items():
         if case in runs:

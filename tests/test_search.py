@@ -19,7 +19,7 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from launching import REPO, SCRIPT, cola_command, offline_env
+from launching import REPO, SCRIPT, cola_command, offline_env, run_process, start_process
 
 from cola_hf.config import make_parser
 from cola_hf.errors import UsageError
@@ -399,11 +399,8 @@ def test_two_workers_on_one_storage_run_exactly_n_trials_between_them(tmp_path, 
     out = tmp_path / "search"
     command = cola_command(*base_args, "--output_dir", out, "--search", space, "--n_trials", "4")
     command += ["--num_train_epochs", "3"]
-    workers = [
-        subprocess.Popen(command, cwd=REPO, env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for _ in range(2)
-    ]
-    logs = [worker.communicate(timeout=300)[0].decode() for worker in workers]
+    workers = [start_process(command) for _ in range(2)]
+    logs = [worker.communicate(timeout=300)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert sorted(states(out).items()) == [(number, "COMPLETE") for number in range(4)]
     assert len(list((out / "trials").iterdir())) == 4
@@ -420,14 +417,14 @@ def test_sigkill_mid_trial_then_the_same_command_fails_and_reruns_only_the_inter
     command += ["--num_train_epochs", "2"]
     # Mid-trial: trial 1 killed in its second epoch (23 steps of 8 sentences each), its first one's checkpoint saved.
     cut = {"COLA_TEST_CUT": "step:30:SIGKILL", "COLA_TEST_CUT_RUN": "trial-001"}
-    killed = subprocess.run(command, cwd=REPO, env=offline_env(cut, signal_hooks), capture_output=True, timeout=300)
+    killed = run_process(command, cut, signal_hooks, timeout=300)
     assert killed.returncode == -signal.SIGKILL
     assert list((out / "trials" / "trial-001").glob("checkpoint-*"))
     assert states(out) == {0: "COMPLETE", 1: "RUNNING"}
     first = (out / "trials" / "trial-000" / "results.json").stat().st_mtime_ns
     interrupted_params = load_study(out).get_trials()[1].params
 
-    result = subprocess.run(command, cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)
+    result = run_process(command, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     after = load_study(out).get_trials()
     assert [trial.state.name for trial in after] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]

@@ -24,7 +24,7 @@ import psycopg
 import pytest
 import sqlalchemy
 from conftest import error_line, postgres_admin
-from launching import REPO, cola_command, offline_env, run_here, wait_for_file
+from launching import REPO, cola_command, offline_env, run_here, start_process, wait_for_file
 from optuna.trial import TrialState
 from test_search import write_sweep
 
@@ -200,9 +200,7 @@ def search_command(base_args: list, out, space, n_trials: int, storage: str, *ex
 
 
 def start_worker(command: list[str], env: dict | None = None, hooks: Path | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        command, cwd=REPO, env=offline_env(env, hooks), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    return start_process(command, env, hooks)
 
 
 def finish_workers(workers: list[subprocess.Popen], timeout: float = 300) -> list[str]:
