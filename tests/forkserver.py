@@ -19,6 +19,7 @@ Run as a script, this file is the server: `python tests/forkserver.py SOCKET_PAT
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -41,8 +42,9 @@ PRELOADED = (
     "matplotlib.pyplot",
 )
 # Variables a launch may set differently from the server's environment: none is read when a library is imported
-# (pytest names the test under way in PYTEST_CURRENT_TEST).
-LAUNCH_VARIABLES = ("COLA_TEST_", "WANDB_", "PYTEST_CURRENT_TEST")
+# (pytest names the test under way in PYTEST_CURRENT_TEST; torch writes its default TORCHINDUCTOR_CACHE_DIR into
+# the environment of a process that has compiled, such as a pytest worker after an in-process run).
+LAUNCH_VARIABLES = ("COLA_TEST_", "WANDB_", "PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR")
 MESSAGE_BYTES = 1 << 20
 
 
@@ -79,14 +81,16 @@ def serve(socket_path: str) -> None:
                     run_child(json.loads(request), fds)  # never returns
                 for fd in fds:
                     os.close(fd)
-                connection.send(str(pid).encode())
+                with contextlib.suppress(OSError):
+                    connection.send(str(pid).encode())
                 selector.register(os.pidfd_open(pid), selectors.EVENT_READ, (pid, connection))
             else:  # a child ended: its status to whoever launched it
                 pid, connection = key.data
                 selector.unregister(key.fileobj)
                 os.close(key.fileobj)
                 _, status = os.waitpid(pid, 0)
-                connection.send(str(os.waitstatus_to_exitcode(status)).encode())
+                with contextlib.suppress(OSError):  # nobody waits for it any more (the test is over)
+                    connection.send(str(os.waitstatus_to_exitcode(status)).encode())
                 connection.close()
 
 
