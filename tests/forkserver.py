@@ -41,10 +41,13 @@ PRELOADED = (
     "sklearn.metrics",
     "matplotlib.pyplot",
 )
-# Variables a launch may set differently from the server's environment: none is read when a library is imported
-# (pytest names the test under way in PYTEST_CURRENT_TEST; torch writes its default TORCHINDUCTOR_CACHE_DIR into
-# the environment of a process that has compiled, such as a pytest worker after an in-process run).
-LAUNCH_VARIABLES = ("COLA_TEST_", "WANDB_", "PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR")
+# Variables a launch may set differently from the server's environment: none is read when a library is imported.
+# pytest names the test under way in PYTEST_CURRENT_TEST; the others are written into a pytest worker's environment
+# by what ran in it (torch: its default TORCHINDUCTOR_CACHE_DIR once it compiled; transformers' pipelines:
+# TOKENIZERS_PARALLELISM; sklearn's import: KMP_*, read by Intel's OpenMP only), and so passed on to its launches.
+LAUNCH_VARIABLES = (
+    "COLA_TEST_", "WANDB_", "PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "TOKENIZERS_PARALLELISM", "KMP_",
+)  # fmt: skip
 MESSAGE_BYTES = 1 << 20
 
 
@@ -57,8 +60,11 @@ def serve(socket_path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # as cola_hf.charts does before pyplot
+    before = dict(os.environ)
     for module in PRELOADED:
         importlib.import_module(module)
+    # What the imports wrote into the environment (sklearn's KMP_* variables): a fresh process has it too.
+    written_by_imports = {name: value for name, value in os.environ.items() if before.get(name) != value}
     # A fork copies only the forking thread: a lock another thread held would stay held in the child.
     assert threading.active_count() == 1, [thread.name for thread in threading.enumerate()]
 
@@ -78,7 +84,7 @@ def serve(socket_path: str) -> None:
                     selector.close()
                     server.close()
                     connection.close()
-                    run_child(json.loads(request), fds)  # never returns
+                    run_child(json.loads(request), fds, written_by_imports)  # never returns
                 for fd in fds:
                     os.close(fd)
                 with contextlib.suppress(OSError):
@@ -94,7 +100,7 @@ def serve(socket_path: str) -> None:
                 connection.close()
 
 
-def run_child(request: dict, fds: list[int]) -> None:
+def run_child(request: dict, fds: list[int], written_by_imports: dict[str, str]) -> None:
     """In the forked process: become `python SCRIPT ARGS` with the request's environment, then exit as the
     interpreter would."""
     import atexit
@@ -110,7 +116,7 @@ def run_child(request: dict, fds: list[int]) -> None:
         os.close(fd)
     os.chdir(request["cwd"])
     os.environ.clear()
-    os.environ.update(request["env"])
+    os.environ.update({**written_by_imports, **request["env"]})
     script = request["argv"][0]
     sys.argv = list(request["argv"])
     sys.path[0] = os.path.dirname(os.path.abspath(script))
