@@ -185,6 +185,8 @@ if rank == 0:
     torch.save(exact.model.state_dict(), out + "/weights.pt")
 with open(f"{out}/trained-{rank}.json", "w") as handle:
     json.dump({"exact": exact.trained, "dropout": dropout.trained}, handle)
+torch.distributed.barrier()  # no process tears its connections down while another still uses them
+torch.distributed.destroy_process_group()  # as cola_hf.cli.train.main does: see close_process_group there
 """
 
 
@@ -271,6 +273,7 @@ for drop_last in (False, True):
     scored[str(drop_last)] = trainer.predict(sentences).predictions.tolist()
 with open(f"{out}/record-{rank}.json", "w") as handle:
     json.dump({"trained": trainer.trained, "scored": scored}, handle)
+torch.distributed.barrier()  # no process tears its connections down while another still uses them
 torch.distributed.destroy_process_group()  # as cola_hf.cli.train.main does: see close_process_group there
 """
 

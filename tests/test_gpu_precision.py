@@ -183,6 +183,7 @@ SHARDED_SCORING = """
 import sys
 
 import numpy as np
+import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
@@ -200,6 +201,8 @@ fully_shard(model, mesh=mesh)
 predictions = run.score_blimp(prepared)
 if args.process_index == 0:
     np.savez(sys.argv[1], good=predictions.prob_good, bad=predictions.prob_bad)
+torch.distributed.barrier()  # no process tears its connections down while another still uses them
+torch.distributed.destroy_process_group()  # as cola_hf.cli.train.main does: see close_process_group there
 """
 
 
