@@ -32,9 +32,14 @@ def slurm_has_a_free_node() -> bool:
     return answer.returncode == 0 and any(state.startswith(("idle", "mix")) for state in answer.stdout.split())
 
 
-pytestmark = pytest.mark.skipif(
-    not slurm_has_a_free_node(), reason="no Slurm with a free node answers here (tests/slurm/start_local_slurm.sh)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not slurm_has_a_free_node(), reason="no Slurm with a free node answers here (tests/slurm/start_local_slurm.sh)"
+    ),
+    # A group of its own goes first (tests/xdist_groups.py): its jobs wait on Slurm (a requeue waits 10 s), and
+    # that waiting overlaps the other worker's work instead of ending the suite on one worker.
+    pytest.mark.xdist_group("slurm"),
+]
 
 
 def job_fields(job_id: str) -> dict[str, str]:
