@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import threading
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +17,7 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from launching import REPO, SCRIPT, cola_command, offline_env, run_process, start_process
+from launching import REPO, cola_command, run_process, start_process, write_hooks
 
 from cola_hf.config import make_parser
 from cola_hf.errors import UsageError
@@ -435,18 +433,17 @@ def test_sigkill_mid_trial_then_the_same_command_fails_and_reruns_only_the_inter
     assert "interrupted" in result.stderr
 
 
-# Records, from inside the command's own process, every file replaced under best/ and every read of its card.
+# Records, from inside the command's own process, every file replaced under best/ and every read of its card: a
+# sitecustomize (a launch's `hooks=`), so that it is in place before the command starts.
 AUDIT_HOOK = """
-import os, runpy, sys
-log = open(os.environ["AUDIT_LOG"], "a", buffering=1)
+import os, sys
+log = open(os.environ["COLA_TEST_AUDIT_LOG"], "a", buffering=1)
 def hook(event, args):
     if event == "os.rename" and os.fsdecode(args[1]).endswith(("best/README.md", "best/results.json")):
         log.write("write " + os.fsdecode(args[1]).rsplit("/", 1)[1] + "\\n")
     elif event == "open" and isinstance(args[0], str) and args[0].endswith("best/README.md"):
         log.write("read README.md\\n")
 sys.addaudithook(hook)
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
@@ -458,11 +455,8 @@ def test_best_is_built_once_by_the_run_phases_its_card_complete_before_any_uploa
     out, audit = tmp_path / "search", tmp_path / "audit.log"
     args = [*base_args, "--output_dir", out, "--search", space, "--num_train_epochs", "1"]
     args += ["--report_to", "wandb", "--log_model", "true"]
-    env = offline_env({"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "AUDIT_LOG": str(audit)})
-    result = subprocess.run(
-        [sys.executable, "-c", AUDIT_HOOK, str(SCRIPT), *map(str, args)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "COLA_TEST_AUDIT_LOG": str(audit)}
+    result = run_process(cola_command(*args), env, write_hooks(tmp_path / "audit-hooks", AUDIT_HOOK), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     events = audit.read_text().splitlines()
     writes = [event for event in events if event.startswith("write")]
