@@ -55,12 +55,16 @@ def pytest_configure_node(node: Any) -> None:  # xdist's WorkerController
         node.workerinput[GROUPS_DIR] = str(node.config.stash[GROUPS_KEY])
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook tells the scheduler that this worker has collected
 def pytest_collection_finish(session: pytest.Session) -> None:
     workerinput = getattr(session.config, "workerinput", {})
     if GROUPS_DIR in workerinput:  # the node ids as this worker reports them to the scheduler
         groups = {item.nodeid: group_of(item) for item in session.items}
         path = Path(workerinput[GROUPS_DIR]) / f"{workerinput['workerid']}.json"
-        path.write_text(json.dumps(groups), encoding="utf-8")
+        # Whole or not at all: the scheduler once read a file still being written (JSONDecodeError).
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(groups), encoding="utf-8")
+        partial.replace(path)
 
 
 @pytest.hookimpl(optionalhook=True)
