@@ -101,12 +101,9 @@ def serve(socket_path: str) -> None:
 
 
 def run_child(request: dict, fds: list[int], written_by_imports: dict[str, str]) -> None:
-    """In the forked process: become `python SCRIPT ARGS` with the request's environment, then exit as the
-    interpreter would."""
-    import atexit
+    """In the forked process: become `python SCRIPT ARGS` (or `python -m MODULE ARGS`) with the request's
+    environment, then exit as the interpreter would."""
     import runpy
-    import threading
-    import traceback
 
     stdin = os.open(os.devnull, os.O_RDONLY)
     os.dup2(stdin, 0)
@@ -117,21 +114,47 @@ def run_child(request: dict, fds: list[int], written_by_imports: dict[str, str])
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update({**written_by_imports, **request["env"]})
-    script = request["argv"][0]
-    sys.argv = list(request["argv"])
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
-    status = 0
+    argv, hooks = request["argv"], request.get("hooks")
+    if argv[0] == "-m":  # a launcher (accelerate launch, torchrun): its workers are forked from it, hooks and all
+        sys.argv, sys.path[0] = [argv[1], *argv[2:]], os.getcwd()
+        fork_workers(hooks)
+        status = run_as_main(lambda: runpy.run_module(argv[1], run_name="__main__", alter_sys=True), None)
+    else:
+        status = run_script(argv, hooks)
+    exit_as_interpreter(status)
+
+
+def run_script(argv: list[str], hooks: str | None) -> int:
+    """`python SCRIPT ARGS` in this process, the hooks first as its sitecustomize; its exit status."""
+    import runpy
+
+    sys.argv = list(argv)
+    sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+    return run_as_main(lambda: runpy.run_path(argv[0], run_name="__main__"), hooks)
+
+
+def run_as_main(main, hooks: str | None) -> int:
+    import traceback
+
     try:
-        if request.get("hooks"):
-            hooks = Path(request["hooks"]) / "sitecustomize.py"
-            exec(compile(hooks.read_text(encoding="utf-8"), str(hooks), "exec"), {"__name__": "sitecustomize"})
-        runpy.run_path(script, run_name="__main__")
+        if hooks:
+            path = Path(hooks) / "sitecustomize.py"
+            exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), {"__name__": "sitecustomize"})
+        main()
     except SystemExit as stop:
-        status = exit_status(stop.code)
+        return exit_status(stop.code)
     except BaseException:
         traceback.print_exc()
-        status = 1
-    try:  # what the interpreter does at exit: non-daemon threads joined, then atexit's handlers
+        return 1
+    return 0
+
+
+def interpreter_exit() -> None:
+    """What the interpreter does at exit: non-daemon threads joined, then atexit's handlers, streams flushed."""
+    import atexit
+    import threading
+
+    try:
         threading._shutdown()
         atexit._run_exitfuncs()
     finally:
@@ -140,7 +163,53 @@ def run_child(request: dict, fds: list[int], written_by_imports: dict[str, str])
                 stream.flush()
             except Exception:
                 pass
-        os._exit(status)
+
+
+def exit_as_interpreter(status: int) -> None:
+    interpreter_exit()
+    os._exit(status)
+
+
+def fork_workers(hooks: str | None) -> None:
+    """torch's elastic agent (under accelerate launch or torchrun) starts its workers, `python -u SCRIPT ARGS`,
+    as forks of this launcher instead of fresh interpreters: the agent's own way for a function entrypoint
+    (start method "fork"), with everything else of the launch as it is (the environment of each rank, the
+    agent's signal forwarding, its handling of a worker that fails). The hooks run in each worker, under its
+    RANK, as its sitecustomize would; the atexit handlers the launcher registered stay the launcher's."""
+    import atexit
+
+    import torch.distributed.run as distributed_run
+
+    launchers_exit_handlers = []
+    register = atexit.register
+
+    def register_launchers(function, *args, **kwargs):
+        launchers_exit_handlers.append(function)
+        return register(function, *args, **kwargs)
+
+    atexit.register = register_launchers
+    config_from_args = distributed_run.config_from_args
+
+    def forked_workers(args):
+        config, command, command_args = config_from_args(args)
+        if command != sys.executable or command_args[:1] != ["-u"] or command_args[1:2] == ["-m"]:
+            return config, command, command_args
+
+        def worker(*argv: str) -> None:
+            atexit.register = register
+            for function in launchers_exit_handlers:
+                atexit.unregister(function)
+            status = run_script(list(argv), hooks)
+            interpreter_exit()
+            if status:
+                os._exit(status)  # the agent reads it as a fresh worker's exit status
+            # 0: back to torch's worker wrapper, which reports the worker's end to the agent and exits
+
+        worker.__name__ = worker.__qualname__ = os.path.basename(command_args[1])  # the agent's name for it
+        config.start_method = "fork"
+        return config, worker, command_args[1:]
+
+    distributed_run.config_from_args = forked_workers
 
 
 def exit_status(code: object) -> int:

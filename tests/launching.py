@@ -28,6 +28,7 @@ SCRIPT = REPO / "experiments" / "cola.py"
 # accelerate's multi-GPU config, which with --use_cpu true starts gloo processes on a machine without GPUs
 # (`accelerate launch --cpu` starts only one).
 MULTI_PROCESS_CONFIG = REPO / "experiments" / "accelerate" / "multi_gpu.yaml"
+LAUNCHER = "accelerate.commands.launch"  # `accelerate launch`, as `python -m`
 SESSION_ENVIRON = dict(os.environ)  # as this module was first imported: before any test could change it
 STOPPED = 75  # the exit status of a run stopped by SIGTERM (cola_hf.errors.StoppedBySignal)
 
@@ -78,7 +79,7 @@ def cola_command(*args: object, processes: int = 1) -> list[str]:
     if processes == 1:
         return [sys.executable, *script]
     return [
-        *(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(MULTI_PROCESS_CONFIG)),
+        *(sys.executable, "-m", LAUNCHER, "--config_file", str(MULTI_PROCESS_CONFIG)),
         *("--num_processes", str(processes), "--mixed_precision", "no", *script, "--use_cpu", "true"),
     ]
 
@@ -165,10 +166,12 @@ _fork_server_lock = threading.Lock()
 
 
 def fork(command: list[str], env: Mapping[str, str] | None, hooks: Path | None, combined: bool) -> ForkedProcess | None:
-    """`command` forked from this worker's fork server, or None where it must be exec'd: not one process of
-    experiments/cola.py, or an environment that differs from the server's in what a library may read when it is
-    imported (COLA_NO_FORK_SERVER=1: never forked)."""
-    if command[:2] != [sys.executable, str(SCRIPT)] or os.environ.get("COLA_NO_FORK_SERVER") == "1":
+    """`command` forked from this worker's fork server, or None where it must be exec'd: neither experiments/cola.py
+    nor `accelerate launch` of it (whose workers are then forked from the launcher), or an environment that differs
+    from the server's in what a library may read when it is imported (COLA_NO_FORK_SERVER=1: never forked)."""
+    one_process = command[:2] == [sys.executable, str(SCRIPT)]
+    launched = command[:3] == [sys.executable, "-m", LAUNCHER] and str(SCRIPT) in command
+    if not (one_process or launched) or os.environ.get("COLA_NO_FORK_SERVER") == "1":
         return None
     with _fork_server_lock:
         if not _fork_server:  # the environment the session started with, whatever the test under way has set
