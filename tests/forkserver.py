@@ -1,4 +1,4 @@
-"""One-process runs launched from a fork server: a process of their own, without paying for their imports again.
+"""Runs launched from a fork server: processes of their own, without paying for their imports again.
 
 A fresh `python experiments/cola.py` spends 4 to 5 s of CPU importing torch, transformers, datasets and evaluate
 before its first step, and a tiny run's work is a second or two. The suite launches such runs about forty times
@@ -9,10 +9,14 @@ exit status and file descriptors 1 and 2, that runs `experiments/cola.py` as `py
 (`__main__`, sys.argv, the interpreter's exit: atexit handlers, threads joined), only with its modules imported
 already. multiprocessing's "forkserver" does the same for its workers.
 
-`launching.start` execs a fresh interpreter instead whenever what a test checks could happen before or during
-the imports: several processes (a launcher starts them), a script other than experiments/cola.py, and an
-environment that differs from the server's in anything a library may read when imported (only COLA_TEST_* and
-WANDB_* may differ: wandb is not imported here; the signal hooks' directory is run as its sitecustomize would be).
+`python -m accelerate.commands.launch ... experiments/cola.py` (several processes, as a user launches them) is
+forked too, and its workers are forks of it (`fork_workers`): torch's elastic agent starts them as it starts a
+function entrypoint's, with each rank's environment set by the agent as for a fresh worker.
+
+`launching.fork` execs a fresh interpreter instead whenever what a test checks could happen before or during
+the imports: another launcher, a script other than experiments/cola.py, and an environment that differs from the
+server's in anything a library may read when imported (only COLA_TEST_* and WANDB_* may differ: wandb is not
+imported here; the signal hooks' directory is run as its sitecustomize would be, in each worker of a launch).
 
 Run as a script, this file is the server: `python tests/forkserver.py SOCKET_PATH`.
 """
