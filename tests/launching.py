@@ -29,7 +29,6 @@ SCRIPT = REPO / "experiments" / "cola.py"
 # (`accelerate launch --cpu` starts only one).
 MULTI_PROCESS_CONFIG = REPO / "experiments" / "accelerate" / "multi_gpu.yaml"
 LAUNCHER = "accelerate.commands.launch"  # `accelerate launch`, as `python -m`
-TORCHRUN = "torch.distributed.run"  # `torchrun`, as `python -m`
 SESSION_ENVIRON = dict(os.environ)  # as this module was first imported: before any test could change it
 STOPPED = 75  # the exit status of a run stopped by SIGTERM (cola_hf.errors.StoppedBySignal)
 
@@ -168,11 +167,10 @@ _fork_server_lock = threading.Lock()
 
 def fork(command: list[str], env: Mapping[str, str] | None, hooks: Path | None, combined: bool) -> ForkedProcess | None:
     """`command` forked from this worker's fork server, or None where it must be exec'd: neither experiments/cola.py
-    nor a script under `accelerate launch` or torchrun (whose workers are then forked from the launcher), or an
-    environment that differs from the server's in what a library may read when it is imported
-    (COLA_NO_FORK_SERVER=1: never forked)."""
+    nor `accelerate launch` of it (whose workers are then forked from the launcher), or an environment that differs
+    from the server's in what a library may read when it is imported (COLA_NO_FORK_SERVER=1: never forked)."""
     one_process = command[:2] == [sys.executable, str(SCRIPT)]
-    launched = command[:2] == [sys.executable, "-m"] and command[2] in (LAUNCHER, TORCHRUN)
+    launched = command[:3] == [sys.executable, "-m", LAUNCHER] and str(SCRIPT) in command
     if not (one_process or launched) or os.environ.get("COLA_NO_FORK_SERVER") == "1":
         return None
     with _fork_server_lock:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from launching import REPO, SCRIPT, cola_command, offline_env, run_process, write_hooks
+from launching import REPO, SCRIPT, cola_command, offline_env, write_hooks
 from sklearn.metrics import matthews_corrcoef
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -297,6 +297,6 @@ def test_a_global_batch_that_does_not_divide_over_the_processes_stops_every_proc
         *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
         *(str(tmp_path / "parse.py"), *flags, "--global_train_batch_size", "33"),
     ]
-    result = run_process(command)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=offline_env())
     assert result.returncode != 0
     assert result.stderr.count("--global_train_batch_size 33 does not split evenly over 2 processes") == 2

@@ -10,9 +10,10 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
 
-from launching import SCRIPT, finish, run_process, start_process
+from launching import REPO, SCRIPT, offline_env
 
 # Raises on rank 1 at the step named by COLA_TEST_FAIL_AT_STEP, as a local divergence check or a device error
 # would; rank 0 is then in (or about to enter) the step's gradient all-reduce.
@@ -59,10 +60,10 @@ def test_a_rank_that_raises_ends_every_process_with_run_failed(tmp_path, cola_di
         *("--cola_source", str(cola_dir), "--model_name_or_path", str(tiny_model_dir), *RUN),
         *("--output_dir", str(output_dir)),
     ]
-    env = {"COLA_TEST_FAIL_AT_STEP": "3", "COLA_TEST_HOLD_S": "90"}
+    env = offline_env({"COLA_TEST_FAIL_AT_STEP": "3", "COLA_TEST_HOLD_S": "90"}, hooks)
     # A hang (the survivor in a collective until the launcher's SIGKILL, or the 30-minute distributed timeout)
     # fails here; the run itself takes seconds.
-    result = run_process(command, env, hooks, timeout=120)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert result.returncode != 0
     assert "injected failure on rank 1" in (output_dir / "RUN_FAILED").read_text(encoding="utf-8")
     assert not (output_dir / "results.json").exists()
@@ -88,14 +89,16 @@ def test_machines_that_do_not_share_the_output_directory_are_refused_on_every_ra
             *("--cola_source", str(cola_dir), "--model_name_or_path", str(tiny_model_dir), *RUN),
             *("--output_dir", str(tmp_path / f"node{node}" / "run")),
         ]
-        nodes.append(start_process(command))
+        nodes.append(
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=offline_env())
+        )
     # A hang (each node deciding alone whether to resume) fails here.
-    outputs = [finish(node, timeout=120) for node in nodes]
-    for node, output in zip(nodes, outputs, strict=True):
+    outputs = [node.communicate(timeout=120) for node in nodes]
+    for node, (_, stderr) in zip(nodes, outputs, strict=True):
         assert node.returncode != 0
-        lines = [line for line in output.splitlines() if line.startswith("cola: error:")]
-        assert len(lines) == 1, output[-3000:]
+        lines = [line for line in stderr.splitlines() if line.startswith("cola: error:")]
+        assert len(lines) == 1, stderr[-3000:]
         assert "not the same directory on every node: process 1 (on" in lines[0]
         assert "give every node one shared directory" in lines[0]
-        assert "exitcode  : 2" in output  # torchrun's summary of its worker: a UsageError
+        assert "exitcode  : 2" in stderr  # torchrun's summary of its worker: a UsageError
     assert not (tmp_path / "node0" / "run" / "trainer_state.json").exists()

@@ -15,6 +15,7 @@ And 2 processes with dropout on train, step by step, the very sentences 1 proces
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from launching import run_process
+from launching import REPO, offline_env
 from torch.utils.data import DataLoader, SequentialSampler
 from transformers import (
     AutoModelForSequenceClassification,
@@ -195,7 +196,8 @@ def two_processes(tmp_path_factory, cola_dir, tiny_model_dir) -> Path:
     (out / "run.py").write_text(TWO_PROCESSES, encoding="utf-8")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command = [*launcher, str(out / "run.py"), str(Path(__file__).parent), str(tiny_model_dir), str(cola_dir), str(out)]
-    result = run_process(command, timeout=600)
+    env = offline_env()
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
 
@@ -282,7 +284,9 @@ def test_a_last_step_smaller_than_the_processes_trains_and_scores_every_sentence
     (tmp_path / "run.py").write_text(FOUR_PROCESSES, encoding="utf-8")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
     command = [*launcher, str(tmp_path / "run.py"), str(Path(__file__).parent), str(tiny_model_dir), str(cola_dir)]
-    result = run_process([*command, str(tmp_path)], timeout=600)
+    result = subprocess.run(
+        [*command, str(tmp_path)], capture_output=True, text=True, env=offline_env(), cwd=REPO, timeout=600
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = [json.loads((tmp_path / f"record-{rank}.json").read_text()) for rank in range(4)]
 

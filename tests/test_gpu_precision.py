@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils.launch import prepare_simple_launcher_cmd_env
 from conftest import REPO, error_line
-from launching import run_process
+from launching import offline_env
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
@@ -215,7 +216,7 @@ def test_blimp_over_a_model_sharded_on_2_processes_finishes_and_equals_1_process
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             str(script), str(scores), *flags(tiny_model_dir, cola_dir, tmp_path / "run", "--use_cpu", "true"),
             "--do_train", "false", "--blimp_source", str(blimp_dir), "--ddp_timeout", "60"]  # fmt: skip
-    result = run_process(argv, timeout=180)
+    result = subprocess.run(argv, capture_output=True, text=True, env=offline_env(), timeout=180)
     assert result.returncode == 0, result.stderr[-4000:]
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)

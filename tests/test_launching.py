@@ -99,9 +99,10 @@ def test_a_forked_launch_of_2_processes_starts_and_ends_each_worker_as_an_execd_
         assert {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "ACCELERATE_MIXED_PRECISION"} <= forked["env"].keys()
 
 
-def test_an_environment_read_at_import_or_another_command_is_execd():
+def test_an_environment_read_at_import_or_another_launcher_is_execd():
     assert fork(cola_command("--help"), {"HF_DATASETS_CACHE": "/tmp/elsewhere"}, None, combined=True) is None
-    assert fork([sys.executable, "-m", "pip", "--version"], None, None, combined=True) is None
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT)]
+    assert fork(torchrun, None, None, combined=True) is None
     assert fork([sys.executable, "-c", "pass"], None, None, combined=True) is None
     result = run_process(cola_command("--help"), {"PYTHONPROFILEIMPORTTIME": "1"})
     assert result.returncode == 0 and "import time:" in result.stderr  # a fresh interpreter's imports
