@@ -16,7 +16,14 @@ class UsageError(Exception):
 class Refused(UsageError):
     """Bad input found before the run takes its output directory (a finished run there, another run holding it, a
     checkpoint of other options or layout, flags that conflict): the directory is left as it was, not even
-    RUN_FAILED is written (the run it holds did not fail)."""
+    RUN_FAILED is written (the run it holds did not fail).
+
+    `on_every_process`: every process of the run raised it at the same point, from a check they made together,
+    so none of them is left in a collective."""
+
+    def __init__(self, message: str, on_every_process: bool = False) -> None:
+        super().__init__(message)
+        self.on_every_process = on_every_process
 
 
 class ColaDataError(UsageError):

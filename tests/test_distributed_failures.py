@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 
-from launching import REPO, SCRIPT, offline_env
+from launching import REPO, SCRIPT, offline_env, write_hooks
 
 # Raises on rank 1 at the step named by COLA_TEST_FAIL_AT_STEP, as a local divergence check or a device error
 # would; rank 0 is then in (or about to enter) the step's gradient all-reduce.
@@ -41,6 +41,21 @@ if _step and os.environ.get("RANK") == "1":
         return _training_step(self, *args, **kwargs)
 
     transformers.Trainer.training_step = training_step
+"""
+
+# Records, at the interpreter's very end (registered first, so run last), whether the process left its process
+# group open.
+GROUP_AT_EXIT = """
+import atexit, os, sys
+
+def _at_exit():
+    if "torch.distributed" in sys.modules and os.environ.get("RANK") is not None:
+        state = "open" if sys.modules["torch.distributed"].is_initialized() else "closed"
+        name = "exit-rank" + os.environ["RANK"] + ".txt"
+        with open(os.path.join(os.environ["COLA_TEST_EXIT_LOG"], name), "w") as out:
+            out.write(state)
+
+atexit.register(_at_exit)
 """
 
 RUN = [
@@ -80,7 +95,7 @@ def free_port() -> int:
 def test_machines_that_do_not_share_the_output_directory_are_refused_on_every_rank(tmp_path, cola_dir, tiny_model_dir):
     """Two torchrun "nodes" on localhost (static rendezvous, --node_rank 0 and 1), each with a directory of its own,
     as two machines whose --output_dir is on a local disk."""
-    port = str(free_port())
+    port, hooks = str(free_port()), write_hooks(tmp_path / "hooks", GROUP_AT_EXIT)
     nodes = []
     for node in (0, 1):
         command = [
@@ -89,9 +104,8 @@ def test_machines_that_do_not_share_the_output_directory_are_refused_on_every_ra
             *("--cola_source", str(cola_dir), "--model_name_or_path", str(tiny_model_dir), *RUN),
             *("--output_dir", str(tmp_path / f"node{node}" / "run")),
         ]
-        nodes.append(
-            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=offline_env())
-        )
+        env = offline_env({"COLA_TEST_EXIT_LOG": str(tmp_path)}, hooks)
+        nodes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     # A hang (each node deciding alone whether to resume) fails here.
     outputs = [node.communicate(timeout=120) for node in nodes]
     for node, (_, stderr) in zip(nodes, outputs, strict=True):
@@ -102,3 +116,7 @@ def test_machines_that_do_not_share_the_output_directory_are_refused_on_every_ra
         assert "give every node one shared directory" in lines[0]
         assert "exitcode  : 2" in stderr  # torchrun's summary of its worker: a UsageError
     assert not (tmp_path / "node0" / "run" / "trainer_state.json").exists()
+    # Refused on every process at once, they closed their group: left open to the interpreter's end, gloo's
+    # threads now and then abort a process (SIGABRT), and torchrun reports a signal instead of the refusal.
+    exits = {path.name: path.read_text() for path in tmp_path.glob("exit-rank*.txt")}
+    assert exits == {"exit-rank0.txt": "closed", "exit-rank1.txt": "closed"}

@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, RunFailed) as err:
         if debug:
             raise
+        if isinstance(err, Refused) and err.on_every_process:
+            close_process_group()
         if not isinstance(err, Refused):  # a refused directory is not this run's: nothing written there
             if (output_dir := run_directory(options)) is not None:
                 mark_failed(output_dir, redact_text(str(err)), run_started=STARTED)
@@ -88,7 +90,8 @@ def close_process_group() -> None:
     """Close the process group accelerate opened for a run on several processes, once every process is done with
     it. Left open to the interpreter's end, gloo's threads now and then abort a process that finished its run
     (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#190489), and the launcher then
-    reports the run failed. Not after a failure: the other processes may be gone, or stuck in a collective."""
+    reports the run failed. Not after a failure, unless every process refused the run together: the other
+    processes may be gone, or stuck in a collective."""
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         distributed.destroy_process_group()

@@ -166,7 +166,8 @@ def check_shared_output_dir(output_dir: str | Path, training_args: TrainingArgum
         raise Refused(
             f"{output_dir}: not the same directory on every node: process{'es' if len(elsewhere) > 1 else ''} "
             f"{', '.join(elsewhere)} do not see what the main process wrote there; give every node one shared "
-            "directory (a network filesystem) as --output_dir"
+            "directory (a network filesystem) as --output_dir",
+            on_every_process=True,
         )
 
 
