@@ -172,7 +172,7 @@ def test_trainer_matches_hand_written_tutorial_loop(tmp_path, cola_dir, tiny_mod
 # Run under torch.distributed.run: the point "2 gloo processes x 16", and, with dropout on, each process's record
 # of what it trained.
 TWO_PROCESSES = """
-import json, sys, torch
+import json, os, sys, torch
 sys.path.insert(0, sys.argv[1])
 from test_exactness import train
 
@@ -187,6 +187,10 @@ with open(f"{out}/trained-{rank}.json", "w") as handle:
     json.dump({"exact": exact.trained, "dropout": dropout.trained}, handle)
 torch.distributed.barrier()  # no process tears its connections down while another still uses them
 torch.distributed.destroy_process_group()  # as cola_hf.cli.train.main does: see close_process_group there
+# The trainer above still holds gloo's work objects, which abort the interpreter's finalization now and then
+# (SIGABRT; pytorch/pytorch#179291): everything is written, so end without it.
+sys.stdout.flush(), sys.stderr.flush()
+os._exit(0)
 """
 
 
@@ -257,7 +261,7 @@ def test_default_schedule_is_the_tutorials_2e5_linear_decay(tmp_path, cola_dir, 
 # than processes (as 15 do on the 16 processes of the multi-node config); then 7 validation sentences are scored,
 # with and without --dataloader_drop_last.
 FOUR_PROCESSES = """
-import json, sys, torch
+import json, os, sys, torch
 sys.path.insert(0, sys.argv[1])
 from test_exactness import train, training_set
 
@@ -275,6 +279,10 @@ with open(f"{out}/record-{rank}.json", "w") as handle:
     json.dump({"trained": trainer.trained, "scored": scored}, handle)
 torch.distributed.barrier()  # no process tears its connections down while another still uses them
 torch.distributed.destroy_process_group()  # as cola_hf.cli.train.main does: see close_process_group there
+# The trainer above still holds gloo's work objects, which abort the interpreter's finalization now and then
+# (SIGABRT; pytorch/pytorch#179291): everything is written, so end without it.
+sys.stdout.flush(), sys.stderr.flush()
+os._exit(0)
 """
 
 
