@@ -76,6 +76,9 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none
 SchedulerType=sched/backfill
+# A requeued job, once cred_expire has passed, waits for the next scheduling pass: every 60 s by default (the
+# main loop) or 30 s (backfill), which left a requeued test job idle for up to a minute. A tiny cluster affords 2.
+SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
