@@ -49,13 +49,16 @@ def job_fields(job_id: str) -> dict[str, str]:
 
 
 def wait_for(condition, what: str, log: Path, timeout: float):
+    """`condition()`'s first true answer, polled until `timeout`; else an error with the job log's end and the
+    queue (a task pending on Resources: the node was not free)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if found := condition():
             return found
         time.sleep(0.2)
     tail = log.read_text()[-4000:] if log.exists() else ""
-    raise AssertionError(f"no {what} after {timeout:.0f} s; job log:\n{tail}")
+    queue = subprocess.run(["squeue", "--format=%i %T %r %C %S"], capture_output=True, text=True).stdout
+    raise AssertionError(f"no {what} after {timeout:.0f} s; squeue:\n{queue}job log:\n{tail}")
 
 
 def test_job_stopped_mid_training_saves_requeues_itself_and_finishes(tmp_path, tiny_model_dir, cola_dir, signal_hooks):
@@ -154,16 +157,21 @@ def wait_for_tasks(array_id: str, logs: list[Path], timeout: float) -> list[dict
 def test_a_preempted_array_task_requeues_and_the_study_still_ends_with_n_trials(
     tmp_path, tiny_model_dir, cola_dir, signal_hooks
 ):
-    hold = tmp_path / "hold-1"  # task 1 held at step 5 of its first trial until the signal is in: mid-trial
-    hold.touch()
+    # Both tasks held at step 5 of their first trial: task 0 cannot run all three trials before task 1 has one,
+    # and task 1 is mid-trial when the signal comes.
+    holds = [tmp_path / f"hold-{task}" for task in range(2)]
+    for hold in holds:
+        hold.touch()
     array_id, output_dir = submit_search_array(tmp_path, tiny_model_dir, cola_dir, n_trials=3, hooks=signal_hooks)
     logs = [tmp_path / f"slurm-{array_id}_{task}.out" for task in range(2)]
     try:
-        wait_for(lambda: Path(f"{hold}.reached").exists(), "task 1 at step 5", logs[1], 120)
+        for task, hold in enumerate(holds):
+            wait_for(lambda hold=hold: Path(f"{hold}.reached").exists(), f"task {task} at step 5", logs[task], 120)
         # What the time limit's --signal=B:TERM does (preemption signals the step the same way).
         subprocess.run(["scancel", "--batch", "--signal=TERM", f"{array_id}_1"], check=True)
         wait_for(lambda: "SIGTERM received" in logs[1].read_text(), "task 1 taking the signal", logs[1], 60)
-        hold.unlink()
+        for hold in holds:
+            hold.unlink()
         tasks = wait_for_tasks(array_id, logs, timeout=400)
     finally:
         subprocess.run(["scancel", array_id], capture_output=True)

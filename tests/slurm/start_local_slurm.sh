@@ -7,6 +7,10 @@
 #   tests/slurm/start_local_slurm.sh          # prints `sinfo` once the node is idle
 #   tests/slurm/start_local_slurm.sh stop     # stops slurmd, slurmctld and munged again
 #
+# A controller it starts begins empty (slurmctld -c): jobs saved by an earlier controller whose processes died
+# with it (a machine stopped and started again, a container reused) would come back RUNNING and hold CPUs until
+# their time limit, and the tests would find the node only half free.
+#
 # Two partitions, so preemption can be tried for real: jobs go to `batch` by default; a job submitted to
 # `urgent` (higher PriorityTier) that needs the CPUs preempts them, and Slurm requeues the preempted job
 # (PreemptMode=REQUEUE) after sending SIGTERM and waiting GraceTime seconds.
@@ -110,7 +114,7 @@ munge -n | unmunge >/dev/null
 if [[ $conf_changed -eq 1 ]]; then
   stop_daemons "$STATE_DIR/slurmd.pid" "$STATE_DIR/slurmctld.pid"
 fi
-running "$STATE_DIR/slurmctld.pid" || slurmctld
+running "$STATE_DIR/slurmctld.pid" || slurmctld -c
 running "$STATE_DIR/slurmd.pid" || slurmd
 
 for _ in $(seq 60); do
