@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -388,21 +389,87 @@ def test_a_search_on_a_database_url_runs_its_trials_there(tmp_path, base_args, c
 
 
 @pytest.mark.xdist_group("search-two-workers")  # searches in subprocesses: a group of their own
-def test_two_workers_on_one_storage_run_exactly_n_trials_between_them(tmp_path, base_args):
-    space = write_sweep(
-        tmp_path / "space.yaml",
-        "random",
-        {"learning_rate": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}},
-    )
-    out = tmp_path / "search"
-    command = cola_command(*base_args, "--output_dir", out, "--search", space, "--n_trials", "4")
-    command += ["--num_train_epochs", "3"]
-    workers = [start_process(command) for _ in range(2)]
-    logs = [worker.communicate(timeout=300)[0] for worker in workers]
-    assert [worker.returncode for worker in workers] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    assert sorted(states(out).items()) == [(number, "COMPLETE") for number in range(4)]
-    assert len(list((out / "trials").iterdir())) == 4
-    assert (out / "best" / "results.json").is_file()
+def test_two_workers_run_exactly_n_trials_between_them_and_best_is_the_first_of_equals_though_it_ends_last(
+    tmp_path, base_args, signal_hooks
+):
+    """Two workers on one journal run exactly --n_trials between them, and best/ holds the best trial even when it
+    ends last. Every trial is the same run (one learning rate, one seed: equal values); worker A's trial 0 is held
+    at step 2 until worker B has run trials 1 and 2. Trial 0, the first of equals, is the best. (A trial saved its
+    model only if it beat the best so far: trial 0 ended with none, and best/ was never built.)"""
+    space = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"values": [5e-3]}})
+    out, hold = tmp_path / "search", tmp_path / "hold"
+    hold.touch()
+    command = cola_command(*base_args, "--output_dir", out, "--search", space, "--n_trials", "3")
+    command += ["--num_train_epochs", "2"]
+    worker_a = start_process(command, {"COLA_TEST_HOLD": f"step:2:{hold}"}, signal_hooks)
+    try:
+        assert wait_until(lambda: Path(f"{hold}.reached").exists(), timeout=120), "worker A never reached step 2"
+        worker_b = start_process(command)
+        b_ran_its_trials = wait_until(lambda: states(out) == {0: "RUNNING", 1: "COMPLETE", 2: "COMPLETE"}, 240)
+    finally:
+        hold.unlink()
+    logs = [worker.communicate(timeout=300)[0] for worker in (worker_a, worker_b)]
+    assert b_ran_its_trials, logs[1][-3000:]
+    assert [worker.returncode for worker in (worker_a, worker_b)] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "This worker ran trials [0]" in logs[0] and "This worker ran trials [1, 2]" in logs[1]
+    study = load_study(out)
+    assert len({trial.value for trial in study.get_trials()}) == 1  # equals, as the test needs
+    results = json.loads((out / "best" / "results.json").read_text())
+    assert results["config"]["search"]["trial"] == 0, logs[0][-3000:] + logs[1][-3000:]
+    assert [path.parent.name for path in (out / "trials").glob("*/model")] == ["trial-000"]  # the others discarded
+
+
+def wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+class RecordsATrialAfterTheNextRead(optuna.storages.InMemoryStorage):
+    """A study's storage where another worker records a trial's end right after the next read of the trials."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.after_next_read = None
+
+    def get_all_trials(self, *args, **kwargs):
+        trials = super().get_all_trials(*args, **kwargs)
+        if self.after_next_read is not None:
+            other_worker, self.after_next_read = self.after_next_read, None
+            other_worker()
+        return trials
+
+
+def test_discarding_models_keeps_the_model_of_a_trial_another_worker_records_meanwhile(tmp_path, base_args):
+    """Trial 1 ended (0.5, its model kept); trial 0 is running in another worker, which records it (0.9, the
+    best) while this worker discards models. Its model stays. (discard_models read the best, then the trials: a
+    trial recorded between the two reads was not running any more, nor the best it had read, and lost its
+    model; the study's best then had none, and best/ was never built.)"""
+    from filelock import FileLock
+
+    from cola_hf.config import parse_args
+    from cola_hf.studies.search.study import MODEL_DIR, Search, discard_models
+
+    space = write_sweep(tmp_path / "space.yaml", "random", {"learning_rate": {"values": [5e-3]}})
+    options = parse_args([*base_args, "--output_dir", str(tmp_path / "search"), "--search", str(space)])
+    storage = RecordsATrialAfterTheNextRead()
+    study = optuna.create_study(storage=storage, direction="maximize")
+    lock = FileLock(str(tmp_path / "lock"))
+    search = Search(options, load_space(space), 2, study, "g", lock, lock)
+    running, ended = study.ask(), study.ask()
+    study.tell(ended, 0.5)
+    for trial in (running, ended):
+        (search.trial_dir(trial.number) / MODEL_DIR).mkdir(parents=True)
+    storage.after_next_read = lambda: study.tell(running, 0.9)
+    discard_models(search)
+    assert [trial.state.name for trial in study.get_trials()] == ["COMPLETE", "COMPLETE"]  # recorded meanwhile
+    assert (search.trial_dir(running.number) / MODEL_DIR).is_dir()  # the best's model
+    discard_models(search)  # the next look: trial 1 is not the best, its model goes
+    assert not (search.trial_dir(ended.number) / MODEL_DIR).exists()
+    assert (search.trial_dir(running.number) / MODEL_DIR).is_dir()
 
 
 @pytest.mark.xdist_group("search-sigkill")

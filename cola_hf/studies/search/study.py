@@ -12,7 +12,7 @@ import shutil
 import socket
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -292,11 +292,16 @@ def retry_trial(study: optuna.Study, number: int) -> None:
         RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, frozen)
 
 
-def best_trial(search: Search) -> FrozenTrial | None:
-    """The best finished trial by the search's objective; among equals, the first."""
+def best_trial(search: Search, trials: Sequence[FrozenTrial] | None = None) -> FrozenTrial | None:
+    """The best finished trial by the search's objective; among equals, the first by number. Of `trials`, one
+    read of the study (a caller that acts on several trials reads it once), or of the study as it is now."""
+    if trials is None:
+        trials = search.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     best = None
-    for trial in search.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if best is None or search.space.objective.better(trial.value, best.value):
+    for trial in trials:
+        if trial.state == TrialState.COMPLETE and (
+            best is None or search.space.objective.better(trial.value, best.value)
+        ):
             best = trial
     return best
 
@@ -347,8 +352,11 @@ def claim_best(search: Search, best: FrozenTrial) -> Path | None:
 
 def discard_models(search: Search) -> None:
     """Keep disk bounded: only the best trial's model stays; checkpoints of trials that stopped go too."""
-    best = best_trial(search)
-    for trial in search.study.get_trials(deepcopy=False):
+    # One read: a trial another worker records between two reads would be neither left alone as running nor
+    # kept as the best it may be.
+    trials = search.study.get_trials(deepcopy=False)
+    best = best_trial(search, trials)
+    for trial in trials:
         if trial.state in (TrialState.RUNNING, TrialState.WAITING):
             continue
         trial_dir = search.trial_dir(trial.number)

@@ -203,8 +203,9 @@ def record_trial(search: Search, trial: optuna.Trial, prepared: PreparedRun, rep
 
 
 def keep_if_best(search: Search, trainer: Any, trial_dir: Path, value: float) -> None:
-    """Save the trial's best-epoch model (loaded back by the Trainer) if it beats the study's best so far."""
+    """Save the trial's best-epoch model (loaded back by the Trainer) unless the study holds a better trial. A tie
+    saves too: the best of equals is the first by number, and a trial started earlier may end after its equal."""
     with search.lock:
         best = best_trial(search)
-    if best is None or search.space.objective.better(value, best.value):
+    if best is None or not search.space.objective.better(best.value, value):
         trainer.save_model(str(trial_dir / MODEL_DIR))
