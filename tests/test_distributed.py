@@ -2,7 +2,9 @@
 
 Both runs go through `accelerate launch` exactly as a user starts them: the default single-process config,
 and the multi-GPU config with `--num_processes 2` plus `--use_cpu true`, which is how accelerate starts
-several processes on a machine without GPUs (`accelerate launch --cpu` starts only one).
+several processes on a machine without GPUs (`accelerate launch --cpu` starts only one). Both are forked from
+the tests' fork server, the launcher and its workers with the libraries already imported (tests/forkserver.py;
+test_launching.py checks that a forked launch starts and ends its workers as an exec'd one does).
 
 The tiny model is the shared fixture with dropout switched off. With dropout on, the two runs differ for a
 reason that has nothing to do with batching: each process draws its own dropout masks for its half of the
@@ -26,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from launching import REPO, SCRIPT, cola_command, offline_env, write_hooks
+from forkserver import ForkedProcess
+from launching import REPO, SCRIPT, cola_command, offline_env, start_process, write_hooks
 from sklearn.metrics import matthews_corrcoef
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -102,16 +105,10 @@ def dropout_free_model(tiny_model_dir, tmp_path_factory) -> Path:
     return directory
 
 
-def start(command: list[str], env: dict | None = None, hooks: Path | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=offline_env(env, hooks), cwd=REPO
-    )
-
-
-def finish(process: subprocess.Popen) -> str:
+def finish(process: subprocess.Popen | ForkedProcess) -> str:
     output, _ = process.communicate()
     if process.returncode != 0:
-        raise AssertionError(f"{' '.join(process.args)}\nexited {process.returncode}\n{output[-6000:]}")
+        raise AssertionError(f"{' '.join(map(str, process.args))}\nexited {process.returncode}\n{output[-6000:]}")
     return output
 
 
@@ -125,8 +122,8 @@ def runs(cola_dir, dropout_free_model, tmp_path_factory) -> dict:
     # One process under accelerate's default single-process config, as `make tutorial` starts it.
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--mixed_precision", "no"]
     one_process = [*launcher, "--config_file", str(REPO / "accelerate_config.yaml")]
-    one = start([*one_process, str(SCRIPT), *flags, "--output_dir", str(root / "one")])
-    two = start(
+    one = start_process([*one_process, str(SCRIPT), *flags, "--output_dir", str(root / "one")])
+    two = start_process(
         cola_command(*flags, "--output_dir", root / "two", processes=2),
         env={"COLA_TEST_WATCH_DIR": str(root / "two"), "COLA_TEST_WATCH_LOG": str(watch)},
         hooks=watch,
