@@ -602,13 +602,14 @@ def test_an_evaluation_only_run_scores_the_same_and_cola_compare_tests_the_two(b
     overall = pd.read_csv(output / "blimp_comparison.csv").iloc[-1]
     assert overall["phenomenon"] == "overall" and overall["difference"] == 0 and overall["p_value"] == 1.0
 
-    # Again over the same directory, offline with the default URL and no copy in the cache: the run completes
-    # without BLiMP, says in one line how to point at a copy, and leaves none of the earlier run's BLiMP files.
+    # Again over the same directory, offline with the default URL and no copy in the cache (--cache_dir, where the
+    # run looks for downloads): the run completes without BLiMP, says in one line how to point at a copy, and
+    # leaves none of the earlier run's BLiMP files.
     assert BLIMP_URL == parse_args([]).data.blimp_source
     result = run_cola(
         "--do_train", "False", "--model_name_or_path", trained, "--cola_source", cola_source,
         "--output_dir", evaluated, "--overwrite_output_dir", "true", "--blimp_source", BLIMP_URL, *FAST,
-        env={"HF_DATASETS_CACHE": str(tmp_path / "empty-cache")},
+        "--cache_dir", tmp_path / "empty-cache",
     )  # fmt: skip
     said = [line for line in result.stderr.splitlines() if "BLiMP skipped" in line]
     assert len(said) == 1 and blimp.HOW_TO_PROVIDE in said[0]
